@@ -1,38 +1,42 @@
-"""Command line: ``klayer <command> ...``. A thin shell over the library modules."""
+"""Command line: ``klayer <command> ...``. A thin shell over the library modules.
+
+Each command lives in its own module under ``klayer/commands/`` and exposes
+``register(subparsers)``, which adds its parser and sets ``handler`` (a function of the
+parsed arguments returning an exit status).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# Command modules, in the order ``klayer --help`` lists them.
+COMMANDS = ["data", "gradcheck", "train", "evaluate", "predict", "search", "reproduce"]
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file): printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from klayer import __version__
+
     parser = argparse.ArgumentParser(
         prog="klayer",
         description="k-layer networks with batch normalization on CIFAR-10, in NumPy.",
     )
-    from klayer import __version__
-
     parser.add_argument("--version", action="version", version=f"klayer {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_data_command(commands)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"klayer.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"klayer.commands.{name}":
+                continue  # command not written yet
+            raise
+        module.register(subparsers)
     return parser
-
-
-# --- klayer data ----------------------------------------------------------------------
-
-
-def _add_data_command(commands) -> None:
-    p = commands.add_parser("data", help="locate, verify and describe CIFAR-10")
-    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (or -bin)")
-    p.set_defaults(handler=_cmd_data)
-
-
-def _cmd_data(args) -> int:
-    raise NotImplementedError("klayer data: being written")
-
-
-# --- entry point ----------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as exc:  # user-facing errors
+    except KeyboardInterrupt:
+        print(f"klayer {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, OSError) as exc:  # user-facing errors, no traceback
         print(f"klayer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

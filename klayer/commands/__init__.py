@@ -1,0 +1,1 @@
+"""One module per ``klayer`` command; see klayer/cli.py."""

@@ -1,0 +1,150 @@
+"""Gradient verification: analytic gradients against centred differences.
+
+The numerical gradient of parameter entry θ_i is (J(θ_i + h) - J(θ_i - h)) / 2h, with
+J the cost in train mode (batch statistics, as in training) and h = 1e-5, in float64.
+The error of one parameter tensor is the largest entry-wise relative error
+
+    max_i |ga_i - gn_i| / max(floor, |ga_i| + |gn_i|).
+
+A bias that feeds a batch-norm layer has true gradient zero (the normalisation removes
+any constant shift), so a relative error is meaningless there: it is judged by the
+absolute error max_i |ga_i - gn_i| instead, and the table says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from klayer.network import Network
+
+DEFAULT_H = 1e-5
+DEFAULT_FLOOR = 1e-2
+DEFAULT_TOL = 1e-7
+DEFAULT_ABS_TOL = 1e-8
+
+
+def numerical_gradients(cost_fn, params: dict, h: float = DEFAULT_H, names=None) -> dict:
+    """Centred differences of ``cost_fn()`` with respect to every entry of ``params``.
+
+    ``params`` is perturbed in place and restored; ``cost_fn`` must read it.
+    """
+    grads = {}
+    for name in names or params:
+        theta = params[name]
+        g = np.zeros_like(theta)
+        flat, gflat = theta.reshape(-1), g.reshape(-1)  # views of theta and g
+        for i in range(flat.size):
+            old = flat[i]
+            flat[i] = old + h
+            plus = cost_fn()
+            flat[i] = old - h
+            minus = cost_fn()
+            flat[i] = old
+            gflat[i] = (plus - minus) / (2 * h)
+        grads[name] = g
+    return grads
+
+
+def relative_error(ga, gn, floor: float = DEFAULT_FLOOR) -> float:
+    """max_i |ga_i - gn_i| / max(floor, |ga_i| + |gn_i|)."""
+    ga, gn = np.asarray(ga, np.float64), np.asarray(gn, np.float64)
+    return float(np.max(np.abs(ga - gn) / np.maximum(floor, np.abs(ga) + np.abs(gn))))
+
+
+def absolute_error(ga, gn) -> float:
+    return float(np.max(np.abs(np.asarray(ga, np.float64) - np.asarray(gn, np.float64))))
+
+
+@dataclass
+class GradCheckRow:
+    layer: int
+    param: str  # "W", "b", "gamma", "beta"
+    error: float
+    kind: str  # "relative" or "absolute"
+    tol: float
+    max_abs_grad: float  # largest |analytic gradient| entry, for scale
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.tol
+
+    @property
+    def name(self) -> str:
+        return f"{self.param}{self.layer}"
+
+
+def _split_name(name: str) -> tuple[str, int]:
+    i = len(name.rstrip("0123456789"))
+    return name[:i], int(name[i:])
+
+
+def compare(net: Network, analytic: dict, numeric: dict, tol=DEFAULT_TOL,
+            abs_tol=DEFAULT_ABS_TOL, floor=DEFAULT_FLOOR) -> list[GradCheckRow]:
+    """One row per parameter tensor; biases feeding batch norm by absolute error."""
+    rows = []
+    for name in numeric:
+        param, layer = _split_name(name)
+        ga, gn = analytic[name], numeric[name]
+        if param == "b" and net.has_batch_norm(layer):
+            rows.append(GradCheckRow(layer, param, absolute_error(ga, gn), "absolute",
+                                     abs_tol, float(np.abs(ga).max())))
+        else:
+            rows.append(GradCheckRow(layer, param, relative_error(ga, gn, floor), "relative",
+                                     tol, float(np.abs(ga).max())))
+    return rows
+
+
+def check_gradients(net: Network, X, y, lam: float, h: float = DEFAULT_H,
+                    tol: float = DEFAULT_TOL, abs_tol: float = DEFAULT_ABS_TOL,
+                    floor: float = DEFAULT_FLOOR) -> list[GradCheckRow]:
+    """Check every parameter of ``net`` (float64) on (X, y) with batch norm in train mode."""
+    if net.dtype != np.float64:
+        raise ValueError("gradient checks need a float64 network (dtype='float64')")
+    if len(X) < 2 and net.batch_norm:
+        raise ValueError("gradient checks with batch norm need at least 2 samples")
+    analytic = net.loss(X, y, lam, mode="train").grads
+
+    def cost():
+        return net.loss(X, y, lam, mode="train", grads=False, check=False).cost
+
+    numeric = numerical_gradients(cost, net.params, h)
+    return compare(net, analytic, numeric, tol, abs_tol, floor)
+
+
+def random_problem(dims: int, samples: int, num_classes: int = 10, seed: int = 0):
+    """Standard-normal inputs X: (samples, dims) and random labels, for checks."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((samples, dims)), rng.integers(0, num_classes, samples)
+
+
+def markdown_table(rows: list[GradCheckRow], title: str | None = None) -> str:
+    """Rows as a Markdown table: one line per layer, one column per parameter kind."""
+    params = [p for p in ("W", "b", "gamma", "beta") if any(r.param == p for r in rows)]
+    header = {"W": "W", "b": "b", "gamma": "γ", "beta": "β"}
+    by_key = {(r.layer, r.param): r for r in rows}
+    lines = []
+    if title:
+        lines += [f"**{title}**", ""]
+    lines.append("| layer | " + " | ".join(f"error {header[p]}" for p in params) + " |")
+    lines.append("|---|" + "---|" * len(params))
+    for layer in sorted({r.layer for r in rows}):
+        cells = []
+        for p in params:
+            r = by_key.get((layer, p))
+            if r is None:
+                cells.append("")
+                continue
+            text = f"{r.error:.2e}"
+            if r.kind == "absolute":
+                text += " (abs.†)"
+            if not r.passed:
+                text += " **FAIL**"
+            cells.append(text)
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    if any(r.kind == "absolute" for r in rows):
+        lines += ["", "† bias feeding batch norm: its true gradient is 0, so the absolute "
+                      "error max |ga - gn| is shown (tolerance "
+                      f"{rows[[r.kind for r in rows].index('absolute')].tol:.0e})."]
+    return "\n".join(lines)

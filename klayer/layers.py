@@ -1,0 +1,130 @@
+"""Layers as forward/backward pairs: pure NumPy, no state, no I/O.
+
+Every ``*_forward`` returns ``(out, cache)``; the matching ``*_backward(dout, cache)``
+returns the gradient with respect to the input first, then those of the layer's
+parameters. The cache holds exactly what backward needs. Shapes use n for the batch
+size, d for the input width and m for the output width; a mini-batch is stored one
+example per row, so the assignment's column equations ``s = W x + b`` become
+``S = X W^T + b``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+# --- affine ---------------------------------------------------------------------------
+
+
+def affine_forward(x, W, b):
+    """s = W x + b for every row x. x: (n, d), W: (m, d), b: (m,) -> s: (n, m)."""
+    out = x @ W.T
+    out += b
+    return out, (x, W)
+
+
+def affine_backward(dout, cache, need_dx=True):
+    """dout: (n, m) -> (dx (n, d) or None, dW (m, d), db (m,)).
+
+    ``need_dx=False`` skips dx for the first layer, whose input is the data: that
+    product is as large as the forward one and nothing uses it.
+    """
+    x, W = cache
+    dx = dout @ W if need_dx else None
+    return dx, dout.T @ x, dout.sum(axis=0)
+
+
+# --- ReLU -----------------------------------------------------------------------------
+
+
+def relu_forward(x):
+    """max(0, x), element-wise. The cache is the output: dx = dout where out > 0."""
+    out = np.maximum(x, 0)
+    return out, out
+
+
+def relu_backward(dout, cache):
+    out = cache
+    return np.where(out > 0, dout, 0)
+
+
+# --- batch normalization --------------------------------------------------------------
+
+
+def batchnorm_forward(s, gamma, beta, eps, mean=None, var=None):
+    """Batch normalization of s: (n, m) per column, then scale and shift.
+
+    ŝ = (s - μ) / sqrt(v + ε),  s̃ = γ ⊙ ŝ + β.
+
+    Train mode (``mean`` and ``var`` None): μ and v are the batch mean and the biased
+    (1/n) batch variance. Eval mode: the given μ and v (the moving averages) are used.
+    Returns ``(out, cache, (μ, v))``; the statistics used are returned so that training
+    can update its moving averages explicitly.
+    """
+    train = mean is None
+    if train:
+        if s.shape[0] < 2:
+            raise ValueError(
+                "batch norm in train mode needs a batch of at least 2 examples "
+                f"(got {s.shape[0]}); use eval mode or a larger batch"
+            )
+        mean = s.mean(axis=0)
+        centred = s - mean
+        var = np.mean(centred * centred, axis=0)  # biased: 1/n
+    else:
+        centred = s - mean
+    inv_std = 1.0 / np.sqrt(var + eps)
+    s_hat = centred * inv_std
+    out = s_hat * gamma
+    out += beta
+    return out, (s_hat, gamma, inv_std, train), (mean, var)
+
+
+def batchnorm_backward(dout, cache):
+    """dout: (n, m) -> (ds, dγ, dβ).
+
+    With g = dout ⊙ γ, in train mode μ and v depend on s, which gives
+        ds = (1/sqrt(v + ε)) · (g - mean(g) - ŝ ⊙ mean(g ⊙ ŝ)),
+    the means taken over the batch (the compact form of the assignment's eqs. 31-37).
+    In eval mode μ and v are constants: ds = g / sqrt(v + ε).
+    """
+    s_hat, gamma, inv_std, train = cache
+    dbeta = dout.sum(axis=0)
+    dgamma = np.sum(dout * s_hat, axis=0)
+    g = dout * gamma
+    if train:
+        n = dout.shape[0]
+        ds = g - (dbeta * gamma) / n - s_hat * ((dgamma * gamma) / n)
+        ds *= inv_std
+    else:
+        ds = g * inv_std
+    return ds, dgamma, dbeta
+
+
+# --- softmax cross-entropy ------------------------------------------------------------
+
+
+def softmax(scores):
+    """Row-wise softmax of scores: (n, C), computed stably."""
+    z = scores - scores.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def softmax_cross_entropy(scores, y):
+    """Mean cross-entropy of softmax(scores) against integer labels y.
+
+    scores: (n, C), y: (n,) ints in [0, C). Returns ``(loss, dscores)`` with
+    loss = -(1/n) Σ_i log p_{i, y_i} and dscores = (P - Y) / n.
+    """
+    n = scores.shape[0]
+    z = scores - scores.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1, keepdims=True))
+    log_p = z - log_norm
+    rows = np.arange(n)
+    loss = -log_p[rows, y].mean()
+    dscores = np.exp(log_p)
+    dscores[rows, y] -= 1
+    dscores /= n
+    return float(loss), dscores

@@ -1,0 +1,325 @@
+"""The k-layer network: parameters in one named mapping, one forward pass for everything.
+
+Layers l = 1..k-1:  s_l = W_l x_{l-1} + b_l,  (batch norm)  ŝ, s̃ = γ_l ⊙ ŝ + β_l,
+x_l = ReLU(s̃).  Layer k: scores = W_k x_{k-1} + b_k, then softmax.
+Cost J = mean cross-entropy + λ Σ_l ||W_l||² (no penalty on b, γ, β).
+
+The same :meth:`Network.forward` serves training, evaluation and the gradient check;
+only ``mode`` differs ("train": batch statistics, "eval": moving averages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from klayer import layers as L
+
+MODES = ("train", "eval")
+INITS = ("he", "xavier")
+
+
+@dataclass
+class Forward:
+    """What one forward pass leaves for backward and for the moving averages."""
+
+    scores: np.ndarray  # (n, C)
+    caches: list  # per layer: (affine cache, batch-norm cache or None, relu cache)
+    batch_stats: dict  # {l: (μ, v)} of the batch-norm layers in train mode
+
+
+@dataclass
+class LossResult:
+    loss: float  # mean cross-entropy
+    cost: float  # loss + λ Σ ||W||²
+    grads: dict | None  # d cost / d param, same keys as Network.params
+    batch_stats: dict  # pass to Network.update_running_stats when training
+
+
+class Network:
+    """A k-layer fully-connected network with optional batch normalization.
+
+    Parameters live in ``params`` (``W1, b1, gamma1, beta1, ..., Wk, bk``) with W_l of
+    shape (m_l, m_{l-1}); batch-norm moving averages live in ``buffers``
+    (``running_mean1, running_var1, ...``). Optimizers, checkpoints and the gradient
+    check all walk these two mappings.
+
+    init: "he" (N(0, 2/d), default), "xavier" (N(0, 1/d)) or a float σ for N(0, σ²).
+    dtype: float64 (gradient checks, exact comparisons) or float32 (speed).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_sizes,
+        num_classes: int = 10,
+        *,
+        batch_norm: bool = True,
+        init="he",
+        dtype="float64",
+        seed: int = 0,
+        bn_eps: float = 1e-5,
+        bn_alpha: float = 0.9,
+    ):
+        self.input_size = _positive_int(input_size, "input_size")
+        self.hidden_sizes = [_positive_int(h, "hidden_sizes entries") for h in hidden_sizes]
+        self.num_classes = _positive_int(num_classes, "num_classes")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        self.batch_norm = bool(batch_norm)
+        self.init = _check_init(init)
+        self.dtype = _check_dtype(dtype)
+        self.seed = int(seed)
+        if not bn_eps > 0:
+            raise ValueError(f"bn_eps must be > 0, got {bn_eps}")
+        if not 0 <= bn_alpha < 1:
+            raise ValueError(f"bn_alpha must be in [0, 1), got {bn_alpha}")
+        self.bn_eps = float(bn_eps)
+        self.bn_alpha = float(bn_alpha)
+        self.params = self._initial_params()
+        self.buffers: dict[str, np.ndarray] = {}
+        self.running_initialised = False
+
+    # --- structure ----------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        """k: the number of affine layers."""
+        return len(self.hidden_sizes) + 1
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.input_size, *self.hidden_sizes, self.num_classes]
+
+    def hyperparameters(self) -> dict:
+        """Everything needed to rebuild this network (see :meth:`from_hyperparameters`)."""
+        return {
+            "input_size": self.input_size,
+            "hidden_sizes": list(self.hidden_sizes),
+            "num_classes": self.num_classes,
+            "batch_norm": self.batch_norm,
+            "init": self.init,
+            "dtype": self.dtype.name,
+            "seed": self.seed,
+            "bn_eps": self.bn_eps,
+            "bn_alpha": self.bn_alpha,
+        }
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict) -> "Network":
+        hp = dict(hp)
+        return cls(hp.pop("input_size"), hp.pop("hidden_sizes"), hp.pop("num_classes"), **hp)
+
+    def has_batch_norm(self, layer: int) -> bool:
+        return self.batch_norm and layer < self.num_layers
+
+    def _initial_params(self) -> dict[str, np.ndarray]:
+        # Drawn in float64 from one seeded generator, then cast: float32 and float64
+        # networks with the same seed start from the same weights.
+        rng = np.random.default_rng(self.seed)
+        params = {}
+        sizes = self.sizes
+        for l in range(1, self.num_layers + 1):
+            d, m = sizes[l - 1], sizes[l]
+            if self.init == "he":
+                std = np.sqrt(2.0 / d)
+            elif self.init == "xavier":
+                std = np.sqrt(1.0 / d)
+            else:
+                std = self.init
+            params[f"W{l}"] = (rng.standard_normal((m, d)) * std).astype(self.dtype)
+            params[f"b{l}"] = np.zeros(m, dtype=self.dtype)
+            if self.has_batch_norm(l):
+                params[f"gamma{l}"] = np.ones(m, dtype=self.dtype)
+                params[f"beta{l}"] = np.zeros(m, dtype=self.dtype)
+        return params
+
+    # --- the forward and backward passes -------------------------------------------
+
+    def forward(self, X, mode: str = "train", check: bool = True) -> Forward:
+        """Scores for X: (n, input_size) -> Forward with scores (n, num_classes).
+
+        mode "train" normalises with batch statistics (returned in ``batch_stats``,
+        never stored); "eval" uses the moving averages in ``buffers``.
+        ``check=False`` skips the input checks (the trainer checks its data once).
+        """
+        if check:
+            X = self._checked_input(X, mode)
+        train = mode == "train"
+        p = self.params
+        caches, batch_stats = [], {}
+        h = X
+        for l in range(1, self.num_layers):
+            s, affine_cache = L.affine_forward(h, p[f"W{l}"], p[f"b{l}"])
+            bn_cache = None
+            if self.has_batch_norm(l):
+                mean = None if train else self.buffers[f"running_mean{l}"]
+                var = None if train else self.buffers[f"running_var{l}"]
+                s, bn_cache, stats = L.batchnorm_forward(
+                    s, p[f"gamma{l}"], p[f"beta{l}"], self.bn_eps, mean, var
+                )
+                if train:
+                    batch_stats[l] = stats
+            h, relu_cache = L.relu_forward(s)
+            caches.append((affine_cache, bn_cache, relu_cache))
+        k = self.num_layers
+        scores, affine_cache = L.affine_forward(h, p[f"W{k}"], p[f"b{k}"])
+        caches.append((affine_cache, None, None))
+        return Forward(scores, caches, batch_stats)
+
+    def backward(self, dscores, fwd: Forward) -> dict[str, np.ndarray]:
+        """Gradients of the data term for every parameter, from dscores: (n, C)."""
+        grads = {}
+        k = self.num_layers
+        dh, grads[f"W{k}"], grads[f"b{k}"] = L.affine_backward(dscores, fwd.caches[-1][0])
+        for l in range(k - 1, 0, -1):
+            affine_cache, bn_cache, relu_cache = fwd.caches[l - 1]
+            ds = L.relu_backward(dh, relu_cache)
+            if bn_cache is not None:
+                ds, grads[f"gamma{l}"], grads[f"beta{l}"] = L.batchnorm_backward(ds, bn_cache)
+            dh, grads[f"W{l}"], grads[f"b{l}"] = L.affine_backward(
+                ds, affine_cache, need_dx=l > 1
+            )
+        return grads
+
+    # --- cost ---------------------------------------------------------------------
+
+    def l2_penalty(self) -> float:
+        """Σ_l ||W_l||² (multiply by λ for the cost)."""
+        return float(sum(np.vdot(W, W) for W in self.weights()))
+
+    def weights(self):
+        return (self.params[f"W{l}"] for l in range(1, self.num_layers + 1))
+
+    def loss(self, X, y, lam: float = 0.0, mode: str = "train", grads: bool = True,
+             check: bool = True) -> LossResult:
+        """Loss, cost and (if ``grads``) the gradient of the cost for every parameter.
+
+        X: (n, input_size), y: (n,) integer labels. J = loss + λ Σ ||W_l||²,
+        dJ/dW_l = d loss/dW_l + 2 λ W_l.
+        """
+        if lam < 0 or not np.isfinite(lam):
+            raise ValueError(f"lam (λ) must be a finite number >= 0, got {lam}")
+        if check:
+            y = self._checked_labels(y, len(X))
+        fwd = self.forward(X, mode, check=check)
+        loss, dscores = L.softmax_cross_entropy(fwd.scores, y)
+        cost = loss + lam * self.l2_penalty() if lam else loss
+        gradients = None
+        if grads:
+            gradients = self.backward(dscores, fwd)
+            if lam:
+                for l in range(1, self.num_layers + 1):
+                    gradients[f"W{l}"] += (2 * lam) * self.params[f"W{l}"]
+        return LossResult(loss, cost, gradients, fwd.batch_stats)
+
+    # --- moving averages ------------------------------------------------------------
+
+    def update_running_stats(self, batch_stats: dict) -> None:
+        """μ_av = α μ_av + (1 - α) μ (same for v), from one training batch's statistics.
+
+        The first call initialises the averages with that batch's statistics. This is
+        an explicit training step: forward passes never change the averages.
+        """
+        a = self.bn_alpha
+        for l, (mean, var) in batch_stats.items():
+            if not self.running_initialised:
+                self.buffers[f"running_mean{l}"] = mean.copy()
+                self.buffers[f"running_var{l}"] = var.copy()
+            else:
+                rm, rv = self.buffers[f"running_mean{l}"], self.buffers[f"running_var{l}"]
+                rm *= a
+                rm += (1 - a) * mean
+                rv *= a
+                rv += (1 - a) * var
+        if batch_stats:
+            self.running_initialised = True
+
+    # --- evaluation ---------------------------------------------------------------
+
+    def scores(self, X, mode: str = "eval", chunk: int = 10000) -> np.ndarray:
+        """Class scores for X: (n, input_size) -> (n, C), in chunks of ``chunk`` rows."""
+        X = self._checked_input(X, mode)
+        parts = [self.forward(X[i:i + chunk], mode, check=False).scores
+                 for i in range(0, len(X), chunk)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), self.dtype)
+
+    def predict(self, X, chunk: int = 10000) -> np.ndarray:
+        """Predicted labels (n,) in eval mode."""
+        return self.scores(X, "eval", chunk).argmax(axis=1)
+
+    def evaluate(self, X, y, lam: float = 0.0, chunk: int = 10000) -> dict:
+        """Loss, cost and accuracy on (X, y) in eval mode (moving averages)."""
+        y = self._checked_labels(y, len(X))
+        scores = self.scores(X, "eval", chunk)
+        loss, _ = L.softmax_cross_entropy(scores, y)
+        return {
+            "loss": loss,
+            "cost": loss + lam * self.l2_penalty(),
+            "accuracy": float(np.mean(scores.argmax(axis=1) == y)),
+        }
+
+    # --- input checks ----------------------------------------------------------------
+
+    def _checked_input(self, X, mode):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.input_size:
+            raise ValueError(
+                f"X must have shape (n, {self.input_size}) for this network, got {X.shape}"
+            )
+        if not np.issubdtype(X.dtype, np.number):
+            raise ValueError(f"X must be numeric, got dtype {X.dtype}")
+        if not np.isfinite(X).all():
+            raise ValueError("X contains NaN or infinite values; clean or re-standardise the data")
+        if self.batch_norm and mode == "train" and X.shape[0] < 2:
+            raise ValueError(
+                f"X has {X.shape[0]} example(s): batch norm in train mode needs a batch "
+                "of at least 2 (use mode='eval' for single examples)"
+            )
+        if self.batch_norm and mode == "eval" and not self.running_initialised:
+            raise ValueError(
+                "mode='eval' needs batch-norm moving averages, but none have been "
+                "recorded yet: train first (update_running_stats) or use mode='train'"
+            )
+        return X.astype(self.dtype, copy=False)
+
+    def _checked_labels(self, y, n):
+        y = np.asarray(y)
+        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"y must be {n} integer labels, got shape {y.shape} dtype {y.dtype}")
+        if n and (y.min() < 0 or y.max() >= self.num_classes):
+            raise ValueError(f"labels y must lie in [0, {self.num_classes}), "
+                             f"got range [{y.min()}, {y.max()}]")
+        return y
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_init(init):
+    if isinstance(init, str):
+        if init in INITS:
+            return init
+        try:
+            init = float(init)
+        except ValueError:
+            raise ValueError(
+                f"init must be one of {INITS} or a positive number σ, got {init!r}"
+            ) from None
+    if isinstance(init, bool) or not isinstance(init, (int, float)) or not init > 0 \
+            or not np.isfinite(init):
+        raise ValueError(f"init must be one of {INITS} or a positive number σ, got {init!r}")
+    return float(init)
+
+
+def _check_dtype(dtype):
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return dt
