@@ -1,0 +1,359 @@
+"""The training loop: mini-batch gradient descent with a learning-rate schedule.
+
+For update step t = 0 .. T-1 (T = cycles · 2 n_s):
+    η_t  = schedule(t)
+    J, ∇ = net.loss(X_batch, y_batch, λ, mode="train")     (batch statistics)
+    θ   ← optimizer.step(θ, ∇, η_t)                          (SGD: θ - η_t ∇)
+    μ_av, v_av ← α μ_av + (1-α) μ_batch, same for v          (net.update_running_stats)
+Each epoch visits floor(n / batch_size) mini-batches of a fresh permutation drawn from a
+seeded generator (the few examples left over are skipped that epoch). The history is
+recorded in eval mode (moving averages) at ``config.eval_steps()``.
+
+The loop prints nothing and touches no file itself: progress goes to callbacks, and when
+a run folder is given, :mod:`klayer.runs` writes the checkpoint after every epoch and
+the model, history, summary and figures at the end. A checkpoint holds the random state,
+so a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from klayer import runs
+from klayer.config import TrainConfig
+from klayer.network import Network
+from klayer.optim import make_optimizer
+from klayer.schedules import make_schedule
+
+SHUFFLE_STREAM = 1  # the shuffling generator is seeded with (seed, SHUFFLE_STREAM)
+
+
+class DivergenceError(ValueError):
+    """The cost or a parameter became NaN or infinite during training."""
+
+    def __init__(self, message, step=None, eta=None, parameter=None):
+        super().__init__(message, step, eta, parameter)  # all in args: survives pickling
+        self.step, self.eta, self.parameter = step, eta, parameter
+
+    def __str__(self):
+        return self.args[0]
+
+
+@dataclass
+class TrainEvent:
+    """What callbacks receive.
+
+    kind: "step" after every update, "eval" after each history point (``record`` is the
+    new history row), "epoch" after each finished (and checkpointed) epoch.
+    """
+
+    kind: str
+    step: int  # updates done so far
+    total_steps: int
+    epoch: float  # step / steps per epoch
+    eta: float  # η of the last update
+    cost: float  # mini-batch cost of the last update (nan before the first)
+    record: dict | None = None
+
+
+@dataclass
+class TrainResult:
+    """A finished run: the trained network, its history and its final numbers.
+
+    ``final`` has train_/val_/test_ loss, cost and accuracy of the final network (test
+    only if the data has a test set); ``best_*`` is the history row with the highest
+    validation accuracy; ``timings`` has train_seconds (updates), eval_seconds
+    (history and final evaluation) and total_seconds, summed over resumed sessions.
+    """
+
+    config: TrainConfig
+    network: Network
+    history: list
+    final: dict
+    best_val_accuracy: float
+    best_step: int
+    best_epoch: float
+    steps: int
+    epochs: float
+    timings: dict
+    run_dir: Path | None = None
+
+    def summary(self) -> dict:
+        """What summary.json holds."""
+        from klayer import __version__
+
+        return {
+            "klayer_version": __version__,
+            "config_hash": self.config.config_hash(),
+            "final": self.final,
+            "best_val_accuracy": self.best_val_accuracy,
+            "best_step": self.best_step,
+            "best_epoch": self.best_epoch,
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "timings": self.timings,
+        }
+
+
+@dataclass
+class _Clock:
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    before: float = 0.0  # total seconds of earlier sessions of a resumed run
+
+    def as_dict(self) -> dict:
+        return {"train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "total_seconds": self.before + time.perf_counter() - self.started}
+
+
+def build_network(config: TrainConfig, input_size: int, num_classes: int = 10) -> Network:
+    """The untrained network a config describes."""
+    return Network(input_size, config.hidden_sizes, num_classes, batch_norm=config.batch_norm,
+                   init=config.init, dtype=config.dtype, seed=config.seed)
+
+
+def evaluate(net: Network, splits: dict, lam: float) -> dict:
+    """``{f"{name}_loss", f"{name}_cost", f"{name}_accuracy"}`` for each (X, y) in splits,
+    in eval mode."""
+    out = {}
+    for name, (X, y) in splits.items():
+        for key, value in net.evaluate(X, y, lam).items():
+            out[f"{name}_{key}"] = value
+    return out
+
+
+@np.errstate(over="ignore", invalid="ignore")  # overflow is the divergence guard's to report
+def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = False
+          ) -> TrainResult:
+    """Train the network ``config`` describes on preloaded ``data``.
+
+    data: anything with X_train (n, d), y_train (n,), X_val, y_val and optionally
+    X_test, y_test, standardizer, class_names (a :class:`klayer.data.Dataset`).
+    run_dir: folder for config, checkpoints and results (None: nothing is written).
+    callbacks: functions called with a :class:`TrainEvent`; an exception raised by one
+    stops training (the last checkpoint stays).
+    resume: continue from run_dir's checkpoint, which must belong to the same config.
+    Raises :class:`DivergenceError` when the cost or a parameter becomes non-finite.
+    """
+    num_classes = len(data.class_names) if getattr(data, "class_names", None) else 10
+    splits = _checked_splits(data, config.dtype, num_classes)
+    X_train, y_train = splits["train"]
+    n, d = X_train.shape
+    B = config.batch_size
+    steps_per_epoch = n // B
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has {n} examples, fewer than one batch "
+                         f"(batch_size = {B}); use a larger subset or a smaller batch")
+    net = build_network(config, d, num_classes)
+    optimizer = make_optimizer(config.optimizer)
+    schedule = make_schedule(config)
+    rng = np.random.default_rng([config.seed, SHUFFLE_STREAM])
+    total = config.total_steps
+    eval_steps = set(config.eval_steps())
+    history: list[dict] = []
+    clock = _Clock()
+    start = 0
+    run_dir = None if run_dir is None else Path(run_dir)
+    if resume and run_dir is None:
+        raise ValueError("resume needs the run folder to continue (run_dir)")
+
+    if run_dir is not None:
+        _open_run(run_dir, config, resume)
+        if resume:
+            start, history = _restore(run_dir, config, net, optimizer, rng, clock)
+        else:
+            _checkpoint(run_dir, config, net, optimizer, rng, 0, history, clock, steps_per_epoch)
+    last_checkpoint = start
+
+    def emit(event):
+        for callback in callbacks:
+            callback(event)
+
+    def record(step, eta):  # eta: η_t at this step, for the curves
+        t0 = time.perf_counter()
+        row = {"step": step, "epoch": step / steps_per_epoch, "eta": eta}
+        row.update(evaluate(net, {"train": splits["train"], "val": splits["val"]}, config.lam))
+        clock.eval_seconds += time.perf_counter() - t0
+        history.append(row)
+        emit(TrainEvent("eval", step, total, row["epoch"], eta, cost, row))
+
+    cost, eta = math.nan, schedule(start)
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        j = step % steps_per_epoch
+        if j == 0:  # a new epoch (checkpoints fall here too): one permutation, one gather
+            order = rng.permutation(n)
+            X_epoch, y_epoch = X_train[order], y_train[order]  # batches: contiguous rows
+        Xb, yb = X_epoch[j * B:(j + 1) * B], y_epoch[j * B:(j + 1) * B]
+        eta = schedule(step)
+        if step == 0:
+            clock.train_seconds += time.perf_counter() - t0
+            _record_initial(net, Xb, yb, config.lam, partial(record, 0, eta))
+            t0 = time.perf_counter()
+        result = net.loss(Xb, yb, config.lam, mode="train", grads=True, check=False)
+        cost = result.cost
+        if not math.isfinite(cost):
+            raise _divergence(net, step, eta, f"the mini-batch cost is {cost}",
+                              run_dir, last_checkpoint)
+        optimizer.step(net.params, result.grads, eta)
+        net.update_running_stats(result.batch_stats)
+        clock.train_seconds += time.perf_counter() - t0
+        done = step + 1
+        emit(TrainEvent("step", done, total, done / steps_per_epoch, eta, cost))
+        if done in eval_steps:
+            record(done, schedule(done))
+        if done % steps_per_epoch == 0 or done == total:
+            _check_finite(net, done, eta, run_dir, last_checkpoint)
+            if run_dir is not None:
+                _checkpoint(run_dir, config, net, optimizer, rng, done, history, clock,
+                            steps_per_epoch)
+                last_checkpoint = done
+            if done % steps_per_epoch == 0:
+                emit(TrainEvent("epoch", done, total, done / steps_per_epoch, eta, cost))
+
+    t0 = time.perf_counter()  # train and val were just evaluated: the last history row
+    final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
+    if "test" in splits:
+        final.update(evaluate(net, {"test": splits["test"]}, config.lam))
+    clock.eval_seconds += time.perf_counter() - t0
+    best = max(history, key=lambda row: row["val_accuracy"])
+    result = TrainResult(
+        config=config, network=net, history=history, final=final,
+        best_val_accuracy=best["val_accuracy"], best_step=best["step"],
+        best_epoch=best["epoch"], steps=total, epochs=total / steps_per_epoch,
+        timings=clock.as_dict(), run_dir=run_dir,
+    )
+    if run_dir is not None:
+        _finish_run(run_dir, result, data)
+    return result
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _checked_splits(data, dtype, num_classes) -> dict:
+    """{"train": (X, y), "val": (X, y)[, "test": (X, y)]} as ``dtype``, checked once."""
+    splits = {}
+    for name in ("train", "val", "test"):
+        X, y = getattr(data, f"X_{name}", None), getattr(data, f"y_{name}", None)
+        if X is None and name == "test":
+            continue
+        if X is None or y is None:
+            raise ValueError(f"data has no {name} set (X_{name}, y_{name})")
+        X, y = np.asarray(X, dtype=dtype), np.asarray(y)
+        if X.ndim != 2 or y.shape != (len(X),) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"data: X_{name} must be (n, d) and y_{name} (n,) integer labels, "
+                             f"got {X.shape} and {y.shape} {y.dtype}")
+        if not np.isfinite(X).all():
+            raise ValueError(f"data: X_{name} contains NaN or infinite values")
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"data: y_{name} must lie in [0, {num_classes}), "
+                             f"got [{y.min()}, {y.max()}]")
+        splits[name] = (X, y)
+    if splits["val"][0].shape[1] != splits["train"][0].shape[1]:
+        raise ValueError("data: X_train and X_val have different numbers of columns")
+    return splits
+
+
+def _record_initial(net: Network, Xb, yb, lam, record) -> None:
+    """History point 0. With batch norm there are no moving averages yet: evaluate with
+    those the first update will set (this batch's statistics), then forget them again."""
+    if not net.batch_norm or net.running_initialised:
+        record()
+        return
+    stats = net.loss(Xb, yb, lam, mode="train", grads=False, check=False).batch_stats
+    net.update_running_stats(stats)
+    try:
+        record()
+    finally:
+        net.buffers, net.running_initialised = {}, False
+
+
+def _open_run(run_dir: Path, config: TrainConfig, resume: bool) -> None:
+    """Create or reopen a run folder; write its config.toml for a new run."""
+    if resume:
+        saved = runs.read_config(run_dir)
+        if saved.config_hash() != config.config_hash():
+            raise ValueError(f"{run_dir} was started with another configuration "
+                             f"(see its {runs.CONFIG_FILE}); resume it with that one")
+        return
+    if (run_dir / runs.CHECKPOINT_FILE).exists():
+        raise ValueError(f"{run_dir} already holds a run: resume it (klayer train --resume "
+                         f"{run_dir}) or choose another output folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_config(run_dir, config.replace(out=str(run_dir)))
+
+
+def _restore(run_dir, config, net, optimizer, rng, clock) -> tuple[int, list]:
+    """Load run_dir's checkpoint into the network, optimizer, generator and clock;
+    return (steps done, history so far)."""
+    ckpt = runs.load_checkpoint(run_dir)
+    if ckpt.config_hash != config.config_hash():
+        raise ValueError(f"the checkpoint in {run_dir} belongs to another configuration "
+                         f"than its {runs.CONFIG_FILE}; start a new run instead")
+    runs.restore_network(net, ckpt.params, ckpt.buffers, ckpt.running_initialised,
+                         run_dir / runs.CHECKPOINT_FILE)
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    rng.bit_generator.state = ckpt.rng_state
+    clock.train_seconds = ckpt.timings["train_seconds"]
+    clock.eval_seconds = ckpt.timings["eval_seconds"]
+    clock.before = ckpt.timings["total_seconds"]
+    return ckpt.step, ckpt.history
+
+
+def _checkpoint(run_dir, config, net, optimizer, rng, step, history, clock, steps_per_epoch):
+    runs.save_checkpoint(run_dir, runs.Checkpoint(
+        step=step, epoch=step // steps_per_epoch, params=net.params, buffers=net.buffers,
+        running_initialised=net.running_initialised,
+        optimizer_state=optimizer.state_dict(), rng_state=rng.bit_generator.state,
+        history=history, timings=clock.as_dict(), config_hash=config.config_hash(),
+    ))
+    runs.write_history(run_dir / runs.HISTORY_FILE, history)
+
+
+def _finish_run(run_dir: Path, result: TrainResult, data) -> None:
+    from klayer import plots
+
+    runs.save_model(run_dir, result.network, getattr(data, "standardizer", None),
+                    getattr(data, "class_names", None))
+    runs.write_history(run_dir / runs.HISTORY_FILE, result.history)
+    runs.write_summary(run_dir, result.summary())
+    plots.plot_history(result.history, run_dir, title=run_dir.name)
+
+
+def _check_finite(net, step, eta, run_dir, last_checkpoint) -> None:
+    """Before a checkpoint: every parameter and moving average must be finite."""
+    if _non_finite(net):
+        raise _divergence(net, step, eta, "a parameter or moving average is not finite",
+                          run_dir, last_checkpoint)
+
+
+def _non_finite(net) -> list[str]:
+    """Names of the parameters, then moving averages, holding NaN or ±inf."""
+    arrays = {**net.params, **net.buffers}
+    return [name for name, a in arrays.items() if not np.isfinite(a).all()]
+
+
+def _divergence(net, step, eta, what, run_dir, last_checkpoint) -> DivergenceError:
+    """A DivergenceError naming the step, η and the first non-finite parameter."""
+    bad = _non_finite(net)
+    if bad:
+        parameter = bad[0]
+        where = f"first non-finite parameter: {parameter} (all: {', '.join(bad)})"
+    else:  # the parameters are still finite, but too large for the cost
+        parameter = max(net.params, key=lambda k: float(np.abs(net.params[k]).max()))
+        where = (f"no parameter is non-finite yet; the largest is {parameter} with "
+                 f"|entry| up to {float(np.abs(net.params[parameter]).max()):.3g}")
+    message = (f"training diverged at update step {step} (η = {eta:.4g}): {what}; {where}. "
+               "Lower eta_max (or lam) and train again")
+    if run_dir is not None:
+        message += (f"; the last good checkpoint (step {last_checkpoint}) stays in "
+                    f"{run_dir / runs.CHECKPOINT_FILE}")
+    return DivergenceError(message, step, eta, parameter)

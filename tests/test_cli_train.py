@@ -1,0 +1,156 @@
+"""``klayer train``, ``evaluate`` and ``predict`` from the command line."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from klayer import runs
+from klayer.cli import build_parser, main
+from klayer.commands.train import resolve_config
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--hidden", "--batch-norm", "--no-batch-norm", "--lambda",
+                 "--eta-min", "--eta-max", "--n-s", "--cycles", "--batch-size", "--init",
+                 "--seed", "--dtype", "--data-dir", "--protocol", "--n-val", "--subset",
+                 "--out", "--resume", "--quiet"):
+        assert flag in out
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('hidden_sizes = [30]\nlam = 0.01\nn_s = 100\ninit = "xavier"\n')
+    args = build_parser().parse_args([
+        "train", "--config", str(path), "--lambda", "0.02", "--hidden", "20,10",
+        "--no-batch-norm", "--init", "0.001", "--out", str(tmp_path / "run")])
+    config, run_dir = resolve_config(args)
+    assert (config.lam, config.n_s, config.hidden_sizes, config.batch_norm, config.init) == \
+        (0.02, 100, (20, 10), False, 0.001)
+    assert run_dir == tmp_path / "run" and config.out == str(run_dir)
+    config, run_dir = resolve_config(build_parser().parse_args(["train", "--config", str(path)]))
+    assert config.lam == 0.01 and run_dir.parent.name == "runs" and run_dir.name.startswith("exp-")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--n-s", "0"], "n_s must be an integer >= 1"),
+    (["train", "--eta-min", "1", "--eta-max", "0.1"], "eta_min (1.0) must not exceed eta_max"),
+    (["train", "--config", "missing.toml"], "config file missing.toml does not exist"),
+    (["train", "--resume", "somewhere", "--lambda", "0.1"], "drop --lambda"),
+    (["train", "--resume", "nowhere"], "not a klayer run folder"),
+    (["evaluate", "nowhere"], "holds no saved klayer model"),
+    (["predict", "nowhere", "x.png"], "holds no saved klayer model"),
+])
+def test_user_errors_exit_2_without_traceback(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_config_key_is_an_error(tmp_path, capsys):
+    path = tmp_path / "exp.toml"
+    path.write_text("hidden = [50]\n")
+    assert main(["train", "--config", str(path)]) == 2
+    assert "unknown config key(s) hidden; allowed: hidden_sizes" in capsys.readouterr().err
+
+
+# --- real CIFAR-10 -----------------------------------------------------------------------
+
+
+def _write_png(path, pixels_row=None, size=32, mode="RGB"):
+    from PIL import Image
+
+    if pixels_row is not None:
+        hwc = pixels_row.reshape(3, 32, 32).transpose(1, 2, 0)
+    else:
+        hwc = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(hwc).convert(mode).save(path)
+    return path
+
+
+@pytest.mark.cifar
+def test_train_evaluate_predict(cifar_dir, tmp_path, capsys):
+    from klayer import data as D
+
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(cifar_dir), "--subset", "1000", "--hidden", "20",
+                 "--n-s", "20", "--cycles", "1", "--batch-size", "50", "--out", str(run),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "step 40/40" in out and "test accuracy" in out
+    for name in (runs.CONFIG_FILE, runs.CHECKPOINT_FILE, runs.HISTORY_FILE, runs.MODEL_FILE,
+                 runs.HEADER_FILE, runs.SUMMARY_FILE, "curves.png"):
+        assert (run / name).is_file(), name
+    summary = runs.read_summary(run)
+    assert summary["steps"] == 40 and 0 < summary["final"]["test_accuracy"] <= 1
+    assert runs.read_config(run).subset == 1000
+
+    assert main(["evaluate", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "on 10000 images" in out
+    assert all(name in out for name in D.CLASS_NAMES)
+    assert (run / "confusion.png").is_file()
+
+    pixels, labels = D.read_batch(D.batch_files(cifar_dir)[D.TEST_BATCH])
+    net, standardizer, names = runs.load_model(run)
+    expected = net.predict(standardizer.transform(pixels[:2], net.dtype))
+    paths = [_write_png(tmp_path / f"img{i}.png", pixels[i]) for i in range(2)]
+    assert main(["predict", str(run), *map(str, paths), "--top", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for line, path, label in zip(lines, paths, expected):
+        assert line.startswith(f"{path}: {names[label]} (") and line.count("%") == 3
+
+    big = _write_png(tmp_path / "big.png", size=40)
+    assert main(["predict", str(run), str(big)]) == 2
+    assert "is 40x40 pixels" in capsys.readouterr().err
+    assert main(["predict", str(run), str(big), "--resize"]) == 0
+    gray = _write_png(tmp_path / "gray.png", pixels[0], mode="L")
+    assert main(["predict", str(run), str(gray)]) == 2
+    assert "grayscale" in capsys.readouterr().err
+
+
+@pytest.mark.cifar
+def test_sigkill_then_resume_matches_uninterrupted(cifar_dir, tmp_path):
+    from klayer.data import load_cifar10
+    from klayer.train import train
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "klayer.cli", "train", "--data-dir", str(cifar_dir),
+           "--subset", "2000", "--hidden", "50,50", "--n-s", "100", "--cycles", "1",
+           "--evals-per-cycle", "4", "--dtype", "float64", "--out", str(run), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while True:  # wait for the first end-of-epoch checkpoint
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            if (run / runs.CHECKPOINT_FILE).exists() and \
+                    runs.load_checkpoint(run).step >= 20:
+                break
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = runs.load_checkpoint(run).step
+    assert 20 <= killed_at < 200 and not (run / runs.MODEL_FILE).exists()
+
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    resumed, _, _ = runs.load_model(run)
+    config = runs.read_config(run)
+    data = load_cifar10(cifar_dir, subset=2000, dtype="float64")
+    straight = train(config, data)
+    for k in straight.network.params:
+        np.testing.assert_array_equal(resumed.params[k], straight.network.params[k], err_msg=k)
+    for k in straight.network.buffers:
+        np.testing.assert_array_equal(resumed.buffers[k], straight.network.buffers[k], err_msg=k)
+    assert runs.read_history(run / runs.HISTORY_FILE) == straight.history

@@ -1,0 +1,123 @@
+"""TrainConfig: SPEC defaults, validation, TOML round trips, overrides, stable hash."""
+
+from pathlib import Path
+
+import pytest
+
+from klayer.config import TrainConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_defaults_are_spec():
+    c = TrainConfig()
+    assert c.hidden_sizes == (50, 50) and c.batch_norm and c.init == "he"
+    assert (c.lam, c.eta_min, c.eta_max, c.n_s, c.cycles, c.batch_size) == \
+        (0.005, 1e-5, 1e-1, 2250, 2, 100)
+    assert (c.protocol, c.n_val, c.subset) == ("full", 5000, None)
+    assert c.total_steps == 9000
+
+
+def test_eval_steps_cover_every_cycle():
+    c = TrainConfig(n_s=2250, cycles=2, evals_per_cycle=10)
+    steps = c.eval_steps()
+    assert steps[0] == 0 and steps[-1] == 9000
+    assert len(steps) == 21 and steps[1] == 450
+    odd = TrainConfig(n_s=7, cycles=3, evals_per_cycle=4).eval_steps()
+    assert odd[0] == 0 and odd[-1] == 42 and len(odd) == 13
+    for cycle in range(3):
+        assert sum(14 * cycle < s <= 14 * (cycle + 1) for s in odd) == 4
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("hidden_sizes", [50, 0], "hidden_sizes entries must be an integer >= 1"),
+    ("hidden_sizes", "50,50", "list of positive integers"),
+    ("batch_norm", "yes", "batch_norm must be true or false"),
+    ("init", "glorot", "init must be one of he, xavier or a number"),
+    ("init", -0.1, "init must be one of he, xavier"),
+    ("dtype", "float16", "dtype must be one of float32, float64"),
+    ("seed", -1, "seed must be an integer >= 0"),
+    ("lam", -0.1, "lam must be a finite number >= 0"),
+    ("lam", float("nan"), "lam must be a finite number"),
+    ("eta_max", 0, "eta_max must be a finite number > 0"),
+    ("eta_min", 0.5, "eta_min (0.5) must not exceed eta_max"),
+    ("n_s", 0, "n_s must be an integer >= 1"),
+    ("cycles", 1.5, "cycles must be an integer >= 1"),
+    ("batch_size", 1, "batch_size must be an integer >= 2"),
+    ("schedule", "cosine", "schedule must be one of cyclic, constant"),
+    ("optimizer", "adam", "optimizer must be one of sgd"),
+    ("protocol", "half", "protocol must be one of full, single"),
+    ("n_val", 0, "n_val must be an integer >= 1"),
+    ("subset", 0, "subset must be an integer >= 1"),
+    ("evals_per_cycle", True, "evals_per_cycle must be an integer"),
+    ("out", "", "out must be a folder path"),
+])
+def test_bad_values_name_the_field(field, value, allowed):
+    with pytest.raises(ValueError, match=allowed.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**{field: value})
+
+
+def test_batch_size_one_is_fine_without_batch_norm():
+    assert TrainConfig(batch_norm=False, batch_size=1).batch_size == 1
+
+
+def test_toml_round_trip(tmp_path):
+    c = TrainConfig(hidden_sizes=[30, 20, 10], batch_norm=False, init=1e-3, dtype="float32",
+                    lam=0, subset=1000, data_dir='C:\\data "cifar" ünï', out=str(tmp_path))
+    path = tmp_path / "c.toml"
+    c.write_toml(path)
+    back = TrainConfig.from_toml(path)
+    assert back == c and back.lam == 0.0 and back.hidden_sizes == (30, 20, 10)
+    assert back.config_hash() == c.config_hash()
+
+
+def test_toml_errors(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("hidden_sizes = [50]\nlearning_rate = 0.1\n")
+    with pytest.raises(ValueError,
+                       match=r"bad.toml: unknown config key\(s\) learning_rate; allowed"):
+        TrainConfig.from_toml(path)
+    path.write_text("hidden_sizes = [50\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        TrainConfig.from_toml(path)
+    path.write_text("n_s = 0\n")
+    with pytest.raises(ValueError, match="bad.toml: config: n_s must be"):
+        TrainConfig.from_toml(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TrainConfig.from_toml(tmp_path / "missing.toml")
+
+
+def test_overrides_and_replace():
+    c = TrainConfig().with_overrides({"lam": 0.01, "n_s": None, "hidden_sizes": [10]})
+    assert c.lam == 0.01 and c.n_s == 2250 and c.hidden_sizes == (10,)
+    with pytest.raises(ValueError, match="unknown config option"):
+        c.replace(momentum=0.9)
+    with pytest.raises(ValueError, match="eta_min"):
+        c.replace(eta_min=1.0)
+
+
+def test_config_hash_is_stable_and_covers_results_only():
+    c = TrainConfig()
+    assert len(c.config_hash()) == 16 and int(c.config_hash(), 16) >= 0
+    assert c.config_hash() == TrainConfig(hidden_sizes=[50, 50]).config_hash()
+    assert c.config_hash() == c.replace(out="elsewhere", data_dir="/data").config_hash()
+    for change in ({"lam": 0.006}, {"seed": 1}, {"hidden_sizes": (50,)}, {"dtype": "float32"},
+                   {"batch_norm": False}, {"evals_per_cycle": 5}, {"subset": 100}):
+        assert c.replace(**change).config_hash() != c.config_hash(), change
+
+
+def test_config_hash_known_value():
+    # Pinned: a change here invalidates every finished run that `reproduce` would reuse.
+    assert TrainConfig(dtype="float64").config_hash() == "5ebb37a4f55e393e"
+
+
+@pytest.mark.parametrize("name, hidden, bn", [
+    ("3layer_bn", (50, 50), True), ("3layer_nobn", (50, 50), False),
+    ("9layer_bn", (50, 30, 20, 20, 10, 10, 10, 10), True),
+    ("9layer_nobn", (50, 30, 20, 20, 10, 10, 10, 10), False),
+])
+def test_standard_configs(name, hidden, bn):
+    c = TrainConfig.from_toml(CONFIGS / f"{name}.toml")
+    assert c.hidden_sizes == hidden and c.batch_norm is bn
+    assert c.replace(hidden_sizes=(50, 50), batch_norm=True, dtype=TrainConfig().dtype) \
+        == TrainConfig()

@@ -1,0 +1,218 @@
+"""The training loop: history, one shared forward pass, divergence guard, exact resume."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from klayer import gradcheck, layers, runs
+from klayer.config import TrainConfig
+from klayer.network import Network
+from klayer.train import DivergenceError, TrainEvent, train
+
+SMALL = TrainConfig(hidden_sizes=(16, 12), n_s=10, cycles=2, batch_size=20, eta_max=1.0,
+                    evals_per_cycle=4, subset=None)
+
+
+@pytest.fixture(autouse=True)
+def no_figures(monkeypatch):
+    """Drawing is tested with the command line; here it would only cost time."""
+    monkeypatch.setattr("klayer.plots.plot_history", lambda *args, **kwargs: None)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Four classes decided by the signs of two of 20 Gaussian inputs; 200/100/100 split."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 20))
+    y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0)
+    return SimpleNamespace(X_train=X[:200], y_train=y[:200], X_val=X[200:300],
+                           y_val=y[200:300], X_test=X[300:], y_test=y[300:])
+
+
+def _assert_same_state(a: Network, b: Network):
+    assert a.params.keys() == b.params.keys() and a.buffers.keys() == b.buffers.keys()
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+    for k in a.buffers:
+        np.testing.assert_array_equal(a.buffers[k], b.buffers[k], err_msg=k)
+
+
+def test_learns_and_records_history(data):
+    events = []
+    result = train(SMALL, data, callbacks=[events.append])
+    steps_per_epoch = 200 // 20
+    assert [row["step"] for row in result.history] == SMALL.eval_steps()
+    assert len(result.history) == SMALL.cycles * SMALL.evals_per_cycle + 1
+    for row in result.history:
+        assert set(row) == set(runs.HISTORY_FIELDS)
+        assert row["epoch"] == row["step"] / steps_per_epoch
+        assert row["eta"] == pytest.approx(SMALL.eta_min + (SMALL.eta_max - SMALL.eta_min)
+                                           * (1 - abs(row["step"] % 20 - 10) / 10))
+        assert row["train_cost"] > row["train_loss"]  # λ Σ ||W||² > 0
+    assert result.history[0]["val_accuracy"] < 0.5 < result.final["val_accuracy"]
+    assert {"train_accuracy", "val_loss", "test_accuracy", "test_cost"} <= set(result.final)
+    best = max(result.history, key=lambda r: r["val_accuracy"])
+    assert (result.best_val_accuracy, result.best_step, result.best_epoch) == \
+        (best["val_accuracy"], best["step"], best["epoch"])
+    assert result.steps == 40 and result.epochs == 4.0
+    assert [e.record for e in events if e.kind == "eval"] == result.history
+    assert [e.step for e in events if e.kind == "step"] == list(range(1, 41))
+    assert [e.step for e in events if e.kind == "epoch"] == [10, 20, 30, 40]
+    assert set(result.summary()) >= {"final", "best_val_accuracy", "timings", "config_hash"}
+
+
+def test_moving_averages_updated_after_every_step(data, monkeypatch):
+    seen = []
+    original = Network.update_running_stats
+
+    def spy(self, batch_stats):
+        seen.append(sorted(batch_stats))
+        original(self, batch_stats)
+
+    monkeypatch.setattr(Network, "update_running_stats", spy)
+    result = train(SMALL, data)
+    # one per update, plus the step-0 history point, which is then forgotten
+    assert len(seen) == SMALL.total_steps + 1 and seen[-1] == [1, 2]
+    assert result.network.running_initialised
+
+
+def test_one_forward_pass_for_training_evaluation_and_gradcheck(data, monkeypatch):
+    """Training, evaluation and the gradient check all go through Network.forward and
+    the layer functions it calls; there is no second implementation of the model."""
+    calls = []
+    forward, affine = Network.forward, layers.affine_forward
+
+    def spy_forward(self, X, mode="train", check=True):
+        calls.append(("forward", mode))
+        return forward(self, X, mode, check)
+
+    def spy_affine(x, W, b):
+        calls.append(("affine", None))
+        return affine(x, W, b)
+
+    monkeypatch.setattr(Network, "forward", spy_forward)
+    monkeypatch.setattr(layers, "affine_forward", spy_affine)
+    config = SMALL.replace(cycles=1, n_s=5)
+
+    result = train(config, data)
+    modes = [m for kind, m in calls if kind == "forward"]
+    assert modes.count("train") == config.total_steps + 1  # + the step-0 statistics
+    assert modes.count("eval") > 0  # the history and final metrics
+    assert calls.count(("affine", None)) == 3 * len(modes)  # 3 layers per forward pass
+
+    calls.clear()
+    result.network.evaluate(data.X_val, data.y_val)
+    assert calls and {m for kind, m in calls if kind == "forward"} == {"eval"}
+
+    calls.clear()
+    net = Network(5, [4], batch_norm=True, seed=1)
+    X, y = gradcheck.random_problem(5, 6)
+    rows = gradcheck.check_gradients(net, X, y, lam=0.01)
+    n_entries = sum(p.size for p in net.params.values())
+    assert [c for c in calls if c[0] == "forward"] == [("forward", "train")] * (1 + 2 * n_entries)
+    assert all(row.passed for row in rows)
+
+
+def test_constant_schedule_and_float32(data):
+    result = train(SMALL.replace(schedule="constant", eta_max=0.05, dtype="float32"), data)
+    assert {row["eta"] for row in result.history} == {0.05}
+    assert all(p.dtype == np.float32 for p in result.network.params.values())
+
+
+def test_divergence_guard_keeps_last_good_checkpoint(data, tmp_path):
+    config = SMALL.replace(eta_max=1e4, n_s=50, cycles=1)
+    run_dir = tmp_path / "run"
+    with pytest.raises(DivergenceError) as info:
+        train(config, data, run_dir)
+    error = info.value
+    message = str(error)
+    assert isinstance(error, ValueError)
+    assert f"update step {error.step}" in message and f"η = {error.eta:.4g}" in message
+    names = [*Network(20, [16, 12]).params, "running_mean1", "running_var1", "running_mean2",
+             "running_var2"]
+    assert error.parameter in names and f"first non-finite parameter: {error.parameter}" in message
+    ckpt = runs.load_checkpoint(run_dir)
+    assert f"last good checkpoint (step {ckpt.step})" in message
+    assert 0 < ckpt.step < error.step and ckpt.step % 10 == 0
+    assert all(np.isfinite(p).all() for p in ckpt.params.values())
+    net = Network(20, [16, 12])
+    runs.restore_network(net, ckpt.params, ckpt.buffers, ckpt.running_initialised, "ckpt")
+
+
+def _interrupt_after_epoch(epoch):
+    def callback(event: TrainEvent):
+        if event.kind == "epoch" and event.epoch == epoch:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+def _check_resume_is_exact(config, data, tmp_path, stop_epoch):
+    straight = train(config, data, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data, tmp_path / "resumed", callbacks=[_interrupt_after_epoch(stop_epoch)])
+    assert runs.load_checkpoint(tmp_path / "resumed").epoch == stop_epoch
+    resumed = train(config, data, tmp_path / "resumed", resume=True)
+    _assert_same_state(resumed.network, straight.network)
+    assert resumed.history == straight.history
+    assert resumed.final == straight.final
+    return straight
+
+
+def test_resume_is_bit_identical(data, tmp_path):
+    _check_resume_is_exact(SMALL, data, tmp_path, stop_epoch=2)
+    # resuming a finished run changes nothing
+    again = train(SMALL, data, tmp_path / "straight", resume=True)
+    assert again.history == runs.read_history(tmp_path / "straight" / runs.HISTORY_FILE)
+
+
+def test_run_folder_guards(data, tmp_path):
+    train(SMALL.replace(cycles=1), data, tmp_path)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(SMALL.replace(cycles=1), data, tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        train(SMALL.replace(cycles=1, lam=0.1), data, tmp_path, resume=True)
+    with pytest.raises(FileNotFoundError, match="not a klayer run folder"):
+        train(SMALL, data, tmp_path / "empty", resume=True)
+
+
+def test_bad_data(data):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(SMALL.replace(batch_size=500), data)
+    bad = SimpleNamespace(**{**vars(data), "y_val": data.y_val + 10})
+    with pytest.raises(ValueError, match=r"y_val must lie in \[0, 10\)"):
+        train(SMALL, bad)
+    bad = SimpleNamespace(**{**vars(data), "X_train": np.full((200, 20), np.nan)})
+    with pytest.raises(ValueError, match="X_train contains NaN"):
+        train(SMALL, bad)
+
+
+# --- real CIFAR-10 -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cifar_subset(cifar_dir):
+    from klayer.data import load_cifar10
+
+    return load_cifar10(cifar_dir, subset=2000, dtype="float64")
+
+
+@pytest.mark.cifar
+def test_resume_is_bit_identical_on_cifar10(cifar_subset, tmp_path):
+    config = TrainConfig(hidden_sizes=(50, 50), n_s=50, cycles=1, evals_per_cycle=4,
+                         subset=2000, dtype="float64")
+    straight = _check_resume_is_exact(config, cifar_subset, tmp_path, stop_epoch=1)
+    assert straight.steps == 100 and straight.epochs == 5
+
+
+@pytest.mark.cifar
+@pytest.mark.slow
+def test_short_cifar10_run_beats_35_percent(cifar_dir):
+    from klayer.data import load_cifar10
+
+    data = load_cifar10(cifar_dir, dtype="float32")
+    config = TrainConfig(n_s=200, cycles=1, evals_per_cycle=1, dtype="float32")  # 400 steps
+    result = train(config, data)
+    assert result.final["val_accuracy"] > 0.35
+    assert result.final["test_accuracy"] > 0.35
