@@ -13,8 +13,9 @@ def _num_grad(f, arrays, h=1e-6):
     return numerical_gradients(f, arrays, h)
 
 
-def _rel(a, b):
-    return np.max(np.abs(a - b)) / max(1e-12, np.max(np.abs(a) + np.abs(b)))
+def _rel(a, b, floor=1e-12):
+    """Largest difference relative to the tensor's scale (at least ``floor``)."""
+    return np.max(np.abs(a - b)) / max(floor, np.max(np.abs(a) + np.abs(b)))
 
 
 def test_affine_backward_matches_numerical():
@@ -89,7 +90,9 @@ def test_batchnorm_backward_matches_numerical(n, m, seed, train):
         return np.sum(L.batchnorm_forward(s, gamma, beta, eps, **stats)[0] * dout)
 
     num = _num_grad(f, {"s": s, "gamma": gamma, "beta": beta}, h=1e-6)
-    assert _rel(ds, num["s"]) < 1e-7
+    # With n = 2 the normalised batch is ±1 whatever s is, and ds is only O(ε) small:
+    # its scale can fall to the finite difference's noise, hence the floor.
+    assert _rel(ds, num["s"], floor=1e-2) < 1e-7
     assert _rel(dgamma, num["gamma"]) < 1e-7
     assert _rel(dbeta, num["beta"]) < 1e-7
     if train:  # a constant shift of s is normalised away: ds sums to zero per column
