@@ -147,7 +147,7 @@ class TrainConfig:
         lines = ["# klayer training configuration"]
         for name, value in self.to_dict().items():
             if value is not None:
-                lines.append(f"{name} = {_toml_value(value)}")
+                lines.append(f"{name} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
 
     def write_toml(self, path) -> None:
@@ -254,7 +254,7 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
     """One TOML value: bool, int, float, string, or a list of those."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -265,7 +265,7 @@ def _toml_value(value) -> str:
     if isinstance(value, str):
         return _toml_string(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(x) for x in value) + "]"
+        return "[" + ", ".join(toml_value(x) for x in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")
 
 

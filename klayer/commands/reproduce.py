@@ -1,0 +1,48 @@
+"""``klayer reproduce``: the whole batch-norm study in one command, as REPORT.md."""
+
+from __future__ import annotations
+
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "reproduce",
+        help="run every section of the batch-norm study and write REPORT.md",
+        description="Gradient checks, 3- and 9-layer networks with and without batch norm, "
+                    "the λ search and initialisation sensitivity, on real CIFAR-10, written "
+                    "to OUT/REPORT.md with figures. Running it again reuses finished runs.",
+    )
+    p.add_argument("--out", default="reproduction", help="output folder (default reproduction)")
+    p.add_argument("--quick", action="store_true",
+                   help="the same sections on a 5,000-image subset with short cycles "
+                        "(a few minutes)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="runs trained in parallel (default 2, one per core)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="training precision (gradient checks are always float64)")
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: KLAYER_DATA, then the cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from klayer import study
+    from klayer.data import ensure_cifar10
+    from klayer.report import write_report
+
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    data_dir = str(ensure_cifar10(args.data_dir, download=True, progress=not args.quiet))
+    budget = study.QUICK if args.quick else study.FULL
+    start = time.perf_counter()
+
+    def emit(message):
+        if not args.quiet:
+            print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
+
+    result = study.run_study(args.out, budget, data_dir=data_dir, workers=args.workers,
+                             dtype=args.dtype, emit=emit)
+    path = write_report(result)
+    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
+    return 0

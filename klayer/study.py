@@ -1,0 +1,279 @@
+"""The batch-norm study of SPEC.md as data: which runs, with which configurations.
+
+Each section of the study is a list of named :class:`~klayer.config.TrainConfig` runs
+(or, for the gradient check and the λ search, the inputs of those tools). Running the
+study (:func:`run_study`) trains every run into ``<out>/runs/<name>-<config hash>/``
+and reuses a finished run folder whose configuration matches, or resumes one that has a
+checkpoint; a killed reproduction therefore loses at most the runs in progress.
+
+Two budgets: "full" (SPEC.md's protocol) and "quick" (a 5,000-image subset and short
+cycles, the same sections, a few minutes in all: for smoke tests and CI).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from klayer import gradcheck as G
+from klayer import runs
+from klayer.config import TrainConfig, toml_value
+
+HIDDEN_3 = (50, 50)
+HIDDEN_9 = (50, 30, 20, 20, 10, 10, 10, 10)
+SIGMAS = (1e-1, 1e-3, 1e-4)
+
+# Gradient-check networks: (batch_norm, hidden sizes), as in the seed report.
+GRADCHECK_NETS = [
+    (False, (50,)), (False, (50, 50)), (False, (50, 50, 50)),
+    (True, (50,)), (True, (50, 50)), (True, HIDDEN_9),
+]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much work each section does."""
+
+    name: str
+    subset: int | None  # training images (None: all 45,000)
+    n_s: int  # sections ii, iii
+    n_s_search: int  # sections iv (coarse and fine) and v
+    cycles_final: int
+    fine_trials: int
+    gradcheck_dims: int
+    gradcheck_samples: int
+    gradcheck_hidden_9: tuple = HIDDEN_9
+
+
+FULL = Budget("full", subset=None, n_s=2250, n_s_search=900, cycles_final=3, fine_trials=8,
+              gradcheck_dims=20, gradcheck_samples=20)
+QUICK = Budget("quick", subset=5000, n_s=200, n_s_search=100, cycles_final=2, fine_trials=3,
+               gradcheck_dims=10, gradcheck_samples=12, gradcheck_hidden_9=(12, 10, 10, 10, 10,
+                                                                            10, 10, 10))
+
+
+@dataclass
+class Run:
+    """One training run of the study and, once run, its results."""
+
+    name: str
+    label: str
+    config: TrainConfig
+    run_dir: Path | None = None
+    summary: dict | None = None
+    history: list | None = None
+    reused: bool = False
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.summary["final"]["test_accuracy"]
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.summary["final"]["val_accuracy"]
+
+
+def base_config(budget: Budget, data_dir=None, dtype="float32", seed=0) -> TrainConfig:
+    """SPEC.md's training protocol, cut to the budget."""
+    return TrainConfig(hidden_sizes=HIDDEN_3, batch_norm=True, lam=0.005, eta_min=1e-5,
+                       eta_max=1e-1, n_s=budget.n_s, cycles=2, batch_size=100, seed=seed,
+                       dtype=dtype, protocol="full", n_val=5000, subset=budget.subset,
+                       data_dir=data_dir)
+
+
+def depth_runs(base: TrainConfig, hidden, prefix: str) -> list[Run]:
+    """Sections ii and iii: one network with and without batch norm."""
+    return [Run(f"{prefix}_{'bn' if bn else 'nobn'}",
+                f"{len(hidden) + 1}-layer {'with' if bn else 'without'} batch norm",
+                base.replace(hidden_sizes=tuple(hidden), batch_norm=bn))
+            for bn in (True, False)]
+
+
+def init_runs(base: TrainConfig, budget: Budget) -> list[Run]:
+    """Section v: weights N(0, σ²) for σ in SIGMAS, with and without batch norm."""
+    return [Run(f"sigma{sigma:g}_{'bn' if bn else 'nobn'}",
+                f"σ = {sigma:g}, {'with' if bn else 'without'} batch norm",
+                base.replace(init=sigma, batch_norm=bn, n_s=budget.n_s_search))
+            for sigma in SIGMAS for bn in (True, False)]
+
+
+def search_options(base: TrainConfig, budget: Budget) -> dict:
+    """Section iv as a search specification: the seed report's coarse λ grid with and
+    without batch norm (2 cycles, n_s = 2·floor(45000/100) in the full budget), then a
+    finer random search around the best λ (coarse-to-fine)."""
+    options = {k: v for k, v in base.replace(n_s=budget.n_s_search).to_dict().items()
+               if v is not None and k not in ("lam", "batch_norm", "out")}
+    options["search"] = {
+        "method": "coarse-to-fine", "seed": 0, "objective": "final",
+        "fine_trials": budget.fine_trials,
+        "space": {"lam": {"log_uniform": [1e-5, 1e-1], "grid": 8},
+                  "batch_norm": {"choice": [True, False]}},
+    }
+    return options
+
+
+# --- running, reusing, resuming --------------------------------------------------------
+
+
+def run_folder(root: Path, run: Run) -> Path:
+    return Path(root) / f"{run.name}-{run.config.config_hash()}"
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / runs.SUMMARY_FILE).exists() and (run_dir / runs.HISTORY_FILE).exists()
+
+
+def train_job(job: dict) -> dict:
+    """Train (or resume) one run folder; runs in the driver or a worker process."""
+    from threadpoolctl import threadpool_limits
+
+    from klayer.search import dataset_for
+    from klayer.train import train
+
+    config = TrainConfig.from_dict(job["config"])
+    run_dir = Path(job["run_dir"])
+    with threadpool_limits(limits=job["blas_threads"], user_api="blas"):
+        data = dataset_for(config)
+        resume = (run_dir / runs.CHECKPOINT_FILE).exists()
+        train(config, data, run_dir, resume=resume)
+    return runs.read_summary(run_dir)
+
+
+def run_all(study_runs: list[Run], root: Path, executor, emit=lambda msg: None) -> None:
+    """Train every run not finished yet (in parallel on ``executor``), then load each
+    run's summary and history into it."""
+    root.mkdir(parents=True, exist_ok=True)
+    pending: list[tuple[Run, Future]] = []
+    for run in study_runs:
+        run.run_dir = run_folder(root, run)
+        run.reused = finished(run.run_dir)
+        if run.reused:
+            emit(f"reusing {run.name} ({run.run_dir.name})")
+            continue
+        job = {"config": run.config.to_dict(), "run_dir": str(run.run_dir),
+               "blas_threads": executor.blas_threads}
+        pending.append((run, executor.submit(job, train_job)))
+    for run, future in pending:
+        future.result()  # re-raises a failure (DivergenceError, ...) of that run
+        emit(f"finished {run.name}")
+    for run in study_runs:
+        run.summary = runs.read_summary(run.run_dir)
+        run.history = runs.read_history(run.run_dir / runs.HISTORY_FILE)
+
+
+# --- gradient check section ---------------------------------------------------------------
+
+
+@dataclass
+class GradcheckTable:
+    batch_norm: bool
+    hidden: tuple
+    rows: list = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return (f"{len(self.hidden) + 1}-layer network {'with' if self.batch_norm else 'without'}"
+                f" batch norm, hidden {list(self.hidden)}")
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+
+def gradcheck_inputs(budget: Budget, data_dir=None):
+    """The first training images of CIFAR-10, first ``gradcheck_dims`` standardised
+    dimensions, float64."""
+    from klayer.data import load_cifar10
+
+    data = load_cifar10(data_dir, protocol="single", subset=max(100, budget.gradcheck_samples),
+                        dtype="float64", download=False)
+    n, d = budget.gradcheck_samples, budget.gradcheck_dims
+    return data.X_train[:n, :d].copy(), data.y_train[:n].copy()
+
+
+def gradcheck_section(budget: Budget, X, y, lam=0.01) -> list[GradcheckTable]:
+    tables = []
+    for batch_norm, hidden in GRADCHECK_NETS:
+        if hidden == HIDDEN_9:
+            hidden = budget.gradcheck_hidden_9
+        table = GradcheckTable(batch_norm, tuple(hidden))
+        table.rows = G.check_gradients_for(list(hidden), X, y, batch_norm=batch_norm, lam=lam,
+                                           seed=0)
+        tables.append(table)
+    return tables
+
+
+# --- the whole study ---------------------------------------------------------------------------
+
+
+@dataclass
+class StudyResult:
+    budget: Budget
+    gradcheck: list
+    gradcheck_lam: float
+    depth3: list
+    depth9: list
+    search: object  # klayer.search.SearchResult
+    final: Run
+    init: list
+    seconds: dict  # per section
+    out: Path
+
+
+def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype="float32",
+              emit=lambda msg: None) -> StudyResult:
+    """Run (or reuse) every section of the study into ``out``; returns the numbers."""
+    import optuna
+
+    from klayer import search
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = Path(out)
+    root = out / "runs"
+    seconds = {}
+    base = base_config(budget, data_dir, dtype)
+
+    t0 = time.perf_counter()
+    emit("section i: gradient checks")
+    X, y = gradcheck_inputs(budget, data_dir)
+    lam = 0.01
+    tables = gradcheck_section(budget, X, y, lam)
+    seconds["gradcheck"] = time.perf_counter() - t0
+
+    executor = search.make_executor(workers)
+    try:
+        t0 = time.perf_counter()
+        emit("sections ii, iii, v: 3-layer, 9-layer and initialisation runs")
+        depth3 = depth_runs(base, HIDDEN_3, "3layer")
+        depth9 = depth_runs(base, HIDDEN_9, "9layer")
+        init = init_runs(base, budget)
+        run_all(depth3 + depth9 + init, root, executor, emit)
+        seconds["runs"] = time.perf_counter() - t0
+    finally:
+        executor.close()
+
+    t0 = time.perf_counter()
+    emit("section iv: λ search (coarse grid with and without batch norm, then fine)")
+    spec = search.parse_search(search_options(base, budget))
+    found = search.run_search(spec, out / "search", workers=workers)
+    best = found.best_config
+    final = Run("final", f"final: best λ = {best.lam:.3g}, {budget.cycles_final} cycles",
+                best.replace(cycles=budget.cycles_final, n_s=budget.n_s, out=None,
+                             data_dir=data_dir))
+    executor = search.make_executor(1)
+    try:
+        run_all([final], root, executor, emit)
+    finally:
+        executor.close()
+    seconds["search"] = time.perf_counter() - t0
+    return StudyResult(budget, tables, lam, depth3, depth9, found, final, init, seconds, out)
+
+
+def config_lines(config: TrainConfig, keys=None) -> str:
+    """``key = value`` lines of a config's options that matter to a reader."""
+    keys = keys or ["hidden_sizes", "batch_norm", "init", "lam", "eta_min", "eta_max", "n_s",
+                    "cycles", "batch_size", "dtype", "seed", "protocol", "n_val", "subset"]
+    values = config.to_dict()
+    return "\n".join(f"{k} = {toml_value(values[k])}" for k in keys if values.get(k) is not None)

@@ -1,0 +1,75 @@
+"""`klayer reproduce --quick` on real CIFAR-10: every section, valid figures, right claims."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from klayer.cli import main
+
+SECTIONS = ["## i) Gradient verification", "## ii) 3-layer network", "## iii) 9-layer network",
+            "## iv) λ search", "## v) Initialisation sensitivity", "## Time"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_report(cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduction")
+    code = main(["reproduce", "--quick", "--out", str(out), "--data-dir", str(cifar_dir),
+                 "--workers", "2", "--quiet"])
+    assert code == 0
+    return out, (out / "REPORT.md").read_text(encoding="utf-8")
+
+
+def test_report_has_every_section(quick_report):
+    _, text = quick_report
+    positions = [text.index(section) for section in SECTIONS]
+    assert positions == sorted(positions)
+    assert "**All checks pass.**" in text
+
+
+def test_every_figure_named_exists_and_is_a_png(quick_report):
+    out, text = quick_report
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(figures) >= 7  # 3-layer, 9-layer, λ, final, three σ
+    for name in figures:
+        path = out / name
+        assert path.is_file(), name
+        assert path.read_bytes()[:8] == PNG_MAGIC, name
+
+
+def test_gradient_errors_within_tolerance(quick_report):
+    _, text = quick_report
+    section = text[text.index(SECTIONS[0]):text.index(SECTIONS[1])]
+    assert "FAIL" not in section
+    rows = [line for line in section.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 2 + 3 + 4 + 2 + 3 + 9
+    for line in rows:
+        for cell in line.split("|")[2:-1]:
+            match = re.match(r"\s*([0-9.e+-]+)( \(abs\.†\))?", cell)
+            if not match:
+                continue
+            limit = 1e-8 if match.group(2) else 1e-7
+            assert float(match.group(1)) <= limit, line
+
+
+def test_sigma_1e4_without_bn_stays_at_chance_while_bn_learns(quick_report):
+    _, text = quick_report
+    row = next(line for line in text.splitlines() if line.startswith("| 0.0001 |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    no_bn, bn = (float(c.rstrip("%")) / 100 for c in cells[1:3])
+    assert 0.05 <= no_bn <= 0.15
+    assert bn >= 0.25
+    assert "At σ = 0.0001 the network without batch norm does not learn" in text
+
+
+def test_running_again_reuses_every_run(quick_report, cifar_dir, capsys):
+    out, _ = quick_report
+    summaries = lambda: {p: p.stat().st_mtime_ns for p in Path(out).glob("**/summary.json")}
+    before = summaries()
+    study_runs = list(Path(out, "runs").glob("*/summary.json"))
+    assert len(study_runs) == 4 + 6 + 1  # ii, iii, v and the final run of iv
+    assert main(["reproduce", "--quick", "--out", str(out), "--data-dir", str(cifar_dir),
+                 "--workers", "1"]) == 0
+    assert capsys.readouterr().out.count("reusing ") == len(study_runs)
+    assert summaries() == before  # nothing retrained, search trials included

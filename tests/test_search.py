@@ -1,0 +1,247 @@
+"""klayer.search and ``klayer search``: the space, the grid, resuming, workers, Ray, failures.
+
+Searches here train tiny networks (8 hidden units, a few dozen steps) on 500-image
+subsets of the real CIFAR-10 (the ``cifar_dir`` fixture).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from klayer.cli import main
+from klayer.config import TrainConfig
+from klayer.search import (INTERRUPTED, Dimension, load_search, log_grid, parse_search,
+                           run_search, storage_url, trial_seed)
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_REPORT_LAMBDAS = ["1.00e-05", "3.73e-05", "1.39e-04", "5.18e-04", "1.93e-03", "7.20e-03",
+                       "2.68e-02", "1.00e-01"]
+
+
+def tiny(cifar_dir, space, **search) -> dict:
+    """A search document over a tiny network on 500 images of each split."""
+    return {"hidden_sizes": [8], "n_s": 10, "cycles": 1, "subset": 500, "evals_per_cycle": 2,
+            "data_dir": str(cifar_dir), "search": {"save_runs": False, **search, "space": space}}
+
+
+def by_params(rows, names):
+    """{(option values): (seed, val_accuracy)} of the finished trials."""
+    return {tuple(r[n] for n in names): (r["seed"], r["val_accuracy"])
+            for r in rows if r["state"] == "COMPLETE"}
+
+
+# --- the space, without training ------------------------------------------------------------
+
+
+def test_lambda_grid_is_the_seed_reports():
+    assert [f"{v:.2e}" for v in log_grid(1e-5, 1e-1, 8)] == SEED_REPORT_LAMBDAS
+    spec = load_search(REPO / "configs" / "search_lambda.toml")
+    lam, bn = spec.space
+    assert [f"{v:.2e}" for v in lam.values()] == SEED_REPORT_LAMBDAS
+    assert bn.values() == [True, False]
+    assert (spec.method, spec.base.hidden_sizes, spec.base.n_s, spec.base.cycles) == \
+        ("grid", (50, 50), 900, 2)
+
+
+def test_fine_search_config_loads():
+    spec = load_search(REPO / "configs" / "search_lambda_fine.toml")
+    assert spec.method == "random" and spec.n_trials >= 4
+    assert [d.name for d in spec.space] == ["lam"]
+
+
+@pytest.mark.parametrize("space, search, message", [
+    ({"lam": {"log_uniform": [1e-5, 1e-1]}}, {}, "grid = N"),
+    ({"lam": {"log_uniform": [0, 1e-1], "grid": 3}}, {}, "low > 0"),
+    ({"lam": {"log_uniform": [1e-1, 1e-5], "grid": 3}}, {}, "low < high"),
+    ({"lam": {"uniform": [0, 1], "choice": [1]}}, {}, "exactly one"),
+    ({"lamda": {"choice": [0.1]}}, {}, "not a searchable"),
+    ({"out": {"choice": ["a"]}}, {}, "not a searchable"),
+    ({"lam": {"log_uniform": [1e-5, 1e-1]}}, {"method": "random"}, "needs n_trials"),
+    ({}, {}, "space is empty"),
+    ({"lam": {"choice": [0.1]}}, {"methd": "grid"}, "unknown [search] key"),
+])
+def test_bad_search_files_are_clear_errors(space, search, message):
+    doc = {"n_s": 10, "search": {**search, "space": space}}
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        parse_search(doc)
+
+
+def test_fine_round_is_one_grid_step_around_the_best():
+    spec = load_search(REPO / "configs" / "search_lambda.toml")
+    grid = spec.space[0].values()
+    fine = spec.fine_round({"lam": grid[5], "batch_norm": True})
+    lam, bn = fine.space
+    assert (fine.name, fine.method, fine.n_trials) == ("fine", "random", spec.fine_trials)
+    assert lam.low == pytest.approx(grid[4]) and lam.high == pytest.approx(grid[6])
+    assert bn == Dimension("batch_norm", "choice", choices=(True,))
+    edge = spec.fine_round({"lam": grid[0], "batch_norm": False}).space[0]
+    assert (edge.low, edge.high) == (pytest.approx(grid[0]), pytest.approx(grid[1]))
+
+
+def test_trial_seed_depends_only_on_the_options():
+    a = trial_seed(0, {"lam": 0.01, "batch_norm": True})
+    assert a == trial_seed(0, {"batch_norm": True, "lam": 0.01})
+    assert a != trial_seed(0, {"lam": 0.02, "batch_norm": True})
+    assert a != trial_seed(1, {"lam": 0.01, "batch_norm": True})
+    assert trial_seed(0, {"seed": 7, "lam": 0.01}) == 7
+
+
+# --- searches on real data ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_spec(cifar_dir):
+    """Four random draws of λ (log-uniform) and batch norm on/off."""
+    return parse_search(tiny(cifar_dir, {"lam": {"log_uniform": [1e-4, 1e-1]},
+                                         "batch_norm": {"choice": [True, False]}},
+                             method="random", n_trials=4, seed=3))
+
+
+@pytest.fixture(scope="module")
+def one_worker(random_spec, tmp_path_factory):
+    """The reference: one worker, one BLAS thread (results are bit-identical only at equal
+    BLAS threads per trial, see klayer.search.make_executor)."""
+    return run_search(random_spec, tmp_path_factory.mktemp("one-worker"), workers=1,
+                      blas_threads=1)
+
+
+def test_two_workers_give_the_same_results_as_one(random_spec, one_worker, tmp_path):
+    two = run_search(random_spec, tmp_path, workers=2, blas_threads=1)
+    names = ("lam", "batch_norm")
+    assert len(one_worker.rows) == len(two.rows) == 4
+    assert by_params(two.rows, names) == by_params(one_worker.rows, names)
+    assert len(by_params(two.rows, names)) == 4  # four different draws
+
+
+def test_ray_local_instance(random_spec, one_worker, tmp_path):
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail("ray is not installed (pip install 'klayer[ray]')")
+        pytest.skip("ray is not installed (pip install 'klayer[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        result = run_search(random_spec, tmp_path, ray_address="auto")
+    finally:
+        ray.shutdown()
+    names = ("lam", "batch_norm")
+    assert by_params(result.rows, names) == by_params(one_worker.rows, names)
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(cifar_dir, tmp_path):
+    doc = tiny(cifar_dir, {"eta_max": {"choice": [0.05, 1e4, -1.0]}}, save_runs=True)
+    doc.update(dtype="float32", n_s=20)  # η_max = 1e4 overflows float32 within 20 steps
+    result = run_search(parse_search(doc), tmp_path)
+    rows = {r["eta_max"]: r for r in result.rows}
+    assert len(rows) == 3
+    assert rows[0.05]["state"] == "COMPLETE" and rows[0.05]["fail_reason"] is None
+    assert rows[1e4]["state"] == "FAIL" and rows[1e4]["fail_reason"].startswith("diverged:")
+    assert rows[-1.0]["state"] == "FAIL" and "bad parameter" in rows[-1.0]["fail_reason"]
+    assert (Path(rows[0.05]["run_dir"]) / "summary.json").is_file()
+    assert result.best["eta_max"] == 0.05
+    assert TrainConfig.from_toml(tmp_path / "best.toml") == result.best_config
+    table = (tmp_path / "trials.md").read_text()
+    assert table.count("| FAIL |") == 2 and "diverged" in table
+    assert len((tmp_path / "trials.csv").read_text().splitlines()) == 4
+
+
+def test_coarse_to_fine_then_nothing_left_to_rerun(cifar_dir, tmp_path):
+    doc = tiny(cifar_dir, {"lam": {"log_uniform": [1e-4, 1e-1], "grid": 3}},
+               method="coarse-to-fine", fine_trials=2)
+    spec = parse_search(doc)
+    first = run_search(spec, tmp_path)
+    coarse = [r for r in first.rows if r["round"] == "search"]
+    fine = [r for r in first.rows if r["round"] == "fine"]
+    assert len(coarse) == 3 and len(fine) == 2
+    best = max(coarse, key=lambda r: r["val_accuracy"])["lam"]
+    for r in fine:  # within one grid step (a factor 10^1.5) of the best coarse λ
+        assert best / 10 ** 1.5 * 0.999 <= r["lam"] <= best * 10 ** 1.5 * 1.001
+    again = run_search(spec, tmp_path)
+    assert [(r["round"], r["trial"], r["val_accuracy"]) for r in again.rows] == \
+        [(r["round"], r["trial"], r["val_accuracy"]) for r in first.rows]
+    assert (tmp_path / "lambda_search.png").stat().st_size > 0
+
+
+def test_a_study_of_another_search_is_not_mixed_in(cifar_dir, tmp_path):
+    run_search(parse_search(tiny(cifar_dir, {"lam": {"choice": [0.01]}})), tmp_path)
+    other = parse_search(tiny(cifar_dir, {"lam": {"choice": [0.02]}}))
+    with pytest.raises(ValueError, match="another search"):
+        run_search(other, tmp_path)
+
+
+def test_command_line(cifar_dir, tmp_path, capsys):
+    flags = ["search", "--out", str(tmp_path), "--lambda-range", "1e-4,1e-1", "--grid", "2",
+             "--batch-norm", "on", "--hidden", "8", "--n-s", "10", "--cycles", "1",
+             "--subset", "500", "--evals-per-cycle", "2", "--data-dir", str(cifar_dir),
+             "--no-runs", "--quiet"]
+    assert main(flags) == 0
+    out = capsys.readouterr().out
+    assert "| search | 1 | COMPLETE |" in out and "best: search trial" in out
+    assert TrainConfig.from_toml(tmp_path / "best.toml").hidden_sizes == (8,)
+    assert main(flags + ["--lambda", "0.01"]) == 2
+    assert "set by a flag and searched" in capsys.readouterr().err
+
+
+def test_resume_after_sigkill_keeps_finished_trials(cifar_dir, tmp_path):
+    command = [sys.executable, "-m", "klayer.cli", "search", "--out", str(tmp_path),
+               "--lambda-range", "1e-5,1e-1", "--grid", "8", "--batch-norm", "on",
+               "--hidden", "8", "--n-s", "20", "--cycles", "1", "--subset", "500",
+               "--evals-per-cycle", "2", "--data-dir", str(cifar_dir), "--no-runs", "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            states = [t.state for t in _trials(tmp_path, polling=True)]
+            if states.count(optuna.trial.TrialState.COMPLETE) >= 3 and \
+                    optuna.trial.TrialState.RUNNING in states:
+                break
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)  # also when the test fails: never leave it running
+        process.wait(timeout=30)
+        stderr = process.stderr.read().decode()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL, f"ended before it was killed:\n{stderr}"
+    before = {t.number: t for t in _trials(tmp_path)}
+    running = [n for n, t in before.items() if t.state == optuna.trial.TrialState.RUNNING]
+    complete = {n: t for n, t in before.items() if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(running) == 1 and len(complete) >= 3
+
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    after = {t.number: t for t in _trials(tmp_path)}
+    for n, t in complete.items():  # kept, not rerun
+        assert (after[n].state, after[n].value, after[n].datetime_complete) == \
+            (t.state, t.value, t.datetime_complete)
+    stale = after[running[0]]
+    assert stale.state == optuna.trial.TrialState.FAIL
+    assert stale.user_attrs["fail_reason"] == INTERRUPTED
+    done = [t for t in after.values() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["lam"] for t in done) == log_grid(1e-5, 1e-1, 8)  # each point once
+    assert len(after) == 8 + 1  # the grid and the interrupted trial
+    retry = [t for t in done if t.system_attrs.get("failed_trial") == running[0]]
+    assert len(retry) == 1 and retry[0].params == stale.params
+    assert len((tmp_path / "trials.csv").read_text().splitlines()) == 1 + 9
+
+
+def _trials(out: Path, polling: bool = False):
+    """The trials of the search in ``out``. While polling a search that is starting, the
+    database or the study may not exist yet, or be busy: then none."""
+    if not (out / "study.db").exists():
+        return []
+    try:
+        study = optuna.load_study(study_name="search", storage=storage_url(out))
+        return study.get_trials(deepcopy=False)
+    except Exception:
+        if polling:
+            return []
+        raise
