@@ -134,17 +134,15 @@ def _depth(r: StudyResult, numeral: str, pair, fig_dir: Path) -> str:
 
 
 def _search(r: StudyResult, fig_dir: Path) -> str:
-    rows = r.search.rows
-    coarse_name = rows[0]["round"] if rows else None
-    coarse = [row for row in rows if row["round"] == coarse_name]
-    fine = [row for row in rows if row["round"] != coarse_name]
+    coarse, fine = r.search.rows, r.fine.rows
     lines = [
         "## iv) λ search",
         "",
         "Coarse: λ = 10^l for 8 values of l evenly spaced in [−5, −1], with and without batch "
         f"norm, 2 cycles, n_s = {r.budget.n_s_search}; objective: validation accuracy of the "
-        "final network. Then a random search around the best coarse λ, then a final run with "
-        "the best λ. Every trial's row, seed and run folder: `search/trials.md`.",
+        "final network. Then a random search with batch norm, log-uniform within one grid step "
+        "of the best coarse λ with batch norm, then a final run with the best λ found. Every "
+        "trial's row, seed and run folder: `search/trials.md`, `search-fine/trials.md`.",
         "",
         "| λ | validation accuracy, no BN | validation accuracy, BN |",
         "|---|---|---|",
@@ -169,11 +167,12 @@ def _search(r: StudyResult, fig_dir: Path) -> str:
     if figure.exists():
         lines += ["", f"![validation accuracy against λ]({_rel(figure, r.out)})"]
     if fine:
-        lines += ["", "Fine search (random, log-uniform around the best coarse point):", "",
-                  "| λ | batch norm | validation accuracy |", "|---|---|---|"]
+        lines += ["", "Fine search (batch norm; random λ around the best coarse λ with batch norm):",
+                  "",
+                  "| λ | validation accuracy |", "|---|---|"]
         for row in sorted(fine, key=lambda row: row["lam"]):
             value = pct(row["val_accuracy"]) if row["state"] == "COMPLETE" else "failed"
-            lines.append(f"| {row['lam']:.3e} | {row['batch_norm']} | {value} |")
+            lines.append(f"| {row['lam']:.3e} | {value} |")
     final = r.final
     fig = _comparison_figure([final], "final run with the best λ", fig_dir / "final.png")
     f = final.summary["final"]

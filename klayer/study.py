@@ -12,6 +12,7 @@ cycles, the same sections, a few minutes in all: for smoke tests and CI).
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -99,19 +100,38 @@ def init_runs(base: TrainConfig, budget: Budget) -> list[Run]:
             for sigma in SIGMAS for bn in (True, False)]
 
 
+LAMBDA_RANGE = (1e-5, 1e-1)
+LAMBDA_GRID = 8
+
+
 def search_options(base: TrainConfig, budget: Budget) -> dict:
-    """Section iv as a search specification: the seed report's coarse λ grid with and
-    without batch norm (2 cycles, n_s = 2·floor(45000/100) in the full budget), then a
-    finer random search around the best λ (coarse-to-fine)."""
-    options = {k: v for k, v in base.replace(n_s=budget.n_s_search).to_dict().items()
-               if v is not None and k not in ("lam", "batch_norm", "out")}
+    """Section iv, coarse: the seed report's λ grid (8 values of λ = 10^l, l evenly
+    spaced in [-5, -1]) with and without batch norm, 2 cycles, n_s = 2·floor(45000/100)
+    in the full budget."""
+    options = _search_base(base, budget, ("lam", "batch_norm"))
     options["search"] = {
-        "method": "coarse-to-fine", "seed": 0, "objective": "final",
-        "fine_trials": budget.fine_trials,
-        "space": {"lam": {"log_uniform": [1e-5, 1e-1], "grid": 8},
+        "method": "grid", "seed": 0, "objective": "final",
+        "space": {"lam": {"log_uniform": list(LAMBDA_RANGE), "grid": LAMBDA_GRID},
                   "batch_norm": {"choice": [True, False]}},
     }
     return options
+
+
+def fine_search_options(base: TrainConfig, budget: Budget, best_lam: float) -> dict:
+    """Section iv, fine: random log-uniform λ within one grid step of the best coarse λ
+    with batch norm (the network this study is about), same budget as the coarse grid."""
+    step = (math.log10(LAMBDA_RANGE[1]) - math.log10(LAMBDA_RANGE[0])) / (LAMBDA_GRID - 1)
+    options = _search_base(base.replace(batch_norm=True), budget, ("lam",))
+    options["search"] = {
+        "method": "random", "seed": 0, "objective": "final", "n_trials": budget.fine_trials,
+        "space": {"lam": {"log_uniform": [best_lam * 10 ** -step, best_lam * 10 ** step]}},
+    }
+    return options
+
+
+def _search_base(base: TrainConfig, budget: Budget, searched) -> dict:
+    return {k: v for k, v in base.replace(n_s=budget.n_s_search).to_dict().items()
+            if v is not None and k not in (*searched, "out")}
 
 
 # --- running, reusing, resuming --------------------------------------------------------
@@ -215,7 +235,8 @@ class StudyResult:
     gradcheck_lam: float
     depth3: list
     depth9: list
-    search: object  # klayer.search.SearchResult
+    search: object  # klayer.search.SearchResult of the coarse grid
+    fine: object  # ... and of the fine search
     final: Run
     init: list
     seconds: dict  # per section
@@ -256,19 +277,26 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
 
     t0 = time.perf_counter()
     emit("section iv: λ search (coarse grid with and without batch norm, then fine)")
-    spec = search.parse_search(search_options(base, budget))
-    found = search.run_search(spec, out / "search", workers=workers)
-    best = found.best_config
-    final = Run("final", f"final: best λ = {best.lam:.3g}, {budget.cycles_final} cycles",
-                best.replace(cycles=budget.cycles_final, n_s=budget.n_s, out=None,
-                             data_dir=data_dir))
+    coarse = search.run_search(search.parse_search(search_options(base, budget)),
+                               out / "search", workers=workers)
+    best_bn = search.best_row([row for row in coarse.rows if row["batch_norm"]])
+    if best_bn is None:
+        raise ValueError(f"no coarse trial with batch norm finished; see {out}/search/trials.md")
+    fine = search.run_search(
+        search.parse_search(fine_search_options(base, budget, best_bn["lam"])),
+        out / "search-fine", workers=workers)
+    best_row = search.best_row([best_bn, *fine.rows])
+    best = TrainConfig(**{**base.to_dict(), "lam": best_row["lam"], "batch_norm": True})
+    final = Run("final", f"final: λ = {best.lam:.3g}, {budget.cycles_final} cycles",
+                best.replace(cycles=budget.cycles_final, n_s=budget.n_s))
     executor = search.make_executor(1)
     try:
         run_all([final], root, executor, emit)
     finally:
         executor.close()
     seconds["search"] = time.perf_counter() - t0
-    return StudyResult(budget, tables, lam, depth3, depth9, found, final, init, seconds, out)
+    return StudyResult(budget, tables, lam, depth3, depth9, coarse, fine, final, init, seconds,
+                       out)
 
 
 def config_lines(config: TrainConfig, keys=None) -> str:
