@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -233,10 +235,23 @@ def test_resume_after_sigkill_keeps_finished_trials(cifar_dir, tmp_path):
     assert len((tmp_path / "trials.csv").read_text().splitlines()) == 1 + 9
 
 
+def _schema_ready(db: Path) -> bool:
+    """Whether the search has finished creating its tables (Optuna writes version_info
+    last). Checked read-only: opening the study earlier would race that creation and
+    fail the search with "table ... already exists"."""
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
+            return con.execute("SELECT count(*) FROM version_info").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
 def _trials(out: Path, polling: bool = False):
     """The trials of the search in ``out``. While polling a search that is starting, the
     database or the study may not exist yet, or be busy: then none."""
     if not (out / "study.db").exists():
+        return []
+    if polling and not _schema_ready(out / "study.db"):
         return []
     try:
         study = optuna.load_study(study_name="search", storage=storage_url(out))
