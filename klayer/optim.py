@@ -47,7 +47,101 @@ class SGD:
             )
 
 
-OPTIMIZERS = {"sgd": SGD}
+class Momentum:
+    """SGD with (heavy-ball) momentum: v ← μ v + ∇θ J, θ ← θ - η v (μ = ``momentum``).
+
+    The same update as ``torch.optim.SGD(momentum=μ)``; v starts at the first gradient.
+    """
+
+    name = "momentum"
+
+    def __init__(self, momentum: float = 0.9):
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.velocity: dict[str, np.ndarray] = {}
+        self._scratch: dict[str, np.ndarray] = {}
+
+    def step(self, params: dict, grads: dict, lr: float) -> None:
+        for name, theta in params.items():
+            g = grads[name]
+            v = self.velocity.get(name)
+            if v is None:
+                v = self.velocity[name] = g.copy()
+                self._scratch[name] = np.empty_like(g)
+            else:
+                v *= self.momentum
+                v += g
+            np.multiply(v, lr, out=self._scratch[name])
+            theta -= self._scratch[name]
+
+    def state_dict(self) -> dict:
+        return {f"velocity/{name}": v for name, v in self.velocity.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.velocity = {}
+        for key, value in state.items():
+            kind, _, name = key.partition("/")
+            if kind != "velocity" or not name:
+                raise ValueError(f"unexpected optimizer entry {key!r} for momentum: the "
+                                 "checkpoint was written with another optimizer")
+            self.velocity[name] = np.array(value)
+            self._scratch[name] = np.empty_like(self.velocity[name])
+
+
+class Adam:
+    """Adam (Kingma & Ba): with t the step count, g = ∇θ J,
+    m ← β1 m + (1-β1) g,  v ← β2 v + (1-β2) g²,
+    θ ← θ - η · (m / (1-β1^t)) / (sqrt(v / (1-β2^t)) + ε), as ``torch.optim.Adam``.
+    """
+
+    name = "adam"
+
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.t = 0
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+
+    def step(self, params: dict, grads: dict, lr: float) -> None:
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        correction1, correction2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for name, theta in params.items():
+            g = grads[name]
+            if name not in self.m:
+                self.m[name], self.v[name] = np.zeros_like(g), np.zeros_like(g)
+            m, v = self.m[name], self.v[name]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            denom = np.sqrt(v / correction2)
+            denom += self.eps
+            theta -= (lr / correction1) * m / denom
+
+    def state_dict(self) -> dict:
+        state = {"t": self.t}
+        state.update({f"m/{name}": a for name, a in self.m.items()})
+        state.update({f"v/{name}": a for name, a in self.v.items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "t" not in state:
+            raise ValueError("the checkpoint's optimizer state has no Adam step count 't': "
+                             "it was written with another optimizer")
+        self.t = int(state["t"])
+        self.m, self.v = {}, {}
+        for key, value in state.items():
+            if key == "t":
+                continue
+            kind, _, name = key.partition("/")
+            if kind not in ("m", "v") or not name:
+                raise ValueError(f"unexpected optimizer entry {key!r} for Adam")
+            getattr(self, kind)[name] = np.array(value)
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam}
 
 
 def make_optimizer(name: str):

@@ -45,3 +45,51 @@ def test_state_dict_round_trip():
         opt.load_state_dict({"velocity.W1": np.zeros(3)})
     with pytest.raises(ValueError, match="optimizer must be one of"):
         make_optimizer("adamw")
+
+
+def _torch_reference(optimizer_factory, params, grads_per_step, lrs):
+    """The same updates through a torch optimizer, for comparison."""
+    torch = pytest.importorskip("torch")
+    tp = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params.items()}
+    opt = optimizer_factory(list(tp.values()))
+    for grads, lr in zip(grads_per_step, lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for k, t in tp.items():
+            t.grad = torch.tensor(grads[k])
+        opt.step()
+    return {k: t.detach().numpy() for k, t in tp.items()}
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+def test_stateful_optimizers_match_torch(name):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    params = {"W1": rng.standard_normal((4, 3)), "b1": rng.standard_normal(4)}
+    steps = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(5)]
+    lrs = [0.1, 0.05, 0.2, 0.1, 0.01]
+    factory = {"momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+               "adam": lambda p: torch.optim.Adam(p, lr=0.1)}[name]
+    expected = _torch_reference(factory, params, steps, lrs)
+    ours = {k: v.copy() for k, v in params.items()}
+    opt = make_optimizer(name)
+    for grads, lr in zip(steps, lrs):
+        opt.step(ours, grads, lr)
+    for k in params:
+        np.testing.assert_allclose(ours[k], expected[k], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+def test_stateful_optimizer_state_round_trip(name):
+    rng = np.random.default_rng(1)
+    params = {"W1": rng.standard_normal((3, 2))}
+    a, b = make_optimizer(name), make_optimizer(name)
+    g = {"W1": rng.standard_normal((3, 2))}
+    a.step(params, g, 0.1)
+    b.load_state_dict(a.state_dict())
+    pa, pb = {"W1": params["W1"].copy()}, {"W1": params["W1"].copy()}
+    a.step(pa, g, 0.1)
+    b.step(pb, g, 0.1)
+    np.testing.assert_array_equal(pa["W1"], pb["W1"])
+    with pytest.raises(ValueError, match="another optimizer"):
+        make_optimizer("sgd").load_state_dict(a.state_dict())

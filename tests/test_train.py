@@ -216,3 +216,11 @@ def test_short_cifar10_run_beats_35_percent(cifar_dir):
     result = train(config, data)
     assert result.final["val_accuracy"] > 0.35
     assert result.final["test_accuracy"] > 0.35
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_resume_is_bit_identical_with_stateful_optimizers(data, tmp_path, optimizer):
+    eta = 0.05 if optimizer == "momentum" else 1e-2
+    config = SMALL.replace(optimizer=optimizer, eta_max=eta)
+    straight = _check_resume_is_exact(config, data, tmp_path, stop_epoch=2)
+    assert straight.final["train_accuracy"] > 0.5  # it learns (4 classes: chance is 0.25)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from klayer.cli import UserError
 from klayer.config import DTYPES, PROTOCOLS, TrainConfig
+from klayer.optim import OPTIMIZERS
 from klayer.schedules import SCHEDULES
 
 # flag destination -> TrainConfig field, for the flags that set an option
@@ -20,7 +21,7 @@ OPTION_FLAGS = {
     "hidden": "hidden_sizes", "batch_norm": "batch_norm", "lam": "lam",
     "eta_min": "eta_min", "eta_max": "eta_max", "n_s": "n_s", "cycles": "cycles",
     "batch_size": "batch_size", "init": "init", "seed": "seed", "dtype": "dtype",
-    "schedule": "schedule", "evals_per_cycle": "evals_per_cycle", "data_dir": "data_dir",
+    "schedule": "schedule", "optimizer": "optimizer", "evals_per_cycle": "evals_per_cycle", "data_dir": "data_dir",
     "protocol": "protocol", "n_val": "n_val", "subset": "subset", "out": "out",
 }
 RESUMABLE_FLAGS = {"data_dir"}  # where the data is may change between sessions
@@ -47,6 +48,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="float precision")
     p.add_argument("--schedule", choices=SCHEDULES,
                    help="learning-rate schedule (constant: η = eta_max)")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS),
+                   help="parameter update: sgd (default), momentum (μ = 0.9) or adam "
+                        "(β = 0.9, 0.999)")
     p.add_argument("--evals-per-cycle", type=int, metavar="N", help="history points per cycle")
     p.add_argument("--data-dir", metavar="DIR", help="where CIFAR-10 is (default: $KLAYER_DATA)")
     p.add_argument("--protocol", choices=PROTOCOLS, help="data split (full: 45k/5k/10k)")
