@@ -103,30 +103,11 @@ def torch_step_fn(sizes, batches):
 # --- bare matrix products (the "peak" for these shapes) -----------------------------
 
 
-def numpy_products_fn(sizes, n, rng):
-    mats = []
-    for l, (d, m) in enumerate(zip(sizes[:-1], sizes[1:])):
-        X = rng.standard_normal((n, d), dtype=np.float32)
-        W = rng.standard_normal((m, d), dtype=np.float32)
-        G = rng.standard_normal((n, m), dtype=np.float32)
-        mats.append((l, X, W, G))
-
-    def products(i):
-        for l, X, W, G in mats:
-            X @ W.T
-            G.T @ X
-            if l:
-                G @ W
-    return products
-
-
-def torch_products_fn(sizes, n, rng):
-    mats = []
-    for l, (d, m) in enumerate(zip(sizes[:-1], sizes[1:])):
-        X = torch.randn(n, d)
-        W = torch.randn(m, d)
-        G = torch.randn(n, m)
-        mats.append((l, X, W, G))
+def products_fn(sizes, n, random):
+    """The bare matrix products of one step on arrays from ``random(shape)`` (NumPy or
+    torch: ``@`` and ``.T`` read the same in both)."""
+    mats = [(l, random((n, d)), random((m, d)), random((n, m)))
+            for l, (d, m) in enumerate(zip(sizes[:-1], sizes[1:]))]
 
     def products(i):
         for l, X, W, G in mats:
@@ -167,8 +148,9 @@ def main():
         fns = {
             "klayer": klayer_step_fn(sizes, batches),
             "torch": torch_step_fn(sizes, batches),
-            "np_products": numpy_products_fn(sizes, n, rng),
-            "torch_products": torch_products_fn(sizes, n, rng),
+            "np_products": products_fn(sizes, n,
+                                       lambda shape: rng.standard_normal(shape, np.float32)),
+            "torch_products": products_fn(sizes, n, lambda shape: torch.randn(*shape)),
         }
         for f in fns.values():  # warm-up
             time_per_step(f, 20)

@@ -135,6 +135,18 @@ def random_problem(dims: int, samples: int, num_classes: int = 10, seed: int = 0
     return rng.standard_normal((samples, dims)), rng.integers(0, num_classes, samples)
 
 
+def cifar_problem(dims: int, samples: int, data_dir=None):
+    """The first ``samples`` CIFAR-10 training images, their first ``dims`` standardised
+    dimensions, float64, and their labels (the data must be present: no download)."""
+    from klayer.data import load_cifar10
+
+    data = load_cifar10(data_dir, protocol="single", subset=max(samples, 100),
+                        dtype="float64", download=False)
+    if not 1 <= dims <= data.input_size:
+        raise ValueError(f"dims must be in [1, {data.input_size}] for CIFAR-10, got {dims}")
+    return data.X_train[:samples, :dims].copy(), data.y_train[:samples].copy()
+
+
 def markdown_table(rows: list[GradCheckRow], title: str | None = None) -> str:
     """Rows as a Markdown table: one line per layer, one column per parameter kind."""
     params = [p for p in ("W", "b", "gamma", "beta") if any(r.param == p for r in rows)]

@@ -202,17 +202,6 @@ class GradcheckTable:
         return all(r.passed for r in self.rows)
 
 
-def gradcheck_inputs(budget: Budget, data_dir=None):
-    """The first training images of CIFAR-10, first ``gradcheck_dims`` standardised
-    dimensions, float64."""
-    from klayer.data import load_cifar10
-
-    data = load_cifar10(data_dir, protocol="single", subset=max(100, budget.gradcheck_samples),
-                        dtype="float64", download=False)
-    n, d = budget.gradcheck_samples, budget.gradcheck_dims
-    return data.X_train[:n, :d].copy(), data.y_train[:n].copy()
-
-
 def gradcheck_section(budget: Budget, X, y, lam=0.01) -> list[GradcheckTable]:
     tables = []
     for batch_norm, hidden in GRADCHECK_NETS:
@@ -258,7 +247,7 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
 
     t0 = time.perf_counter()
     emit("section i: gradient checks")
-    X, y = gradcheck_inputs(budget, data_dir)
+    X, y = G.cifar_problem(budget.gradcheck_dims, budget.gradcheck_samples, data_dir)
     lam = 0.01
     tables = gradcheck_section(budget, X, y, lam)
     seconds["gradcheck"] = time.perf_counter() - t0

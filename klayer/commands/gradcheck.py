@@ -84,11 +84,5 @@ def inputs(args):
     if not args.cifar:
         X, y = G.random_problem(args.dims, args.samples, seed=args.seed)
         return X, y, "random normal inputs"
-    from klayer.data import load_cifar10
-
-    data = load_cifar10(args.data_dir, protocol="single", subset=max(args.samples, 100),
-                        dtype="float64", download=False)
-    if args.dims > data.input_size:
-        raise ValueError(f"--dims must be ≤ {data.input_size} for CIFAR-10")
-    return (data.X_train[:args.samples, :args.dims].copy(), data.y_train[:args.samples],
-            "CIFAR-10 training images")
+    X, y = G.cifar_problem(args.dims, args.samples, args.data_dir)
+    return X, y, "CIFAR-10 training images"
