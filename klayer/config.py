@@ -27,6 +27,7 @@ from klayer.optim import OPTIMIZERS
 from klayer.schedules import SCHEDULES
 
 INITS = ("he", "xavier")
+NORM_POSITIONS = ("before", "after")
 DTYPES = ("float32", "float64")
 PROTOCOLS = ("full", "single")
 
@@ -46,6 +47,14 @@ class TrainConfig:
     mini-batches of ``batch_size``; ``evals_per_cycle`` history points per cycle.
     Data (see :func:`klayer.data.load_cifar10`): ``data_dir``, ``protocol``, ``n_val``,
     ``subset``. Output: ``out``, the run folder.
+
+    Beyond the study (all off by default; see README "Beyond the study"):
+    ``layer_norm`` (instead of batch norm), ``norm_position`` ("before"/"after" the
+    ReLU), ``residual``, ``dropout`` (probability p), ``label_smoothing`` (ε);
+    augmentation ``flip``, ``translate`` (pixels), ``jitter``; schedules "step"
+    (η_max · ``decay_rate``^⌊t / ``decay_every``⌋) and "cosine" (η_max down to η_min),
+    both after ``warmup_steps`` of linear warm-up; ``precise_bn``: after training,
+    recompute the batch-norm statistics over this many training batches (PreciseBN).
     """
 
     hidden_sizes: tuple = (50, 50)
@@ -67,6 +76,18 @@ class TrainConfig:
     n_val: int = 5000
     subset: int | None = None
     out: str | None = field(default=None, metadata=_NO_HASH)
+    layer_norm: bool = field(default=False, metadata={"neutral": False})
+    norm_position: str = field(default="before", metadata={"neutral": "before"})
+    residual: bool = field(default=False, metadata={"neutral": False})
+    dropout: float = field(default=0.0, metadata={"neutral": 0.0})
+    label_smoothing: float = field(default=0.0, metadata={"neutral": 0.0})
+    flip: bool = field(default=False, metadata={"neutral": False})
+    translate: int = field(default=0, metadata={"neutral": 0})
+    jitter: float = field(default=0.0, metadata={"neutral": 0.0})
+    decay_rate: float = field(default=0.1, metadata={"neutral": 0.1})
+    decay_every: int | None = field(default=None, metadata={"neutral": None})
+    warmup_steps: int = field(default=0, metadata={"neutral": 0})
+    precise_bn: int = field(default=0, metadata={"neutral": 0})
 
     def __post_init__(self):
         for name, value in _validate(self).items():
@@ -179,7 +200,35 @@ def _validate(c: TrainConfig) -> dict:
         "n_val": _int(c.n_val, "n_val"),
         "subset": None if c.subset is None else _int(c.subset, "subset"),
         "out": _path(c.out, "out"),
+        "layer_norm": _bool(c.layer_norm, "layer_norm"),
+        "norm_position": _choice(c.norm_position, "norm_position", NORM_POSITIONS),
+        "residual": _bool(c.residual, "residual"),
+        "dropout": _fraction(c.dropout, "dropout"),
+        "label_smoothing": _fraction(c.label_smoothing, "label_smoothing"),
+        "flip": _bool(c.flip, "flip"),
+        "translate": _int(c.translate, "translate", minimum=0),
+        "jitter": _fraction(c.jitter, "jitter"),
+        "decay_rate": _number(c.decay_rate, "decay_rate", minimum=0.0, strict=True),
+        "decay_every": None if c.decay_every is None else _int(c.decay_every, "decay_every"),
+        "warmup_steps": _int(c.warmup_steps, "warmup_steps", minimum=0),
+        "precise_bn": _int(c.precise_bn, "precise_bn", minimum=0),
     }
+    if v["batch_norm"] and v["layer_norm"]:
+        raise ValueError("config: batch_norm and layer_norm are alternatives; set "
+                         "batch_norm = false to use layer_norm")
+    if v["precise_bn"] and not v["batch_norm"]:
+        raise ValueError("config: precise_bn recomputes batch-norm statistics; it needs "
+                         "batch_norm = true")
+    if v["translate"] >= 16:
+        raise ValueError(f"config: translate must be under 16 pixels, got {v['translate']}")
+    if v["decay_rate"] > 1:
+        raise ValueError(f"config: decay_rate must be in (0, 1], got {v['decay_rate']}")
+    if v["warmup_steps"] and v["schedule"] == "cyclic":
+        raise ValueError("config: warmup_steps does not apply to the cyclic schedule, which "
+                         "starts at eta_min already; set it to 0 or choose another schedule")
+    if v["warmup_steps"] >= v["cycles"] * 2 * v["n_s"]:
+        raise ValueError(f"config: warmup_steps ({v['warmup_steps']}) must be fewer than "
+                         f"the {v['cycles'] * 2 * v['n_s']} training steps")
     if v["eta_min"] > v["eta_max"]:
         raise ValueError(f"config: eta_min ({v['eta_min']}) must not exceed "
                          f"eta_max ({v['eta_max']})")
@@ -206,6 +255,14 @@ def _number(value, name, minimum, strict=False):
     if not ok:
         bound = f"> {minimum}" if strict else f">= {minimum}"
         raise ValueError(f"config: {name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def _fraction(value, name):
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+          and 0 <= value < 1)
+    if not ok:
+        raise ValueError(f"config: {name} must be a number in [0, 1), got {value!r}")
     return float(value)
 
 

@@ -95,7 +95,7 @@ def compare(net: Network, analytic: dict, numeric: dict, tol=DEFAULT_TOL,
     for name in numeric:
         param, layer = _split_name(name)
         ga, gn = analytic[name], numeric[name]
-        if param == "b" and net.has_batch_norm(layer):
+        if param == "b" and net.bias_cancelled(layer):
             rows.append(GradCheckRow(layer, param, absolute_error(ga, gn), "absolute",
                                      abs_tol, float(np.abs(ga).max())))
         else:
@@ -106,26 +106,38 @@ def compare(net: Network, analytic: dict, numeric: dict, tol=DEFAULT_TOL,
 
 def check_gradients(net: Network, X, y, lam: float, h: float = DEFAULT_H,
                     tol: float = DEFAULT_TOL, abs_tol: float = DEFAULT_ABS_TOL,
-                    floor: float = DEFAULT_FLOOR) -> list[GradCheckRow]:
-    """Check every parameter of ``net`` (float64) on (X, y) with batch norm in train mode."""
+                    floor: float = DEFAULT_FLOOR, masks=None) -> list[GradCheckRow]:
+    """Check every parameter of ``net`` (float64) on (X, y) with batch norm in train mode.
+
+    With dropout, one fixed set of masks is used for every cost evaluation (``masks``,
+    or masks drawn from a generator seeded with 0): the cost is then a deterministic
+    function of the parameters, and the check covers the dropout backward pass.
+    """
     if net.dtype != np.float64:
         raise ValueError("gradient checks need a float64 network (dtype='float64')")
     if len(X) < 2 and net.batch_norm:
         raise ValueError("gradient checks with batch norm need at least 2 samples")
-    analytic = net.loss(X, y, lam, mode="train").grads
+    if masks is None and net.dropout:
+        masks = net.dropout_masks(len(X), np.random.default_rng(0))
+    analytic = net.loss(X, y, lam, mode="train", masks=masks).grads
 
     def cost():
-        return net.loss(X, y, lam, mode="train", grads=False, check=False).cost
+        return net.loss(X, y, lam, mode="train", grads=False, check=False, masks=masks).cost
 
     numeric = numerical_gradients(cost, net.params, h)
     return compare(net, analytic, numeric, tol, abs_tol, floor)
 
 
 def check_gradients_for(hidden_sizes, X, y, *, batch_norm: bool, lam: float,
-                        init="he", seed: int = 0, num_classes: int = 10, **check) -> list:
-    """Build a float64 network for (X, y) and check it; ``check`` goes to check_gradients."""
+                        init="he", seed: int = 0, num_classes: int = 10, options=None,
+                        **check) -> list:
+    """Build a float64 network for (X, y) and check it; ``check`` goes to check_gradients.
+
+    options: further :class:`Network` keyword arguments (layer_norm, norm_position,
+    residual, dropout, label_smoothing).
+    """
     net = Network(X.shape[1], hidden_sizes, num_classes, batch_norm=batch_norm, init=init,
-                  dtype="float64", seed=seed)
+                  dtype="float64", seed=seed, **(options or {}))
     return check_gradients(net, X, y, lam, **check)
 
 

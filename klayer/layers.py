@@ -109,6 +109,72 @@ def batchnorm_backward(dout, cache):
     return ds, dgamma, dbeta
 
 
+# --- layer normalization --------------------------------------------------------------
+
+
+def layernorm_forward(s, gamma, beta, eps):
+    """Layer normalization of s: (n, m) per row (over the m features), then scale and shift.
+
+    ŝ_i = (s_i - μ_i) / sqrt(v_i + ε) with μ_i, v_i the mean and biased variance of row i;
+    out = γ ⊙ ŝ + β. Each example is normalised on its own, so training and evaluation
+    compute the same thing and nothing is averaged over the batch.
+    Returns ``(out, cache)``.
+    """
+    m = s.shape[1]
+    mean = s.sum(axis=1, keepdims=True) / m
+    s_hat = s - mean
+    var = np.einsum("ij,ij->i", s_hat, s_hat)[:, None] / m
+    inv_std = 1.0 / np.sqrt(var + eps)
+    s_hat *= inv_std
+    out = s_hat * gamma
+    out += beta
+    return out, (s_hat, gamma, inv_std)
+
+
+def layernorm_backward(dout, cache):
+    """dout: (n, m) -> (ds, dγ, dβ).
+
+    The batch-norm formula with the roles of rows and columns swapped: with g = dout ⊙ γ,
+        ds_i = (1/sqrt(v_i + ε)) · (g_i - mean_j(g_i) - ŝ_i ⊙ mean_j(g_i ⊙ ŝ_i)),
+    the means taken over the features of row i; dγ = Σ_i dout ⊙ ŝ, dβ = Σ_i dout.
+    """
+    s_hat, gamma, inv_std = cache
+    m = dout.shape[1]
+    dbeta = dout.sum(axis=0)
+    dgamma = np.einsum("ij,ij->j", dout, s_hat)
+    g = dout * gamma
+    ds = s_hat * (np.einsum("ij,ij->i", g, s_hat)[:, None] / -m)
+    ds += g
+    ds -= g.sum(axis=1, keepdims=True) / m
+    ds *= inv_std
+    return ds, dgamma, dbeta
+
+
+# --- inverted dropout -----------------------------------------------------------------
+
+
+def dropout_mask(shape, p, rng, dtype="float64"):
+    """A mask for inverted dropout: each entry 0 with probability p, else 1/(1 - p).
+
+    Multiplying activations by it keeps their expectation, so evaluation uses the
+    network unchanged (no mask, no rescaling).
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
+    keep = rng.random(shape, dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64)
+    return (keep >= p).astype(dtype) * np.asarray(1.0 / (1.0 - p), dtype)
+
+
+def dropout_forward(x, mask):
+    """x ⊙ mask, with mask from :func:`dropout_mask`. The cache is the mask."""
+    return x * mask, mask
+
+
+def dropout_backward(dout, cache):
+    """dx = dout ⊙ mask."""
+    return dout * cache
+
+
 # --- softmax cross-entropy ------------------------------------------------------------
 
 
@@ -120,20 +186,29 @@ def softmax(scores):
     return z
 
 
-def softmax_cross_entropy(scores, y):
+def softmax_cross_entropy(scores, y, smoothing: float = 0.0):
     """Mean cross-entropy of softmax(scores) against integer labels y.
 
     scores: (n, C), y: (n,) ints in [0, C). Returns ``(loss, dscores)`` with
-    loss = -(1/n) Σ_i log p_{i, y_i} and dscores = (P - Y) / n.
+    loss = -(1/n) Σ_i Σ_c t_{i,c} log p_{i,c} and dscores = (P - T) / n, where the target
+    T is one-hot, or with label smoothing ε: t_{i,c} = (1 - ε) [c = y_i] + ε / C.
     With z = scores - max_c scores (for stability), log p_{i,c} = z_{i,c} - log Σ_c e^z.
     """
-    n = scores.shape[0]
+    n, C = scores.shape
     rows = np.arange(n)
     z = scores - scores.max(axis=1, keepdims=True)
     e = np.exp(z)
     total = e.sum(axis=1, keepdims=True)
-    loss = (np.log(total).sum() - z[rows, y].sum()) / n
+    log_total = np.log(total).sum()
+    loss = (log_total - z[rows, y].sum()) / n
     dscores = e
     dscores /= total * n  # P / n, in place
-    dscores[rows, y] -= 1 / n
+    if smoothing:
+        # -Σ_c (ε/C) log p_{i,c} = (ε/C) (C log Σ e^z - Σ_c z_{i,c})
+        uniform = (log_total - z.sum() / C) / n
+        loss = (1 - smoothing) * loss + smoothing * uniform
+        dscores -= smoothing / (C * n)
+        dscores[rows, y] -= (1 - smoothing) / n
+    else:
+        dscores[rows, y] -= 1 / n
     return float(loss), dscores

@@ -4,6 +4,13 @@ Layers l = 1..k-1:  s_l = W_l x_{l-1} + b_l,  (batch norm)  ŝ, s̃ = γ_l ⊙ �
 x_l = ReLU(s̃).  Layer k: scores = W_k x_{k-1} + b_k, then softmax.
 Cost J = mean cross-entropy + λ Σ_l ||W_l||² (no penalty on b, γ, β).
 
+Options beyond this (each off by default, each gradient-checked):
+  norm "batch" | "layer" | None     which normalization the hidden layers use
+  norm_position "before" | "after"  normalise s_l before the ReLU (above), or x_l after it
+  residual                          s_l += x_{l-1} when layer l keeps the width (l >= 2)
+  dropout p                         inverted dropout on each x_l, l = 1..k-1 (training only)
+  label_smoothing ε                 targets (1 - ε) one-hot + ε / C
+
 The same :meth:`Network.forward` serves training, evaluation and the gradient check;
 only ``mode`` differs ("train": batch statistics, "eval": moving averages).
 """
@@ -18,6 +25,8 @@ from klayer import layers as L
 
 MODES = ("train", "eval")
 INITS = ("he", "xavier")
+NORMS = ("batch", "layer")
+NORM_POSITIONS = ("before", "after")
 
 
 @dataclass
@@ -25,8 +34,17 @@ class Forward:
     """What one forward pass leaves for backward and for the moving averages."""
 
     scores: np.ndarray  # (n, C)
-    caches: list  # per layer: (affine cache, batch-norm cache or None, relu cache)
+    caches: list  # per hidden layer: _LayerCache; last: the scores' affine cache
     batch_stats: dict  # {l: (μ, v)} of the batch-norm layers in train mode
+
+
+@dataclass
+class _LayerCache:
+    affine: tuple
+    norm: tuple | None  # normalization cache (None: no normalization)
+    relu: np.ndarray
+    dropout: np.ndarray | None  # the mask used (None: no dropout)
+    skip: bool  # s_l included x_{l-1} (residual)
 
 
 @dataclass
@@ -38,7 +56,7 @@ class LossResult:
 
 
 class Network:
-    """A k-layer fully-connected network with optional batch normalization.
+    """A k-layer fully-connected network with optional batch (or layer) normalization.
 
     Parameters live in ``params`` (``W1, b1, gamma1, beta1, ..., Wk, bk``) with W_l of
     shape (m_l, m_{l-1}); batch-norm moving averages live in ``buffers``
@@ -47,6 +65,8 @@ class Network:
 
     init: "he" (N(0, 2/d), default), "xavier" (N(0, 1/d)) or a float σ for N(0, σ²).
     dtype: float64 (gradient checks, exact comparisons) or float32 (speed).
+    batch_norm / layer_norm: which normalization the hidden layers use (at most one);
+    norm_position, residual, dropout, label_smoothing: see the module docstring.
     """
 
     def __init__(
@@ -61,6 +81,11 @@ class Network:
         seed: int = 0,
         bn_eps: float = 1e-5,
         bn_alpha: float = 0.9,
+        layer_norm: bool = False,
+        norm_position: str = "before",
+        residual: bool = False,
+        dropout: float = 0.0,
+        label_smoothing: float = 0.0,
     ):
         self.input_size = _positive_int(input_size, "input_size")
         self.hidden_sizes = [_positive_int(h, "hidden_sizes entries") for h in hidden_sizes]
@@ -68,6 +93,20 @@ class Network:
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         self.batch_norm = bool(batch_norm)
+        self.layer_norm = bool(layer_norm)
+        if self.batch_norm and self.layer_norm:
+            raise ValueError("choose batch_norm or layer_norm, not both")
+        if norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, "
+                             f"got {norm_position!r}")
+        self.norm_position = norm_position
+        self.residual = bool(residual)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
         self.init = _check_init(init)
         self.dtype = _check_dtype(dtype)
         self.seed = int(seed)
@@ -104,6 +143,11 @@ class Network:
             "seed": self.seed,
             "bn_eps": self.bn_eps,
             "bn_alpha": self.bn_alpha,
+            "layer_norm": self.layer_norm,
+            "norm_position": self.norm_position,
+            "residual": self.residual,
+            "dropout": self.dropout,
+            "label_smoothing": self.label_smoothing,
         }
 
     @classmethod
@@ -111,8 +155,35 @@ class Network:
         hp = dict(hp)
         return cls(hp.pop("input_size"), hp.pop("hidden_sizes"), hp.pop("num_classes"), **hp)
 
+    @property
+    def norm(self) -> str | None:
+        """"batch", "layer" or None."""
+        return "batch" if self.batch_norm else "layer" if self.layer_norm else None
+
     def has_batch_norm(self, layer: int) -> bool:
         return self.batch_norm and layer < self.num_layers
+
+    def has_norm(self, layer: int) -> bool:
+        """Layer ``layer`` has a normalization (with parameters gamma, beta)."""
+        return self.norm is not None and layer < self.num_layers
+
+    def bias_cancelled(self, layer: int) -> bool:
+        """b_l feeds batch norm directly, which removes any constant shift: dJ/db_l = 0."""
+        return self.has_batch_norm(layer) and self.norm_position == "before"
+
+    def has_skip(self, layer: int) -> bool:
+        """Hidden layer ``layer`` adds its input x_{l-1} to s_l (residual connection)."""
+        sizes = self.sizes
+        return (self.residual and 2 <= layer < self.num_layers
+                and sizes[layer - 1] == sizes[layer])
+
+    def dropout_masks(self, n: int, rng) -> dict:
+        """Fresh dropout masks {l: (n, m_l)} for a batch of n, drawn from ``rng``
+        (empty without dropout). Pass them to :meth:`forward` / :meth:`loss`."""
+        if not self.dropout:
+            return {}
+        return {l: L.dropout_mask((n, self.sizes[l]), self.dropout, rng, self.dtype)
+                for l in range(1, self.num_layers)}
 
     def _initial_params(self) -> dict[str, np.ndarray]:
         # Drawn in float64 from one seeded generator, then cast: float32 and float64
@@ -130,18 +201,20 @@ class Network:
                 std = self.init
             params[f"W{l}"] = (rng.standard_normal((m, d)) * std).astype(self.dtype)
             params[f"b{l}"] = np.zeros(m, dtype=self.dtype)
-            if self.has_batch_norm(l):
+            if self.has_norm(l):
                 params[f"gamma{l}"] = np.ones(m, dtype=self.dtype)
                 params[f"beta{l}"] = np.zeros(m, dtype=self.dtype)
         return params
 
     # --- the forward and backward passes -------------------------------------------
 
-    def forward(self, X, mode: str = "train", check: bool = True) -> Forward:
+    def forward(self, X, mode: str = "train", check: bool = True, masks=None) -> Forward:
         """Scores for X: (n, input_size) -> Forward with scores (n, num_classes).
 
         mode "train" normalises with batch statistics (returned in ``batch_stats``,
         never stored); "eval" uses the moving averages in ``buffers``.
+        masks: dropout masks {l: (n, m_l)} (see :meth:`dropout_masks`) applied to the
+        hidden outputs; None applies no dropout (evaluation, PreciseBN).
         ``check=False`` skips the input checks (the trainer checks its data once).
         """
         if check:
@@ -150,39 +223,64 @@ class Network:
         p = self.params
         caches, batch_stats = [], {}
         k = self.num_layers
+        after = self.norm_position == "after"
         h = X
         for l in range(1, k + 1):
             s, affine_cache = L.affine_forward(h, p[f"W{l}"], p[f"b{l}"])
             if check and l == 1:
                 _require_finite(X, s)
             if l == k:  # the scores
-                caches.append((affine_cache, None, None))
+                caches.append(affine_cache)
                 return Forward(s, caches, batch_stats)
-            bn_cache = None
-            if self.has_batch_norm(l):
+            skip = self.has_skip(l)
+            if skip:
+                s += h
+            norm_cache = None
+            if after:
+                s, relu_cache = L.relu_forward(s)
+            if self.batch_norm:
                 mean = None if train else self.buffers[f"running_mean{l}"]
                 var = None if train else self.buffers[f"running_var{l}"]
-                s, bn_cache, stats = L.batchnorm_forward(
+                s, norm_cache, stats = L.batchnorm_forward(
                     s, p[f"gamma{l}"], p[f"beta{l}"], self.bn_eps, mean, var
                 )
                 if train:
                     batch_stats[l] = stats
-            h, relu_cache = L.relu_forward(s)
-            caches.append((affine_cache, bn_cache, relu_cache))
+            elif self.layer_norm:
+                s, norm_cache = L.layernorm_forward(s, p[f"gamma{l}"], p[f"beta{l}"], self.bn_eps)
+            if after:
+                h = s
+            else:
+                h, relu_cache = L.relu_forward(s)
+            mask = None
+            if masks:
+                h, mask = L.dropout_forward(h, masks[l])
+            caches.append(_LayerCache(affine_cache, norm_cache, relu_cache, mask, skip))
 
     def backward(self, dscores, fwd: Forward) -> dict[str, np.ndarray]:
         """Gradients of the data term for every parameter, from dscores: (n, C)."""
         grads = {}
         k = self.num_layers
-        dh, grads[f"W{k}"], grads[f"b{k}"] = L.affine_backward(dscores, fwd.caches[-1][0])
+        after = self.norm_position == "after"
+        norm_backward = L.batchnorm_backward if self.batch_norm else L.layernorm_backward
+        dh, grads[f"W{k}"], grads[f"b{k}"] = L.affine_backward(dscores, fwd.caches[-1])
         for l in range(k - 1, 0, -1):
-            affine_cache, bn_cache, relu_cache = fwd.caches[l - 1]
-            ds = L.relu_backward(dh, relu_cache)
-            if bn_cache is not None:
-                ds, grads[f"gamma{l}"], grads[f"beta{l}"] = L.batchnorm_backward(ds, bn_cache)
+            c = fwd.caches[l - 1]
+            if c.dropout is not None:
+                dh = L.dropout_backward(dh, c.dropout)
+            if after:
+                if c.norm is not None:
+                    dh, grads[f"gamma{l}"], grads[f"beta{l}"] = norm_backward(dh, c.norm)
+                ds = L.relu_backward(dh, c.relu)
+            else:
+                ds = L.relu_backward(dh, c.relu)
+                if c.norm is not None:
+                    ds, grads[f"gamma{l}"], grads[f"beta{l}"] = norm_backward(ds, c.norm)
             dh, grads[f"W{l}"], grads[f"b{l}"] = L.affine_backward(
-                ds, affine_cache, need_dx=l > 1
+                ds, c.affine, need_dx=l > 1
             )
+            if c.skip:
+                dh += ds
         return grads
 
     # --- cost ---------------------------------------------------------------------
@@ -195,18 +293,21 @@ class Network:
         return (self.params[f"W{l}"] for l in range(1, self.num_layers + 1))
 
     def loss(self, X, y, lam: float = 0.0, mode: str = "train", grads: bool = True,
-             check: bool = True) -> LossResult:
+             check: bool = True, masks=None) -> LossResult:
         """Loss, cost and (if ``grads``) the gradient of the cost for every parameter.
 
         X: (n, input_size), y: (n,) integer labels. J = loss + λ Σ ||W_l||²,
-        dJ/dW_l = d loss/dW_l + 2 λ W_l.
+        dJ/dW_l = d loss/dW_l + 2 λ W_l. The loss is the cross-entropy against the
+        (label-smoothed, if ``label_smoothing``) targets. masks: see :meth:`forward`.
         """
         if lam < 0 or not np.isfinite(lam):
             raise ValueError(f"lam (λ) must be a finite number >= 0, got {lam}")
         if check:
             y = self._checked_labels(y, len(X))
-        fwd = self.forward(X, mode, check=check)
-        loss, dscores = L.softmax_cross_entropy(fwd.scores, y)
+        if check and masks:
+            self._check_masks(masks, len(X))
+        fwd = self.forward(X, mode, check=check, masks=masks)
+        loss, dscores = L.softmax_cross_entropy(fwd.scores, y, self.label_smoothing)
         cost = loss + lam * self.l2_penalty() if lam else loss
         gradients = None
         if grads:
@@ -254,7 +355,7 @@ class Network:
         """Loss, cost and accuracy on (X, y) in eval mode (moving averages)."""
         y = self._checked_labels(y, len(X))
         scores = self.scores(X, "eval", chunk)
-        loss, _ = L.softmax_cross_entropy(scores, y)
+        loss, _ = L.softmax_cross_entropy(scores, y, self.label_smoothing)
         return {
             "loss": loss,
             "cost": loss + lam * self.l2_penalty(),
@@ -285,6 +386,13 @@ class Network:
                 "recorded yet: train first (update_running_stats) or use mode='train'"
             )
         return X.astype(self.dtype, copy=False)
+
+    def _check_masks(self, masks, n):
+        want = {l: (n, self.sizes[l]) for l in range(1, self.num_layers)}
+        got = {l: np.shape(m) for l, m in masks.items()}
+        if got != want:
+            raise ValueError(f"dropout masks must be {want} for this network and batch "
+                             f"(use dropout_masks), got {got}")
 
     def _checked_labels(self, y, n):
         y = np.asarray(y)

@@ -24,7 +24,7 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +141,7 @@ class Checkpoint:
     history: list
     timings: dict
     config_hash: str
+    rng_states: dict = field(default_factory=dict)  # augmentation and dropout generators
 
 
 def save_checkpoint(run_dir, ckpt: Checkpoint) -> None:
@@ -152,6 +153,7 @@ def save_checkpoint(run_dir, ckpt: Checkpoint) -> None:
         "format_version": FORMAT_VERSION, "klayer_version": __version__,
         "step": ckpt.step, "epoch": ckpt.epoch,
         "running_initialised": ckpt.running_initialised, "rng_state": ckpt.rng_state,
+        "rng_states": ckpt.rng_states,
         "history": ckpt.history, "timings": ckpt.timings, "config_hash": ckpt.config_hash,
     }
     arrays["meta"] = np.array(json.dumps(meta))
@@ -176,7 +178,7 @@ def load_checkpoint(run_dir) -> Checkpoint:
             buffers=groups["buffer"], running_initialised=bool(meta["running_initialised"]),
             optimizer_state={k: v[()] if v.ndim == 0 else v for k, v in groups["optim"].items()},
             rng_state=meta["rng_state"], history=meta["history"], timings=meta["timings"],
-            config_hash=meta["config_hash"],
+            config_hash=meta["config_hash"], rng_states=meta.get("rng_states", {}),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path} is not a klayer checkpoint ({exc}); "

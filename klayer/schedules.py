@@ -1,13 +1,13 @@
 """Learning-rate schedules: objects mapping an update step t = 0, 1, ... to η_t.
 
 A schedule knows nothing about the optimizer or the model; the training loop asks it
-for η_t before update t and passes that to the optimizer. A new schedule (step or
-cosine decay, say) is one more small class with ``__call__(step) -> float`` and an
-entry in :data:`SCHEDULES`.
+for η_t before update t and passes that to the optimizer. A new schedule is one more
+small class with ``__call__(step) -> float`` and an entry in :data:`SCHEDULES`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -42,16 +42,68 @@ class CyclicLR:
         return self.eta_min + (t / self.n_s) * (self.eta_max - self.eta_min)
 
 
-SCHEDULES = ("cyclic", "constant")
+@dataclass(frozen=True)
+class StepLR:
+    """Step decay: η_t = η_max · rate^⌊t / every⌋ (the classic "divide by 10" drops)."""
+
+    eta_max: float
+    rate: float
+    every: int
+
+    def __call__(self, step: int) -> float:
+        return self.eta_max * self.rate ** (step // self.every)
+
+
+@dataclass(frozen=True)
+class CosineLR:
+    """Cosine decay (Loshchilov & Hutter 2017, one period, no restarts) over T steps:
+        η_t = η_min + ½ (η_max - η_min) (1 + cos(π t / T)),
+    so η_0 = η_max and η_T = η_min."""
+
+    eta_min: float
+    eta_max: float
+    total: int
+
+    def __call__(self, step: int) -> float:
+        progress = min(step, self.total) / self.total
+        return self.eta_min + 0.5 * (self.eta_max - self.eta_min) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """Linear warm-up to ``after``: η_t = after(0) · (t + 1) / steps for t < steps, then
+    η_t = after(t - steps) (the decay starts once the warm-up ends)."""
+
+    after: object
+    steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.steps:
+            return self.after(0) * (step + 1) / self.steps
+        return self.after(step - self.steps)
+
+
+SCHEDULES = ("cyclic", "constant", "step", "cosine")
 
 
 def make_schedule(config):
     """The schedule a :class:`klayer.config.TrainConfig` asks for.
 
-    "cyclic": :class:`CyclicLR` (eta_min, eta_max, n_s); "constant": η = eta_max.
+    "cyclic": :class:`CyclicLR` (eta_min, eta_max, n_s); "constant": η = eta_max;
+    "step": :class:`StepLR` (eta_max, decay_rate, decay_every, default n_s);
+    "cosine": :class:`CosineLR` from eta_max down to eta_min over the training steps.
+    ``warmup_steps`` > 0 puts a linear :class:`WarmUp` before any but "cyclic" (which
+    already starts low).
     """
-    if config.schedule == "cyclic":
+    warmup = config.warmup_steps
+    if config.schedule == "cyclic":  # the config refuses a warm-up here
         return CyclicLR(config.eta_min, config.eta_max, config.n_s)
     if config.schedule == "constant":
-        return ConstantLR(config.eta_max)
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+        schedule = ConstantLR(config.eta_max)
+    elif config.schedule == "step":
+        schedule = StepLR(config.eta_max, config.decay_rate, config.decay_every or config.n_s)
+    elif config.schedule == "cosine":
+        schedule = CosineLR(config.eta_min, config.eta_max, config.total_steps - warmup)
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    return WarmUp(schedule, warmup) if warmup else schedule

@@ -8,6 +8,11 @@ For update step t = 0 .. T-1 (T = cycles · 2 n_s):
 Each epoch visits floor(n / batch_size) mini-batches of a fresh permutation drawn from a
 seeded generator (the few examples left over are skipped that epoch). The history is
 recorded in eval mode (moving averages) at ``config.eval_steps()``.
+With augmentation, each mini-batch is transformed on the fly (:mod:`klayer.augment`);
+with dropout, each step draws fresh masks. Shuffling, augmentation and dropout draw from
+three generators seeded with (seed, stream), so turning one on does not change the
+others' draws. With ``precise_bn``, the final statistics are recomputed
+(:mod:`klayer.bn_stats`) and the results with the moving averages are kept beside them.
 
 The loop prints nothing and touches no file itself: progress goes to callbacks, and when
 a run folder is given, :mod:`klayer.runs` writes the checkpoint after every epoch and
@@ -25,13 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from klayer import runs
+from klayer import augment, runs
+from klayer.bn_stats import population_statistics, use_statistics
 from klayer.config import TrainConfig
 from klayer.network import Network
 from klayer.optim import make_optimizer
 from klayer.schedules import make_schedule
 
 SHUFFLE_STREAM = 1  # the shuffling generator is seeded with (seed, SHUFFLE_STREAM)
+AUGMENT_STREAM = 2
+DROPOUT_STREAM = 3
 
 
 class DivergenceError(ValueError):
@@ -67,7 +75,8 @@ class TrainResult:
     """A finished run: the trained network, its history and its final numbers.
 
     ``final`` has train_/val_/test_ loss, cost and accuracy of the final network (test
-    only if the data has a test set); ``best_*`` is the history row with the highest
+    only if the data has a test set); with PreciseBN, ``final`` uses the recomputed
+    statistics and ``final_moving_average`` the moving averages; ``best_*`` is the history row with the highest
     validation accuracy; ``timings`` has train_seconds (updates), eval_seconds
     (history and final evaluation) and total_seconds, summed over resumed sessions.
     """
@@ -83,6 +92,7 @@ class TrainResult:
     epochs: float
     timings: dict
     run_dir: Path | None = None
+    final_moving_average: dict | None = None
 
     def summary(self) -> dict:
         """What summary.json holds."""
@@ -92,6 +102,8 @@ class TrainResult:
             "klayer_version": __version__,
             "config_hash": self.config.config_hash(),
             "final": self.final,
+            **({"final_moving_average": self.final_moving_average}
+               if self.final_moving_average is not None else {}),
             "best_val_accuracy": self.best_val_accuracy,
             "best_step": self.best_step,
             "best_epoch": self.best_epoch,
@@ -116,7 +128,10 @@ class _Clock:
 def build_network(config: TrainConfig, input_size: int, num_classes: int = 10) -> Network:
     """The untrained network a config describes."""
     return Network(input_size, config.hidden_sizes, num_classes, batch_norm=config.batch_norm,
-                   init=config.init, dtype=config.dtype, seed=config.seed)
+                   init=config.init, dtype=config.dtype, seed=config.seed,
+                   layer_norm=config.layer_norm, norm_position=config.norm_position,
+                   residual=config.residual, dropout=config.dropout,
+                   label_smoothing=config.label_smoothing)
 
 
 def evaluate(net: Network, splits: dict, lam: float) -> dict:
@@ -154,7 +169,14 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     net = build_network(config, d, num_classes)
     optimizer = make_optimizer(config.optimizer)
     schedule = make_schedule(config)
+    augmentation = augment.from_config(config)
+    if augmentation.active and d != augmentation.input_size:
+        raise ValueError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
+                         f"values per row), but the data has {d} columns; turn flip, "
+                         "translate and jitter off for this data")
     rng = np.random.default_rng([config.seed, SHUFFLE_STREAM])
+    rngs = {"augment": np.random.default_rng([config.seed, AUGMENT_STREAM]),
+            "dropout": np.random.default_rng([config.seed, DROPOUT_STREAM])}
     total = config.total_steps
     eval_steps = set(config.eval_steps())
     history: list[dict] = []
@@ -167,9 +189,10 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     if run_dir is not None:
         _open_run(run_dir, config, resume)
         if resume:
-            start, history = _restore(run_dir, config, net, optimizer, rng, clock)
+            start, history = _restore(run_dir, config, net, optimizer, rng, rngs, clock)
         else:
-            _checkpoint(run_dir, config, net, optimizer, rng, 0, history, clock, steps_per_epoch)
+            _checkpoint(run_dir, config, net, optimizer, rng, rngs, 0, history, clock,
+                        steps_per_epoch)
     last_checkpoint = start
 
     def emit(event):
@@ -197,7 +220,11 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
             clock.train_seconds += time.perf_counter() - t0
             _record_initial(net, Xb, yb, config.lam, partial(record, 0, eta))
             t0 = time.perf_counter()
-        result = net.loss(Xb, yb, config.lam, mode="train", grads=True, check=False)
+        if augmentation.active:
+            Xb = augmentation(Xb, rngs["augment"])
+        masks = net.dropout_masks(B, rngs["dropout"]) if net.dropout else None
+        result = net.loss(Xb, yb, config.lam, mode="train", grads=True, check=False,
+                          masks=masks)
         cost = result.cost
         if not math.isfinite(cost):
             raise _divergence(net, step, eta, f"the mini-batch cost is {cost}",
@@ -212,7 +239,7 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
         if done % steps_per_epoch == 0 or done == total:
             _check_finite(net, done, eta, run_dir, last_checkpoint)
             if run_dir is not None:
-                _checkpoint(run_dir, config, net, optimizer, rng, done, history, clock,
+                _checkpoint(run_dir, config, net, optimizer, rng, rngs, done, history, clock,
                             steps_per_epoch)
                 last_checkpoint = done
             if done % steps_per_epoch == 0:
@@ -222,6 +249,12 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
     if "test" in splits:
         final.update(evaluate(net, {"test": splits["test"]}, config.lam))
+    final_moving_average = None
+    if config.precise_bn:
+        final_moving_average = final
+        use_statistics(net, population_statistics(
+            net, X_train, B, config.precise_bn, seed=config.seed))
+        final = evaluate(net, splits, config.lam)
     clock.eval_seconds += time.perf_counter() - t0
     best = max(history, key=lambda row: row["val_accuracy"])
     result = TrainResult(
@@ -229,6 +262,7 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
         best_val_accuracy=best["val_accuracy"], best_step=best["step"],
         best_epoch=best["epoch"], steps=total, epochs=total / steps_per_epoch,
         timings=clock.as_dict(), run_dir=run_dir,
+        final_moving_average=final_moving_average,
     )
     if run_dir is not None:
         _finish_run(run_dir, result, data)
@@ -291,7 +325,7 @@ def _open_run(run_dir: Path, config: TrainConfig, resume: bool) -> None:
     runs.write_config(run_dir, config.replace(out=str(run_dir)))
 
 
-def _restore(run_dir, config, net, optimizer, rng, clock) -> tuple[int, list]:
+def _restore(run_dir, config, net, optimizer, rng, rngs, clock) -> tuple[int, list]:
     """Load run_dir's checkpoint into the network, optimizer, generator and clock;
     return (steps done, history so far)."""
     ckpt = runs.load_checkpoint(run_dir)
@@ -302,17 +336,22 @@ def _restore(run_dir, config, net, optimizer, rng, clock) -> tuple[int, list]:
                          run_dir / runs.CHECKPOINT_FILE)
     optimizer.load_state_dict(ckpt.optimizer_state)
     rng.bit_generator.state = ckpt.rng_state
+    for name, generator in rngs.items():
+        if name in ckpt.rng_states:
+            generator.bit_generator.state = ckpt.rng_states[name]
     clock.train_seconds = ckpt.timings["train_seconds"]
     clock.eval_seconds = ckpt.timings["eval_seconds"]
     clock.before = ckpt.timings["total_seconds"]
     return ckpt.step, ckpt.history
 
 
-def _checkpoint(run_dir, config, net, optimizer, rng, step, history, clock, steps_per_epoch):
+def _checkpoint(run_dir, config, net, optimizer, rng, rngs, step, history, clock,
+                steps_per_epoch):
     runs.save_checkpoint(run_dir, runs.Checkpoint(
         step=step, epoch=step // steps_per_epoch, params=net.params, buffers=net.buffers,
         running_initialised=net.running_initialised,
         optimizer_state=optimizer.state_dict(), rng_state=rng.bit_generator.state,
+        rng_states={name: g.bit_generator.state for name, g in rngs.items()},
         history=history, timings=clock.as_dict(), config_hash=config.config_hash(),
     ))
     runs.write_history(run_dir / runs.HISTORY_FILE, history)

@@ -44,7 +44,7 @@ def test_eval_steps_cover_every_cycle():
     ("n_s", 0, "n_s must be an integer >= 1"),
     ("cycles", 1.5, "cycles must be an integer >= 1"),
     ("batch_size", 1, "batch_size must be an integer >= 2"),
-    ("schedule", "cosine", "schedule must be one of cyclic, constant"),
+    ("schedule", "linear", "schedule must be one of cyclic, constant, step, cosine"),
     ("optimizer", "adagrad", "optimizer must be one of sgd, momentum, adam"),
     ("protocol", "half", "protocol must be one of full, single"),
     ("n_val", 0, "n_val must be an integer >= 1"),

@@ -83,9 +83,9 @@ def test_one_forward_pass_for_training_evaluation_and_gradcheck(data, monkeypatc
     calls = []
     forward, affine = Network.forward, layers.affine_forward
 
-    def spy_forward(self, X, mode="train", check=True):
+    def spy_forward(self, X, mode="train", check=True, masks=None):
         calls.append(("forward", mode))
-        return forward(self, X, mode, check)
+        return forward(self, X, mode, check, masks)
 
     def spy_affine(x, W, b):
         calls.append(("affine", None))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from klayer.cli import UserError
-from klayer.config import DTYPES, PROTOCOLS, TrainConfig
+from klayer.config import DTYPES, NORM_POSITIONS, PROTOCOLS, TrainConfig
 from klayer.optim import OPTIMIZERS
 from klayer.schedules import SCHEDULES
 
@@ -23,6 +23,10 @@ OPTION_FLAGS = {
     "batch_size": "batch_size", "init": "init", "seed": "seed", "dtype": "dtype",
     "schedule": "schedule", "optimizer": "optimizer", "evals_per_cycle": "evals_per_cycle", "data_dir": "data_dir",
     "protocol": "protocol", "n_val": "n_val", "subset": "subset", "out": "out",
+    "layer_norm": "layer_norm", "norm_position": "norm_position", "residual": "residual",
+    "dropout": "dropout", "label_smoothing": "label_smoothing", "flip": "flip",
+    "translate": "translate", "jitter": "jitter", "decay_rate": "decay_rate",
+    "decay_every": "decay_every", "warmup_steps": "warmup_steps", "precise_bn": "precise_bn",
 }
 RESUMABLE_FLAGS = {"data_dir"}  # where the data is may change between sessions
 
@@ -51,7 +55,32 @@ def register(subparsers) -> None:
     p.add_argument("--optimizer", choices=tuple(OPTIMIZERS),
                    help="parameter update: sgd (default), momentum (μ = 0.9) or adam "
                         "(β = 0.9, 0.999)")
+    p.add_argument("--decay-rate", type=float, metavar="R",
+                   help="schedule step: multiply η by R every --decay-every steps (default 0.1)")
+    p.add_argument("--decay-every", type=int, metavar="STEPS",
+                   help="schedule step: steps between drops (default n_s)")
+    p.add_argument("--warmup-steps", type=int, metavar="STEPS",
+                   help="linear warm-up before a constant, step or cosine schedule")
     p.add_argument("--evals-per-cycle", type=int, metavar="N", help="history points per cycle")
+    beyond = p.add_argument_group("beyond the study (all off by default)")
+    beyond.add_argument("--layer-norm", action=argparse.BooleanOptionalAction, default=None,
+                        help="layer normalization instead of batch norm (with --no-batch-norm)")
+    beyond.add_argument("--norm-position", choices=NORM_POSITIONS,
+                        help="normalise before the ReLU (default) or after it")
+    beyond.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                        help="residual connections between hidden layers of equal width")
+    beyond.add_argument("--dropout", type=float, metavar="P",
+                        help="inverted dropout probability on the hidden layers")
+    beyond.add_argument("--label-smoothing", type=float, metavar="ε", help="label smoothing ε")
+    beyond.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="augment: random horizontal flips")
+    beyond.add_argument("--translate", type=int, metavar="PX",
+                        help="augment: random translations of up to PX pixels")
+    beyond.add_argument("--jitter", type=float, metavar="J",
+                        help="augment: random contrast (1±J) and brightness (±J)")
+    beyond.add_argument("--precise-bn", type=int, metavar="BATCHES",
+                        help="after training, recompute the batch-norm statistics over "
+                             "BATCHES training batches (PreciseBN)")
     p.add_argument("--data-dir", metavar="DIR", help="where CIFAR-10 is (default: $KLAYER_DATA)")
     p.add_argument("--protocol", choices=PROTOCOLS, help="data split (full: 45k/5k/10k)")
     p.add_argument("--n-val", type=int, metavar="N", help="validation images (protocol full)")
@@ -86,6 +115,10 @@ def run(args) -> int:
     finally:
         log.close()
     f = result.final
+    if result.final_moving_average is not None:
+        m = result.final_moving_average
+        log.line(f"with the moving averages: test accuracy {m['test_accuracy']:.2%}; "
+                 f"with PreciseBN ({config.precise_bn} batches): {f['test_accuracy']:.2%}")
     log.line(f"test accuracy {f['test_accuracy']:.2%} (loss {f['test_loss']:.4f}); "
              f"validation {f['val_accuracy']:.2%}, best {result.best_val_accuracy:.2%} at "
              f"step {result.best_step}; {result.timings['total_seconds']:.0f} s")
@@ -127,9 +160,20 @@ def _default_run_dir(args) -> Path:
 
 def _describe(config: TrainConfig) -> str:
     widths = ",".join(map(str, config.hidden_sizes)) or "none"
-    return (f"{len(config.hidden_sizes) + 1}-layer network (hidden {widths}, batch norm "
-            f"{'on' if config.batch_norm else 'off'}, {config.dtype}) for {config.total_steps} "
-            f"steps")
+    norm = ("batch norm" if config.batch_norm else "layer norm" if config.layer_norm
+            else "no normalization")
+    if config.norm_position == "after" and (config.batch_norm or config.layer_norm):
+        norm += " after ReLU"
+    extras = [f"{config.optimizer}, {config.schedule} schedule"]
+    extras += ["residual"] if config.residual else []
+    extras += [f"dropout {config.dropout:g}"] if config.dropout else []
+    extras += [f"label smoothing {config.label_smoothing:g}"] if config.label_smoothing else []
+    from klayer.augment import from_config
+
+    augmentation = from_config(config)
+    extras += [f"augmentation: {augmentation.describe()}"] if augmentation.active else []
+    return (f"{len(config.hidden_sizes) + 1}-layer network (hidden {widths}, {norm}, "
+            f"{config.dtype}; {'; '.join(extras)}) for {config.total_steps} steps")
 
 
 class _Log:
