@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klayer import layers as L
 from klayer.network import Network
 
 DEFAULT_H = 1e-5
@@ -33,11 +34,18 @@ DEFAULT_TOL = 1e-7
 DEFAULT_ABS_TOL = 1e-8
 
 
-def numerical_gradients(cost_fn, params: dict, h: float = DEFAULT_H, names=None) -> dict:
+def numerical_gradients(cost_fn, params: dict, h: float = DEFAULT_H, names=None,
+                        order: int = 2) -> dict:
     """Centred differences of ``cost_fn()`` with respect to every entry of ``params``.
 
-    ``params`` is perturbed in place and restored; ``cost_fn`` must read it.
+    order 2: (J(θ+h) - J(θ-h)) / 2h, truncation error h² J⁽³⁾ / 6.
+    order 4: (8 (J(θ+h) - J(θ-h)) - (J(θ+2h) - J(θ-2h))) / 12h, truncation error
+    h⁴ J⁽⁵⁾ / 30: for costs curved enough that h² J⁽³⁾ / 6 nears the tolerance (twice
+    the cost evaluations). ``params`` is perturbed in place and restored; ``cost_fn``
+    must read it.
     """
+    if order not in (2, 4):
+        raise ValueError(f"order must be 2 or 4, got {order}")
     grads = {}
     for name in names or params:
         theta = params[name]
@@ -49,8 +57,15 @@ def numerical_gradients(cost_fn, params: dict, h: float = DEFAULT_H, names=None)
             plus = cost_fn()
             flat[i] = old - h
             minus = cost_fn()
+            if order == 2:
+                gflat[i] = (plus - minus) / (2 * h)
+            else:
+                flat[i] = old + 2 * h
+                plus2 = cost_fn()
+                flat[i] = old - 2 * h
+                minus2 = cost_fn()
+                gflat[i] = (8 * (plus - minus) - (plus2 - minus2)) / (12 * h)
             flat[i] = old
-            gflat[i] = (plus - minus) / (2 * h)
         grads[name] = g
     return grads
 
@@ -106,7 +121,8 @@ def compare(net: Network, analytic: dict, numeric: dict, tol=DEFAULT_TOL,
 
 def check_gradients(net: Network, X, y, lam: float, h: float = DEFAULT_H,
                     tol: float = DEFAULT_TOL, abs_tol: float = DEFAULT_ABS_TOL,
-                    floor: float = DEFAULT_FLOOR, masks=None) -> list[GradCheckRow]:
+                    floor: float = DEFAULT_FLOOR, masks=None, order: int = 2
+                    ) -> list[GradCheckRow]:
     """Check every parameter of ``net`` (float64) on (X, y) with batch norm in train mode.
 
     With dropout, one fixed set of masks is used for every cost evaluation (``masks``,
@@ -124,7 +140,7 @@ def check_gradients(net: Network, X, y, lam: float, h: float = DEFAULT_H,
     def cost():
         return net.loss(X, y, lam, mode="train", grads=False, check=False, masks=masks).cost
 
-    numeric = numerical_gradients(cost, net.params, h)
+    numeric = numerical_gradients(cost, net.params, h, order=order)
     return compare(net, analytic, numeric, tol, abs_tol, floor)
 
 
@@ -139,6 +155,44 @@ def check_gradients_for(hidden_sizes, X, y, *, batch_norm: bool, lam: float,
     net = Network(X.shape[1], hidden_sizes, num_classes, batch_norm=batch_norm, init=init,
                   dtype="float64", seed=seed, **(options or {}))
     return check_gradients(net, X, y, lam, **check)
+
+
+KINK_MARGIN = 2e-4
+
+
+def relu_margin(net: Network, X, masks=None) -> float:
+    """The smallest |input| of any ReLU in a train-mode forward pass of X (inf if none).
+
+    A centred difference across a ReLU kink measures no derivative: moving one weight by
+    h = 1e-5 moves a pre-activation by about h·|x|, so an input within ~1e-4 of 0 can
+    make a correct implementation fail. This records the inputs by wrapping
+    :func:`klayer.layers.relu_forward` for the one forward pass.
+    """
+    smallest, real = [np.inf], L.relu_forward
+
+    def recording(x):
+        if x.size:
+            smallest[0] = min(smallest[0], float(np.abs(x).min()))
+        return real(x)
+
+    L.relu_forward = recording
+    try:
+        net.forward(X, "train", masks=masks)
+    finally:
+        L.relu_forward = real
+    return smallest[0]
+
+
+def seed_away_from_kinks(build, X, margin: float = KINK_MARGIN, tries: int = 50) -> int:
+    """The first seed s in 0..tries-1 whose network ``build(s)`` keeps every ReLU input
+    more than ``margin`` from 0 on X (with the dropout masks check_gradients draws)."""
+    for seed in range(tries):
+        net = build(seed)
+        masks = net.dropout_masks(len(X), np.random.default_rng(0)) or None
+        if relu_margin(net, X, masks) > margin:
+            return seed
+    raise ValueError(f"no seed in 0..{tries - 1} keeps the ReLU inputs {margin:g} away from 0 "
+                     "on these inputs; use more samples or narrower layers")
 
 
 def random_problem(dims: int, samples: int, num_classes: int = 10, seed: int = 0):

@@ -39,7 +39,10 @@ def write_report(result: StudyResult) -> Path:
     fig_dir.mkdir(parents=True, exist_ok=True)
     parts = [_header(result), _gradcheck(result), _depth(result, "ii", result.depth3, fig_dir),
              _depth(result, "iii", result.depth9, fig_dir), _search(result, fig_dir),
-             _init(result, fig_dir), _timing(result)]
+             _init(result, fig_dir)]
+    if result.extended is not None:
+        parts.append(_extended(result, fig_dir))
+    parts.append(_timing(result))
     path = out / "REPORT.md"
     runs.write_text(path, "\n\n".join(parts) + "\n")
     return path
@@ -227,10 +230,13 @@ def _init(r: StudyResult, fig_dir: Path) -> str:
 
 def _timing(r: StudyResult) -> str:
     total = sum(r.seconds.values())
-    reused = sum(run.reused for run in [*r.depth3, *r.depth9, *r.init, r.final])
+    all_runs = [*r.depth3, *r.depth9, *r.init, r.final]
+    if r.extended is not None:
+        all_runs += [run for rs in r.extended.techniques.values() for run in rs]
+    reused = sum(run.reused for run in all_runs)
     lines = ["## Time", "", "| section | seconds |", "|---|---|"]
     names = {"gradcheck": "i) gradient checks", "runs": "ii, iii, v) training runs",
-             "search": "iv) λ search and final run"}
+             "search": "iv) λ search and final run", "extended": "vi) beyond the study"}
     for key, secs in r.seconds.items():
         lines.append(f"| {names.get(key, key)} | {secs:.1f} |")
     lines.append(f"| **total** | **{total:.1f}** |")
@@ -238,3 +244,120 @@ def _timing(r: StudyResult) -> str:
         lines += ["", f"{reused} finished run(s) were reused from an earlier invocation; their "
                       "time is not included."]
     return "\n".join(lines)
+
+
+# --- section vi ----------------------------------------------------------------------------
+
+SEED_NOISE = 0.01  # one point: differences below it are not read as effects (one seed each)
+
+
+def _signed(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def _extended(r: StudyResult, fig_dir: Path) -> str:
+    e = r.extended
+    lines = [
+        "## vi) Beyond the study",
+        "",
+        "Each technique is one change to the baseline of sections ii and iii (batch norm before "
+        "the ReLU, cyclical SGD, λ = 0.005, the same seed, budget and data); Δ is the change in "
+        "test accuracy against that baseline, in points. One seed per run: differences under "
+        f"{100 * SEED_NOISE:.0f} point are not read as effects.",
+        "",
+        "### Gradient checks of the new layers",
+        "",
+        f"As in section i (float64, h = {G.DEFAULT_H:g}, CIFAR-10 inputs, λ = {e.lam:g}, "
+        f"tolerance {G.DEFAULT_TOL:g}), with the usual centred differences and with "
+        "fourth-order ones, (8 (J(θ+h) − J(θ−h)) − (J(θ+2h) − J(θ−2h))) / 12h. The usual "
+        "formula's truncation error, h² J⁽³⁾ / 6, is close to the tolerance for some of these "
+        "costs (it grows as h²: 100× larger at h = 1e-4), so the fourth-order column is the "
+        "one judged. Dropout uses one fixed mask for every cost evaluation. "
+        "The weights' seed is the first whose ReLU inputs all stay more than "
+        f"{G.KINK_MARGIN:g} from 0 on these inputs: a centred difference across a ReLU kink "
+        "measures no derivative, whatever the code.",
+        "",
+        "| network | hidden | seed | largest relative error, centred | fourth-order "
+        "| largest absolute error (BN-fed biases) | passes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case in e.gradcheck:
+        absolute = "—" if case.worst_absolute is None else f"{case.worst_absolute:.1e}"
+        lines.append(f"| {case.title} | {list(case.hidden)} | {case.seed} | "
+                     f"{case.worst_relative_order2:.2e} | {case.worst_relative:.2e} | "
+                     f"{absolute} | {'yes' if case.passed else '**NO**'} |")
+    worst = max(case.worst_relative for case in e.gradcheck)
+    lines += ["", ("**All pass**" if all(c.passed for c in e.gradcheck) else "**Some FAIL**")
+              + f"; largest relative error (fourth-order) {worst:.2e}."]
+
+    depths = list(e.techniques)
+    lines += ["", "### Techniques", "",
+              "| change to the baseline | " + " | ".join(f"{d} test accuracy | Δ" for d in depths)
+              + " |", "|---|" + "---|---|" * len(depths)]
+    baselines = {d: e.baselines[d][0] for d in depths}
+    cells = [f"{pct(baselines[d].test_accuracy)} | " for d in depths]
+    lines.append("| none (baseline: batch norm before the ReLU, cyclical SGD) | "
+                 + " | ".join(c + "—" for c in cells) + " |")
+    rows = [("no normalization (section ii/iii)", {d: e.baselines[d][1] for d in depths})]
+    for i, (_, label, _) in enumerate(_techniques()):
+        rows.append((label, {d: e.techniques[d][i] for d in depths}))
+    for label, by_depth in rows:
+        cells = [f"{pct(by_depth[d].test_accuracy)} | "
+                 f"{_signed(by_depth[d].test_accuracy - baselines[d].test_accuracy)}"
+                 for d in depths]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", _technique_verdict(rows, baselines, depths)]
+    for d in depths:
+        runs_ = [baselines[d], *e.techniques[d]]
+        fig = plots.plot_comparison({run.label if run is not baselines[d] else "baseline":
+                                     run.history for run in runs_},
+                                    fig_dir / f"extended_{d}.png", f"{d} network: techniques")
+        lines += ["", f"![{d} techniques]({_rel(fig, r.out)})"]
+
+    lines += ["", "### Moving averages, PreciseBN and adaptive BN", "",
+              f"Test accuracy of every batch-norm run above with three sets of batch-norm "
+              f"statistics: the moving averages training kept (α = 0.9); PreciseBN, the "
+              f"statistics averaged over {e.precise_batches} training batches run through the "
+              f"final weights; adaptive BN, the statistics of the test images themselves "
+              f"(**transductive**: it looks at the test inputs, never their labels; not "
+              f"comparable with the other columns as a result on unseen data).", "",
+              "| run | moving averages | PreciseBN | Δ | adaptive BN (transductive) |",
+              "|---|---|---|---|---|"]
+    for ev in e.bn_evaluations:
+        name = ev.run.label if ev.run.name.startswith("ext") else "baseline"
+        depth = f"{len(ev.run.config.hidden_sizes) + 1}-layer"
+        lines.append(f"| {depth}: {name} | {pct(ev.moving_average)} | {pct(ev.precise)} | "
+                     f"{_signed(ev.precise - ev.moving_average)} | {pct(ev.adaptive)} |")
+    if e.bn_evaluations:
+        diffs = [ev.precise - ev.moving_average for ev in e.bn_evaluations]
+        better = sum(d > 0 for d in diffs)
+        lines += ["", f"PreciseBN against the moving averages: mean change "
+                      f"{_signed(sum(diffs) / len(diffs))} points over {len(diffs)} runs, higher "
+                      f"in {better}, largest change {_signed(max(diffs, key=abs))}."
+                      + (" The moving averages are already close to the population statistics "
+                         "here: with α = 0.9 and a learning rate that ends near η_min, the last "
+                         "batches are normalised by nearly the final weights."
+                         if max(map(abs, diffs)) < SEED_NOISE else "")]
+    return "\n".join(lines)
+
+
+def _techniques():
+    from klayer.extended import TECHNIQUES
+
+    return TECHNIQUES
+
+
+def _technique_verdict(rows, baselines, depths) -> str:
+    sentences = []
+    for d in depths:
+        changes = [(label, by_depth[d].test_accuracy - baselines[d].test_accuracy)
+                   for label, by_depth in rows]
+        helped = [f"{label} ({_signed(c)})" for label, c in changes if c >= SEED_NOISE]
+        hurt = [f"{label} ({_signed(c)})" for label, c in changes if c <= -SEED_NOISE]
+        text = f"On the {d} network, "
+        text += ("one point or more better than the baseline: " + "; ".join(helped)
+                 if helped else "nothing beats the baseline by a point or more")
+        text += (". One point or more worse: " + "; ".join(hurt) + "." if hurt
+                 else ". Nothing is a point or more worse.")
+        sentences.append(text)
+    return " ".join(sentences)

@@ -230,11 +230,14 @@ class StudyResult:
     init: list
     seconds: dict  # per section
     out: Path
+    extended: object = None  # klayer.extended.ExtendedResult with --extended
 
 
 def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype="float32",
-              emit=lambda msg: None) -> StudyResult:
-    """Run (or reuse) every section of the study into ``out``; returns the numbers."""
+              emit=lambda msg: None, extended: bool = False) -> StudyResult:
+    """Run (or reuse) every section of the study into ``out``; returns the numbers.
+
+    extended: also section vi (:mod:`klayer.extended`), after the others."""
     import optuna
 
     from klayer import search
@@ -284,8 +287,21 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
     finally:
         executor.close()
     seconds["search"] = time.perf_counter() - t0
-    return StudyResult(budget, tables, lam, depth3, depth9, coarse, fine, final, init, seconds,
-                       out)
+    result = StudyResult(budget, tables, lam, depth3, depth9, coarse, fine, final, init,
+                         seconds, out)
+    if extended:
+        from klayer.extended import run_extended
+
+        t0 = time.perf_counter()
+        executor = search.make_executor(workers)
+        try:
+            result.extended = run_extended(out, budget, base,
+                                           {"3-layer": depth3, "9-layer": depth9},
+                                           executor, emit)
+        finally:
+            executor.close()
+        seconds["extended"] = time.perf_counter() - t0
+    return result
 
 
 def config_lines(config: TrainConfig, keys=None) -> str:

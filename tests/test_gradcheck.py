@@ -174,22 +174,134 @@ def test_gradients_of_random_networks(depth, width, n, batch_norm, seed):
     rng = np.random.default_rng(seed)
     hidden = [int(w) for w in rng.integers(5, width + 1, depth)]
     net = Network(10, hidden, batch_norm=batch_norm, seed=seed)
-    assume(min((np.abs(s).min() for s in _relu_inputs(net, X)), default=1.0) > 1e-4)
+    assume(G.relu_margin(net, X) > 1e-4)
     rows = G.check_gradients(net, X, y, LAM)
     assert all(r.passed for r in rows), G.markdown_table(rows)
 
 
-def _relu_inputs(net, X):
-    """The inputs of every ReLU in a train-mode forward pass."""
-    seen, real = [], L.relu_forward
+# --- beyond the study: normalization position, layer norm, residual, dropout, smoothing ----
 
-    def recording(x):
-        seen.append(x.copy())
-        return real(x)
+# Residual blocks need equal widths: 20 inputs -> 16 (no skip), 16 -> 16 and 16 -> 16
+# (skips), 16 -> 12 (no skip), then 10 classes. Narrower than 30 to keep the file fast.
+BEYOND_HIDDEN = [16, 16, 16, 12]
+BEYOND_CASES = {
+    "bn-after-relu": (True, {"norm_position": "after"}),
+    "ln-before": (False, {"layer_norm": True}),
+    "ln-after": (False, {"layer_norm": True, "norm_position": "after"}),
+    "residual-bn": (True, {"residual": True}),
+    "dropout": (True, {"dropout": 0.3}),
+    "label-smoothing": (True, {"label_smoothing": 0.1}),
+    "all-bn-after": (True, {"norm_position": "after", "residual": True, "dropout": 0.3,
+                            "label_smoothing": 0.1}),
+    "all-ln": (False, {"layer_norm": True, "residual": True, "dropout": 0.3,
+                       "label_smoothing": 0.1}),
+}
 
-    L.relu_forward = recording
-    try:
-        net.forward(X, "train")
-    finally:
-        L.relu_forward = real
-    return seen
+
+def _seed_away_from_kinks(X, batch_norm, options):
+    """The first network seed whose ReLU inputs all stay away from the kinks on X (a
+    centred difference across a kink measures no derivative)."""
+    return G.seed_away_from_kinks(
+        lambda seed: Network(X.shape[1], BEYOND_HIDDEN, batch_norm=batch_norm, seed=seed,
+                             **options), X)
+
+
+@pytest.mark.parametrize("name", list(BEYOND_CASES))
+def test_gradients_of_new_options_within_1e7(name):
+    batch_norm, options = BEYOND_CASES[name]
+    X, y = G.random_problem(20, 20)
+    seed = _seed_away_from_kinks(X, batch_norm, options)
+    rows = G.check_gradients_for(BEYOND_HIDDEN, X, y, batch_norm=batch_norm, lam=LAM,
+                                 seed=seed, options=options)
+    net = Network(20, BEYOND_HIDDEN, batch_norm=batch_norm, seed=seed, **options)
+    assert {r.name for r in rows} == set(net.params)
+    if options.get("layer_norm"):
+        assert {f"gamma{l}" for l in range(1, 5)} <= {r.name for r in rows}
+    relative = [r for r in rows if r.kind == "relative"]
+    worst = max(relative, key=lambda r: r.error)
+    assert worst.error <= 1e-7, G.markdown_table(rows, name)
+    assert all(r.passed for r in rows), G.markdown_table(rows, name)
+    for r in rows:  # absolute error only for biases feeding batch norm directly
+        cancelled = r.param == "b" and batch_norm and r.layer < net.num_layers \
+            and options.get("norm_position", "before") == "before"
+        assert r.kind == ("absolute" if cancelled else "relative"), r
+        if r.kind == "absolute":
+            assert r.error <= 1e-8, r
+
+
+def test_bn_after_relu_biases_are_judged_by_relative_error():
+    X, y = G.random_problem(20, 20)
+    after = Network(20, BEYOND_HIDDEN, batch_norm=True, norm_position="after")
+    before = Network(20, BEYOND_HIDDEN, batch_norm=True)
+    for l in range(1, after.num_layers + 1):
+        assert not after.bias_cancelled(l)
+        assert before.bias_cancelled(l) == (l < before.num_layers)
+    # b_l feeds the ReLU, not the normalization: its gradient is not zero
+    grads = after.loss(X, y, LAM).grads
+    for l in range(1, after.num_layers):
+        assert np.abs(grads[f"b{l}"]).max() > 1e-3
+    numeric = {f"b{l}": np.zeros_like(after.params[f"b{l}"]) for l in range(1, 6)}
+    assert [r.kind for r in G.compare(after, grads, numeric)] == ["relative"] * 5
+    assert [r.kind for r in G.compare(before, grads, numeric)] == ["absolute"] * 4 + ["relative"]
+
+
+def test_dropout_check_uses_one_fixed_mask_drawn_with_seed_0():
+    X, y = G.random_problem(20, 20)
+    X, y = X[:, :6], y  # a small network: the check runs twice
+    net = Network(6, [5, 4], dropout=0.3, seed=0)
+    masks = net.dropout_masks(20, np.random.default_rng(0))
+    assert all(0 < np.count_nonzero(m) < m.size for m in masks.values())
+    implicit = G.check_gradients(net, X, y, LAM)
+    explicit = G.check_gradients(net, X, y, LAM, masks=masks)
+    assert [(r.name, r.error) for r in implicit] == [(r.name, r.error) for r in explicit]
+    # the masks matter: without them the gradient differs
+    with_masks = net.loss(X, y, LAM, masks=masks).grads["W2"]
+    without = net.loss(X, y, LAM).grads["W2"]
+    assert G.relative_error(with_masks, without) > 1e-2
+
+
+def test_detects_dropout_masks_redrawn_for_every_cost_evaluation():
+    """Planted bug: fresh masks on each evaluation make the cost a random function of
+    the parameters; its centred differences then measure the noise, not the gradient."""
+    X, y = G.random_problem(20, 20)
+    net = Network(20, BEYOND_HIDDEN, dropout=0.3, seed=1)
+    rng = np.random.default_rng(0)
+    analytic = net.loss(X, y, LAM, masks=net.dropout_masks(20, np.random.default_rng(0))).grads
+
+    def cost():
+        return net.loss(X, y, LAM, grads=False, masks=net.dropout_masks(20, rng)).cost
+
+    numeric = G.numerical_gradients(cost, net.params, names=["W2", "b4", "W5"])
+    rows = G.compare(net, analytic, numeric)
+    assert len(rows) == 3
+    assert all(not r.passed and r.error > 1e-2 for r in rows), G.markdown_table(rows)
+
+
+def test_residual_networks_have_skips_exactly_where_widths_match():
+    net = Network(20, [30, 30, 30, 20], residual=True)
+    assert [l for l in range(0, net.num_layers + 2) if net.has_skip(l)] == [2, 3]
+    # layer 1 (input width = 30) and the output layer (10 -> 10) never skip
+    net = Network(30, [30, 30, 10, 10], num_classes=10, residual=True)
+    assert [l for l in range(1, net.num_layers + 1) if net.has_skip(l)] == [2, 4]
+    assert not any(Network(20, [30, 30, 30, 20]).has_skip(l) for l in range(1, 6))
+
+
+def test_residual_skip_adds_the_layer_input():
+    """With W_2 = W_3 = 0 and b = 0, the residual layers 2, 3 pass x_1 through unchanged
+    (x_1 >= 0 after its ReLU), while a plain network outputs zeros there."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((6, 20))
+    out = {}
+    for residual in (True, False):
+        net = Network(20, [30, 30, 30, 20], batch_norm=False, residual=residual, seed=2)
+        p = net.params
+        for l in (2, 3):
+            p[f"W{l}"][:] = 0
+        for l in range(1, 6):
+            p[f"b{l}"][:] = rng.normal(0, 0.1, p[f"b{l}"].shape) if l in (1, 4, 5) else 0
+        out[residual] = net.forward(X).scores
+        x1 = np.maximum(X @ p["W1"].T + p["b1"], 0)
+        x3 = x1 if residual else np.zeros_like(x1)
+        x4 = np.maximum(x3 @ p["W4"].T + p["b4"], 0)
+        np.testing.assert_allclose(out[residual], x4 @ p["W5"].T + p["b5"], rtol=1e-12)
+    assert not np.allclose(out[True], out[False])

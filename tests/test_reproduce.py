@@ -1,4 +1,5 @@
-"""`klayer reproduce --quick` on real CIFAR-10: every section, valid figures, right claims."""
+"""`klayer reproduce --quick --extended` on real CIFAR-10: every section, valid figures,
+right claims."""
 
 import re
 from pathlib import Path
@@ -6,17 +7,19 @@ from pathlib import Path
 import pytest
 
 from klayer.cli import main
+from klayer.extended import GRADCHECK_CASES, TECHNIQUES
 
 SECTIONS = ["## i) Gradient verification", "## ii) 3-layer network", "## iii) 9-layer network",
-            "## iv) λ search", "## v) Initialisation sensitivity", "## Time"]
+            "## iv) λ search", "## v) Initialisation sensitivity", "## vi) Beyond the study",
+            "## Time"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def quick_report(cifar_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduction")
-    code = main(["reproduce", "--quick", "--out", str(out), "--data-dir", str(cifar_dir),
-                 "--workers", "2", "--quiet"])
+    code = main(["reproduce", "--quick", "--extended", "--out", str(out), "--data-dir",
+                 str(cifar_dir), "--workers", "2", "--quiet"])
     assert code == 0
     return out, (out / "REPORT.md").read_text(encoding="utf-8")
 
@@ -31,7 +34,7 @@ def test_report_has_every_section(quick_report):
 def test_every_figure_named_exists_and_is_a_png(quick_report):
     out, text = quick_report
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(figures) >= 7  # 3-layer, 9-layer, λ, final, three σ
+    assert len(figures) >= 9  # 3-layer, 9-layer, λ, final, three σ, two in section vi
     for name in figures:
         path = out / name
         assert path.is_file(), name
@@ -68,8 +71,49 @@ def test_running_again_reuses_every_run(quick_report, cifar_dir, capsys):
     summaries = lambda: {p: p.stat().st_mtime_ns for p in Path(out).glob("**/summary.json")}
     before = summaries()
     study_runs = list(Path(out, "runs").glob("*/summary.json"))
-    assert len(study_runs) == 4 + 6 + 1  # ii, iii, v and the final run of iv
-    assert main(["reproduce", "--quick", "--out", str(out), "--data-dir", str(cifar_dir),
-                 "--workers", "1"]) == 0
+    assert len(study_runs) == 4 + 6 + 1 + 2 * len(TECHNIQUES)  # ii, iii, v, iv's final, vi
+    assert main(["reproduce", "--quick", "--extended", "--out", str(out), "--data-dir",
+                 str(cifar_dir), "--workers", "1"]) == 0
     assert capsys.readouterr().out.count("reusing ") == len(study_runs)
     assert summaries() == before  # nothing retrained, search trials included
+
+
+def _section_vi(text):
+    return text[text.index("## vi) Beyond the study"):text.index("## Time")]
+
+
+def test_extended_gradient_checks_pass(quick_report):
+    section = _section_vi(quick_report[1])
+    rows = [line for line in section.splitlines()
+            if any(line.startswith(f"| {title} |") for title, _, _ in GRADCHECK_CASES)]
+    assert len(rows) == len(GRADCHECK_CASES)
+    for line in rows:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert cells[-1] == "yes", line
+        assert float(cells[4]) <= 1e-7, line  # fourth-order, judged
+        if cells[5] != "—":
+            assert float(cells[5]) <= 1e-8, line
+    assert "**All pass**" in section
+
+
+def test_extended_techniques_table_has_every_technique_at_both_depths(quick_report):
+    section = _section_vi(quick_report[1])
+    for _, label, _ in TECHNIQUES:
+        row = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        accuracies = [float(cells[i].rstrip("%")) for i in (1, 3)]
+        assert all(10 <= a <= 100 for a in accuracies), row
+        float(cells[2]), float(cells[4])  # the changes are numbers
+
+
+def test_extended_statistics_table_labels_adaptive_bn_transductive(quick_report):
+    section = _section_vi(quick_report[1])
+    assert "adaptive BN (transductive)" in section
+    rows = [line for line in section.splitlines()
+            if line.startswith(("| 3-layer: ", "| 9-layer: "))]
+    # every batch-norm run: the two baselines and the techniques but layer norm
+    assert len(rows) == 2 + 2 * (len(TECHNIQUES) - 1)
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        moving, precise, change = float(cells[1][:-1]), float(cells[2][:-1]), float(cells[3])
+        assert abs((precise - moving) - change) < 0.011, row

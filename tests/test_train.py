@@ -224,3 +224,43 @@ def test_resume_is_bit_identical_with_stateful_optimizers(data, tmp_path, optimi
     config = SMALL.replace(optimizer=optimizer, eta_max=eta)
     straight = _check_resume_is_exact(config, data, tmp_path, stop_epoch=2)
     assert straight.final["train_accuracy"] > 0.5  # it learns (4 classes: chance is 0.25)
+
+
+# --- dropout and augmentation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", [{"flip": True}, {"translate": 2}, {"jitter": 0.1}])
+def test_augmentation_needs_image_rows(data, option):
+    with pytest.raises(ValueError, match=r"augmentation needs CIFAR-10 images \(3072 "
+                                         r"values per row\).*20 columns"):
+        train(SMALL.replace(dropout=0.2, **option), data)
+
+
+@pytest.fixture(scope="module")
+def image_data():
+    """Generated rows of CIFAR-10 width (3072): 100/40 split, four classes decided by the
+    mean of the red channel's left half and of the green channel's top half."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((140, 3072))
+    images = X.reshape(-1, 3, 32, 32)
+    y = (images[:, 0, :, :16].mean(axis=(1, 2)) > 0).astype(np.int64) \
+        + 2 * (images[:, 1, :16].mean(axis=(1, 2)) > 0)
+    return SimpleNamespace(X_train=X[:100], y_train=y[:100], X_val=X[100:], y_val=y[100:])
+
+
+def test_resume_is_bit_identical_with_dropout(data, tmp_path):
+    config = SMALL.replace(dropout=0.2)
+    straight = _check_resume_is_exact(config, data, tmp_path, stop_epoch=2)
+    plain = train(SMALL, data)  # dropout changes the run (masks drawn every step)
+    assert not np.array_equal(plain.network.params["W1"], straight.network.params["W1"])
+
+
+def test_resume_is_bit_identical_with_dropout_and_augmentation(image_data, tmp_path):
+    config = TrainConfig(hidden_sizes=(8, 6), n_s=5, cycles=2, batch_size=20, eta_max=0.2,
+                         evals_per_cycle=2, dropout=0.2, flip=True, translate=2)
+    straight = _check_resume_is_exact(config, image_data, tmp_path, stop_epoch=2)
+    assert straight.steps == 20 and straight.epochs == 4.0
+    # the augmentation changes the run, and draws from its own generator: dropout
+    # masks and shuffling do not depend on it, so turning it off changes only the inputs
+    no_aug = train(config.replace(flip=False, translate=0), image_data)
+    assert not np.array_equal(no_aug.network.params["W1"], straight.network.params["W1"])

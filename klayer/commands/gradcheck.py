@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from klayer import gradcheck as G
+from klayer.network import Network
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -50,6 +53,19 @@ def register(subparsers) -> None:
     p.add_argument("--floor", type=float, default=G.DEFAULT_FLOOR,
                    help=f"floor of the relative error's denominator (default "
                         f"{G.DEFAULT_FLOOR:g})")
+    p.add_argument("--order", type=int, choices=(2, 4), default=2,
+                   help="centred differences of order 2 (default) or 4 (truncation error "
+                        "h⁴ instead of h², twice the cost evaluations)")
+    x = p.add_argument_group("beyond the study")
+    x.add_argument("--layer-norm", action="store_true",
+                   help="layer norm instead of batch norm (implies --no-batch-norm)")
+    x.add_argument("--norm-position", choices=("before", "after"), default="before",
+                   help="normalise before the ReLU (default) or after it")
+    x.add_argument("--residual", action="store_true",
+                   help="residual connections between hidden layers of equal width")
+    x.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="dropout probability (one fixed mask, seed 0)")
+    x.add_argument("--label-smoothing", type=float, default=0.0, metavar="ε")
     p.add_argument("--cifar", action="store_true",
                    help="use the first SAMPLES CIFAR-10 training images (first DIMS "
                         "standardised dimensions) instead of random inputs")
@@ -59,18 +75,35 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     X, y, source = inputs(args)
+    batch_norm = args.batch_norm and not args.layer_norm
+    options = {"layer_norm": args.layer_norm, "norm_position": args.norm_position,
+               "residual": args.residual, "dropout": args.dropout,
+               "label_smoothing": args.label_smoothing}
     rows = G.check_gradients_for(
-        args.hidden, X, y, batch_norm=args.batch_norm, lam=args.lam, init=args.init,
-        seed=args.seed, h=args.h, tol=args.tol, abs_tol=args.abs_tol, floor=args.floor)
+        args.hidden, X, y, batch_norm=batch_norm, lam=args.lam, init=args.init,
+        seed=args.seed, h=args.h, tol=args.tol, abs_tol=args.abs_tol, floor=args.floor,
+        options=options, order=args.order)
     k = len(args.hidden) + 1
-    title = (f"{k}-layer network {'with' if args.batch_norm else 'without'} batch norm, "
-             f"hidden {args.hidden or 'none'}, {args.samples} samples × {args.dims} dims "
-             f"({source}), λ = {args.lam:g}")
+    norm = "batch norm" if batch_norm else "layer norm" if args.layer_norm else "no normalization"
+    extras = [f"{norm}{' after the ReLU' if args.norm_position == 'after' and norm != 'no normalization' else ''}"]
+    extras += ["residual"] if args.residual else []
+    extras += [f"dropout {args.dropout:g} (fixed mask)"] if args.dropout else []
+    extras += [f"label smoothing {args.label_smoothing:g}"] if args.label_smoothing else []
+    extras += [f"order-{args.order} differences"] if args.order != 2 else []
+    title = (f"{k}-layer network, {', '.join(extras)}, hidden {args.hidden or 'none'}, "
+             f"{args.samples} samples × {args.dims} dims ({source}), λ = {args.lam:g}")
     print(G.markdown_table(rows, title))
     failed = [r.name for r in rows if not r.passed]
     print()
     if failed:
         print(f"FAILED: {', '.join(failed)} above tolerance")
+        net = Network(X.shape[1], args.hidden, batch_norm=batch_norm, init=args.init,
+                      dtype="float64", seed=args.seed, **options)
+        margin = G.relu_margin(net, X, net.dropout_masks(len(X), np.random.default_rng(0)))
+        if margin < G.KINK_MARGIN:
+            print(f"note: a ReLU input is only {margin:.1e} from 0 here, where centred "
+                  "differences measure no derivative (a kink); try another --seed before "
+                  "suspecting the code")
         return 1
     print(f"passed: every error within tolerance (relative ≤ {args.tol:g}, floor "
           f"{args.floor:g}; absolute ≤ {args.abs_tol:g})")

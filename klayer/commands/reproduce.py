@@ -17,6 +17,10 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="the same sections on a 5,000-image subset with short cycles "
                         "(a few minutes)")
+    p.add_argument("--extended", action="store_true",
+                   help="also section vi: batch norm after the ReLU, layer norm, residual "
+                        "connections, dropout, augmentation, label smoothing, Adam, and "
+                        "PreciseBN / adaptive BN against the moving averages")
     p.add_argument("--workers", type=int, default=2,
                    help="runs trained in parallel (default 2, one per core)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -42,7 +46,7 @@ def run(args) -> int:
             print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
 
     result = study.run_study(args.out, budget, data_dir=data_dir, workers=args.workers,
-                             dtype=args.dtype, emit=emit)
+                             dtype=args.dtype, emit=emit, extended=args.extended)
     path = write_report(result)
     print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
     return 0

@@ -62,8 +62,12 @@ def register(subparsers) -> None:
                    help="keep no run folder per trial (only the tables)")
     t = p.add_argument_group("training options (override the base configuration)")
     for action in _training_actions():
-        t.add_argument(*action.option_strings, dest=action.dest, type=action.type,
-                       choices=action.choices, metavar=action.metavar, help=action.help)
+        if isinstance(action, argparse.BooleanOptionalAction):  # --flip / --no-flip
+            t.add_argument(action.option_strings[0], dest=action.dest, default=None,
+                           action=argparse.BooleanOptionalAction, help=action.help)
+        else:
+            t.add_argument(*action.option_strings, dest=action.dest, type=action.type,
+                           choices=action.choices, metavar=action.metavar, help=action.help)
     p.add_argument("--quiet", action="store_true",
                    help="plain log lines instead of a progress bar")
     p.set_defaults(handler=run)
