@@ -154,3 +154,42 @@ def test_sigkill_then_resume_matches_uninterrupted(cifar_dir, tmp_path):
     for k in straight.network.buffers:
         np.testing.assert_array_equal(resumed.buffers[k], straight.network.buffers[k], err_msg=k)
     assert runs.read_history(run / runs.HISTORY_FILE) == straight.history
+
+
+@pytest.mark.cifar
+def test_beyond_flags_train_and_evaluate_with_other_statistics(cifar_dir, tmp_path, capsys):
+    """The new options reach the run's config from the flags; evaluate recomputes the
+    batch-norm statistics (PreciseBN, adaptive BN) without changing the model file."""
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(cifar_dir), "--subset", "1000", "--hidden", "20,20",
+                 "--n-s", "20", "--cycles", "1", "--batch-size", "50", "--dtype", "float32",
+                 "--norm-position", "after", "--residual", "--dropout", "0.1",
+                 "--label-smoothing", "0.1", "--flip", "--translate", "2", "--jitter", "0.1",
+                 "--optimizer", "momentum", "--schedule", "cosine", "--warmup-steps", "5",
+                 "--precise-bn", "4", "--out", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "batch norm after ReLU" in out and "residual" in out and "dropout 0.1" in out
+    assert "flips, translations ±2 px, jitter 0.1" in out
+    assert "with the moving averages: test accuracy" in out and "with PreciseBN (4 batches)" in out
+    config = runs.read_config(run)
+    assert (config.norm_position, config.residual, config.dropout, config.label_smoothing,
+            config.flip, config.translate, config.jitter, config.schedule, config.warmup_steps,
+            config.precise_bn) == ("after", True, 0.1, 0.1, True, 2, 0.1, "cosine", 5, 4)
+    summary = runs.read_summary(run)
+    assert set(summary["final_moving_average"]) >= {"test_accuracy", "val_accuracy"}
+
+    model = (run / runs.MODEL_FILE).read_bytes()
+    assert main(["evaluate", str(run), "--precise-bn", "5", "--adaptive-bn"]) == 0
+    out = capsys.readouterr().out
+    assert "PreciseBN over 5 training batches of 50" in out
+    assert "adaptive BN, statistics of the 10000 test images (transductive)" in out
+    assert "the saved statistics (PreciseBN over 4 batches)" in out
+    assert (run / runs.MODEL_FILE).read_bytes() == model
+
+    nobn = tmp_path / "nobn"
+    assert main(["train", "--data-dir", str(cifar_dir), "--subset", "500", "--hidden", "10",
+                 "--no-batch-norm", "--layer-norm", "--n-s", "5", "--cycles", "1",
+                 "--batch-size", "50", "--out", str(nobn), "--quiet"]) == 0
+    assert "layer norm" in capsys.readouterr().out
+    assert main(["evaluate", str(nobn), "--adaptive-bn"]) == 2
+    assert "has no batch norm" in capsys.readouterr().err

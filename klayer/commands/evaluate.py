@@ -3,6 +3,11 @@
 The saved model is applied to the CIFAR-10 test batch standardised with the model's own
 statistics (those of its training set), so the result does not depend on how the data
 would be split today.
+
+Batch-norm statistics: by default the moving averages saved with the model. With
+``--precise-bn N`` they are recomputed over N training batches (PreciseBN); with
+``--adaptive-bn`` over the test images themselves (adaptive BN: transductive, and printed
+as such). Both are reported beside the moving averages; the model file is not changed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,12 @@ def register(subparsers) -> None:
     p.add_argument("run", type=Path, metavar="RUN", help="run folder (or its model.npz)")
     p.add_argument("--data-dir", metavar="DIR", help="where CIFAR-10 is (default: the run's, "
                                                      "else $KLAYER_DATA)")
+    p.add_argument("--precise-bn", type=int, metavar="BATCHES",
+                   help="also evaluate with batch-norm statistics recomputed over BATCHES "
+                        "training batches of the run's batch size (PreciseBN)")
+    p.add_argument("--adaptive-bn", action="store_true",
+                   help="also evaluate with batch-norm statistics of the test images "
+                        "(adaptive BN; transductive: uses the test inputs, not their labels)")
     p.add_argument("--out", type=Path, metavar="PNG",
                    help="confusion matrix image (default RUN/confusion.png)")
     p.set_defaults(handler=run)
@@ -44,11 +55,15 @@ def run(args) -> int:
 
     from klayer import plots  # after the checks: importing Matplotlib takes a moment
 
+    if args.precise_bn is not None or args.adaptive_bn:
+        _other_statistics(args, net, X, y, run_dir, data_dir, standardizer)
+
     predicted = net.predict(X)
     counts = plots.confusion_matrix(y, predicted, net.num_classes)
     per_class = np.diag(counts) / np.maximum(counts.sum(axis=1), 1)
     print(f"test accuracy {np.mean(predicted == y):.2%} on {len(y)} images "
-          f"(loss {net.evaluate(X, y)['loss']:.4f})")
+          f"(loss {net.evaluate(X, y)['loss']:.4f})"
+          + (f" with {_saved_statistics(run_dir)}" if net.batch_norm else ""))
     width = max(map(len, class_names))
     for name, acc, total in zip(class_names, per_class, counts.sum(axis=1)):
         print(f"  {name:<{width}}  {acc:.2%}  ({total} images)")
@@ -56,3 +71,49 @@ def run(args) -> int:
     plots.plot_confusion(counts, class_names, out, title=f"Confusion matrix: {run_dir.name}")
     print(f"confusion matrix: {out}")
     return 0
+
+
+def _other_statistics(args, net, X, y, run_dir, data_dir, standardizer) -> None:
+    """Print the test accuracy with PreciseBN and/or adaptive-BN statistics."""
+    from klayer import data as D
+    from klayer import runs
+    from klayer.bn_stats import population_statistics, use_statistics
+
+    if not net.batch_norm:
+        raise ValueError("--precise-bn and --adaptive-bn recompute batch-norm statistics, but "
+                         "this network has no batch norm")
+    config = runs.read_config(run_dir) if (run_dir / runs.CONFIG_FILE).exists() else None
+    batch = config.batch_size if config else 100
+    saved = dict(net.buffers)
+    moving = net.evaluate(X, y)["accuracy"]
+    print(f"batch-norm statistics (test accuracy): {_saved_statistics(run_dir)} {moving:.2%}")
+    if args.precise_bn is not None:
+        if config is None:
+            raise ValueError(f"--precise-bn needs the run's config.toml (in {run_dir}) to know "
+                             "its training images; evaluate the run folder, not a copied model")
+        data = D.load_cifar10(data_dir, protocol=config.protocol, n_val=config.n_val,
+                              subset=config.subset, dtype=net.dtype, progress=False)
+        if not np.allclose(data.standardizer.mean, standardizer.mean):
+            raise ValueError("the training images found now are not those the model was "
+                             "trained on (their statistics differ); point --data-dir at the "
+                             "run's data")
+        use_statistics(net, population_statistics(net, data.X_train, batch, args.precise_bn,
+                                                  seed=config.seed))
+        print(f"  PreciseBN over {args.precise_bn} training batches of {batch}: "
+              f"{net.evaluate(X, y)['accuracy']:.2%}")
+    if args.adaptive_bn:
+        use_statistics(net, population_statistics(net, X, batch, None, seed=0))
+        print(f"  adaptive BN, statistics of the {len(X)} test images (transductive): "
+              f"{net.evaluate(X, y)['accuracy']:.2%}")
+    use_statistics(net, saved)  # the rest of the report uses the saved moving averages
+
+
+def _saved_statistics(run_dir) -> str:
+    """What the model's saved batch-norm statistics are."""
+    from klayer import runs
+
+    if (run_dir / runs.CONFIG_FILE).exists():
+        config = runs.read_config(run_dir)
+        if config.precise_bn:
+            return f"the saved statistics (PreciseBN over {config.precise_bn} batches)"
+    return "the saved moving averages"
