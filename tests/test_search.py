@@ -260,3 +260,29 @@ def _trials(out: Path, polling: bool = False):
         if polling:
             return []
         raise
+
+
+def test_the_new_training_options_are_searchable(cifar_dir, tmp_path, capsys):
+    """Dropout, the normalization's position, augmentation and label smoothing are
+    search dimensions like λ; the flags of klayer train set them in the base config."""
+    doc = tiny(cifar_dir, {"dropout": {"choice": [0.0, 0.3]},
+                           "norm_position": {"choice": ["before", "after"]}})
+    doc.update(flip=True, translate=2, label_smoothing=0.1)
+    result = run_search(parse_search(doc), tmp_path / "api")
+    done = {(r["dropout"], r["norm_position"]) for r in result.rows if r["state"] == "COMPLETE"}
+    assert done == {(0.0, "before"), (0.0, "after"), (0.3, "before"), (0.3, "after")}
+    best = result.best_config
+    assert (best.flip, best.translate, best.label_smoothing) == (True, 2, 0.1)
+    assert (best.dropout, best.norm_position) == (result.best["dropout"],
+                                                  result.best["norm_position"])
+    flags = ["search", "--out", str(tmp_path / "cli"), "--method", "random", "--n-trials", "2",
+             "--lambda-range", "1e-4,1e-1", "--batch-norm", "on", "--hidden", "8",
+             "--n-s", "10", "--cycles", "1", "--subset", "500", "--evals-per-cycle", "2",
+             "--data-dir", str(cifar_dir), "--no-runs", "--quiet", "--flip", "--dropout",
+             "0.2", "--residual", "--optimizer", "adam", "--schedule", "cosine",
+             "--eta-max", "0.003"]
+    assert main(flags) == 0
+    capsys.readouterr()
+    best = TrainConfig.from_toml(tmp_path / "cli" / "best.toml")
+    assert (best.flip, best.dropout, best.residual, best.optimizer, best.schedule) == \
+        (True, 0.2, True, "adam", "cosine")
