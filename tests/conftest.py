@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +26,36 @@ def cifar_dir() -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Small generated data for training tests: four classes decided by the signs of two
+    of 20 Gaussian inputs; 200 train / 100 validation / 100 test rows."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 20))
+    y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0)
+    return SimpleNamespace(X_train=X[:200], y_train=y[:200], X_val=X[200:300],
+                           y_val=y[200:300], X_test=X[300:], y_test=y[300:])
+
+
+def torch_or_skip():
+    """PyTorch (the test-only oracle), or a skip with a printed reason on a developer
+    machine without it; under CI (CI=true) its absence is a failure."""
+    try:
+        import torch
+    except ImportError:
+        reason = "PyTorch not installed: pip install torch==2.13.0 (CPU build)"
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(f"CI must run the PyTorch oracle tests: {reason}")
+        print(f"\nskipping a PyTorch oracle test: {reason}")
+        pytest.skip(reason)
+    return torch
+
+
+@pytest.fixture
+def require_torch():
+    return torch_or_skip()
 
 
 # Property tests draw new examples on every run locally; under CI they are derandomised

@@ -1,6 +1,5 @@
 """PreciseBN: population statistics recomputed with frozen weights, swapped in and out."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -160,16 +159,6 @@ def test_errors():
 
 
 # --- PreciseBN in training ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data():
-    """Four classes decided by the signs of two of 20 Gaussian inputs (as in test_train)."""
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((400, 20))
-    y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0)
-    return SimpleNamespace(X_train=X[:200], y_train=y[:200], X_val=X[200:300],
-                           y_val=y[200:300], X_test=X[300:], y_test=y[300:])
 
 
 def test_train_with_precise_bn(data):

@@ -4,7 +4,6 @@ PyTorch is a test-only dependency. Without it this module is skipped with a prin
 reason on a developer machine, and fails under CI (CI=true), where it must run.
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -18,14 +17,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     torch = None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def require_torch():
-    if torch is None:
-        reason = "PyTorch not installed: pip install torch==2.13.0 (CPU build)"
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail(f"CI must run the PyTorch oracle tests: {reason}")
-        print(f"\nskipping the PyTorch oracle: {reason}")
-        pytest.skip(reason)
+pytestmark = pytest.mark.usefixtures("require_torch")
 
 
 def torch_cost(net: Network, X, y, lam, mode="train"):

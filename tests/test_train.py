@@ -20,16 +20,6 @@ def no_figures(monkeypatch):
     monkeypatch.setattr("klayer.plots.plot_history", lambda *args, **kwargs: None)
 
 
-@pytest.fixture(scope="module")
-def data():
-    """Four classes decided by the signs of two of 20 Gaussian inputs; 200/100/100 split."""
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((400, 20))
-    y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0)
-    return SimpleNamespace(X_train=X[:200], y_train=y[:200], X_val=X[200:300],
-                           y_val=y[200:300], X_test=X[300:], y_test=y[300:])
-
-
 def _assert_same_state(a: Network, b: Network):
     assert a.params.keys() == b.params.keys() and a.buffers.keys() == b.buffers.keys()
     for k in a.params:
