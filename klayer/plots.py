@@ -48,6 +48,24 @@ def plot_comparison(histories: dict, path, title: str | None = None) -> Path:
     return _save(fig, Path(path))
 
 
+def plot_validation(histories: dict, path, title: str | None = None) -> Path:
+    """Validation accuracy against the epoch for many runs ``{label: history}`` on one
+    axis, the legend beside it (for comparisons of more runs than plot_comparison can
+    show legibly)."""
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, history) in enumerate(histories.items()):
+        ax.plot([row["epoch"] for row in history], [row["val_accuracy"] for row in history],
+                "-", marker=".", color=colors[i % len(colors)], label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if title:
+        ax.set_title(title)
+    return _save(fig, Path(path))
+
+
 def plot_history(history: list[dict], out_dir, title: str | None = None) -> Path:
     """The curves of one run: out_dir/curves.png (see :func:`plot_comparison`)."""
     return plot_comparison({"": history}, Path(out_dir) / HISTORY_FIGURE, title)

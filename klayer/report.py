@@ -69,6 +69,7 @@ def _header(r: StudyResult) -> str:
         "its configuration, history, model and curves are in `runs/<name>-<hash>/`.",
         "",
         "Regenerate with `klayer reproduce" + (" --quick" if budget.name == "quick" else "")
+        + (" --extended" if r.extended is not None else "")
         + f" --out {r.out}`; runs already finished are reused.",
     ]
     return "\n".join(lines)
@@ -309,7 +310,7 @@ def _extended(r: StudyResult, fig_dir: Path) -> str:
     lines += ["", _technique_verdict(rows, baselines, depths)]
     for d in depths:
         runs_ = [baselines[d], *e.techniques[d]]
-        fig = plots.plot_comparison({run.label if run is not baselines[d] else "baseline":
+        fig = plots.plot_validation({run.label if run is not baselines[d] else "baseline":
                                      run.history for run in runs_},
                                     fig_dir / f"extended_{d}.png", f"{d} network: techniques")
         lines += ["", f"![{d} techniques]({_rel(fig, r.out)})"]
