@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from klayer import gradcheck as G
 from klayer import runs
 from klayer.config import TrainConfig
@@ -192,10 +190,3 @@ def run_extended(out: Path, budget: Budget, base: TrainConfig, depth_pairs: dict
     return ExtendedResult(cases, lam, dict(depth_pairs), techniques, evaluations,
                           PRECISE_BATCHES, seconds)
 
-
-def accuracy_change(run: Run, baseline: Run) -> float:
-    return run.test_accuracy - baseline.test_accuracy
-
-
-def mean(values) -> float:
-    return float(np.mean(list(values)))
