@@ -21,7 +21,8 @@ OPTION_FLAGS = {
     "hidden": "hidden_sizes", "batch_norm": "batch_norm", "lam": "lam",
     "eta_min": "eta_min", "eta_max": "eta_max", "n_s": "n_s", "cycles": "cycles",
     "batch_size": "batch_size", "init": "init", "seed": "seed", "dtype": "dtype",
-    "schedule": "schedule", "optimizer": "optimizer", "evals_per_cycle": "evals_per_cycle", "data_dir": "data_dir",
+    "schedule": "schedule", "optimizer": "optimizer", "evals_per_cycle": "evals_per_cycle",
+    "data_dir": "data_dir",
     "protocol": "protocol", "n_val": "n_val", "subset": "subset", "out": "out",
     "layer_norm": "layer_norm", "norm_position": "norm_position", "residual": "residual",
     "dropout": "dropout", "label_smoothing": "label_smoothing", "flip": "flip",
@@ -35,7 +36,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a network on CIFAR-10",
         description="Train a k-layer network on CIFAR-10 with mini-batch gradient descent "
-                    "and a cyclical learning rate. Flags override --config.")
+                    "(SGD, momentum or Adam) and a learning-rate schedule (cyclical by "
+                    "default). Flags override --config.")
     p.add_argument("--config", type=Path, metavar="FILE.toml", help="options from a TOML file")
     p.add_argument("--hidden", type=_hidden_sizes, metavar="W1,W2,...",
                    help="hidden layer widths, e.g. 50,50 (empty: no hidden layer)")
@@ -51,7 +53,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, help="seed of the weights and the shuffling")
     p.add_argument("--dtype", choices=DTYPES, help="float precision")
     p.add_argument("--schedule", choices=SCHEDULES,
-                   help="learning-rate schedule (constant: η = eta_max)")
+                   help="learning-rate schedule: cyclic (default), constant (η = eta_max), "
+                        "step (see --decay-rate) or cosine (eta_max down to eta_min)")
     p.add_argument("--optimizer", choices=tuple(OPTIMIZERS),
                    help="parameter update: sgd (default), momentum (μ = 0.9) or adam "
                         "(β = 0.9, 0.999)")
