@@ -46,9 +46,11 @@ def run(args) -> int:
                          "on CIFAR-10 by `klayer train`, so it cannot be evaluated on it")
     class_names = list(class_names or D.CLASS_NAMES)
     run_dir = args.run if args.run.is_dir() else args.run.parent
+    # the run's configuration, when evaluating a run folder (not a copied model file)
+    config = runs.read_config(run_dir) if (run_dir / runs.CONFIG_FILE).exists() else None
     data_dir = args.data_dir
-    if data_dir is None and (run_dir / runs.CONFIG_FILE).exists():
-        data_dir = runs.read_config(run_dir).data_dir
+    if data_dir is None and config is not None:
+        data_dir = config.data_dir
     files = D.batch_files(D.ensure_cifar10(data_dir, download=True, progress=False))
     X_pixels, y = D.read_batch(files[D.TEST_BATCH])
     X = standardizer.transform(X_pixels, net.dtype)
@@ -56,14 +58,14 @@ def run(args) -> int:
     from klayer import plots  # after the checks: importing Matplotlib takes a moment
 
     if args.precise_bn is not None or args.adaptive_bn:
-        _other_statistics(args, net, X, y, run_dir, data_dir, standardizer)
+        _other_statistics(args, net, X, y, config, run_dir, data_dir, standardizer)
 
     predicted = net.predict(X)
     counts = plots.confusion_matrix(y, predicted, net.num_classes)
     per_class = np.diag(counts) / np.maximum(counts.sum(axis=1), 1)
     print(f"test accuracy {np.mean(predicted == y):.2%} on {len(y)} images "
           f"(loss {net.evaluate(X, y)['loss']:.4f})"
-          + (f" with {_saved_statistics(run_dir)}" if net.batch_norm else ""))
+          + (f" with {_saved_statistics(config)}" if net.batch_norm else ""))
     width = max(map(len, class_names))
     for name, acc, total in zip(class_names, per_class, counts.sum(axis=1)):
         print(f"  {name:<{width}}  {acc:.2%}  ({total} images)")
@@ -73,20 +75,18 @@ def run(args) -> int:
     return 0
 
 
-def _other_statistics(args, net, X, y, run_dir, data_dir, standardizer) -> None:
+def _other_statistics(args, net, X, y, config, run_dir, data_dir, standardizer) -> None:
     """Print the test accuracy with PreciseBN and/or adaptive-BN statistics."""
     from klayer import data as D
-    from klayer import runs
     from klayer.bn_stats import population_statistics, use_statistics
 
     if not net.batch_norm:
         raise ValueError("--precise-bn and --adaptive-bn recompute batch-norm statistics, but "
                          "this network has no batch norm")
-    config = runs.read_config(run_dir) if (run_dir / runs.CONFIG_FILE).exists() else None
     batch = config.batch_size if config else 100
     saved = dict(net.buffers)
     moving = net.evaluate(X, y)["accuracy"]
-    print(f"batch-norm statistics (test accuracy): {_saved_statistics(run_dir)} {moving:.2%}")
+    print(f"batch-norm statistics (test accuracy): {_saved_statistics(config)} {moving:.2%}")
     if args.precise_bn is not None:
         if config is None:
             raise ValueError(f"--precise-bn needs the run's config.toml (in {run_dir}) to know "
@@ -108,12 +108,8 @@ def _other_statistics(args, net, X, y, run_dir, data_dir, standardizer) -> None:
     use_statistics(net, saved)  # the rest of the report uses the saved moving averages
 
 
-def _saved_statistics(run_dir) -> str:
-    """What the model's saved batch-norm statistics are."""
-    from klayer import runs
-
-    if (run_dir / runs.CONFIG_FILE).exists():
-        config = runs.read_config(run_dir)
-        if config.precise_bn:
-            return f"the saved statistics (PreciseBN over {config.precise_bn} batches)"
+def _saved_statistics(config) -> str:
+    """What the model's saved batch-norm statistics are (config: the run's, or None)."""
+    if config is not None and config.precise_bn:
+        return f"the saved statistics (PreciseBN over {config.precise_bn} batches)"
     return "the saved moving averages"
