@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klayer.data import Standardizer
 from klayer.layers import softmax
 from klayer.network import Network
 
@@ -54,7 +55,7 @@ class LoadedModel:
     """
 
     network: Network
-    standardizer: object
+    standardizer: Standardizer
     class_names: list
 
     def predict_proba(self, pixels, chunk: int = 10000) -> np.ndarray:

@@ -13,6 +13,7 @@ from klayer import export, runs
 from klayer.cli import main
 from klayer.model import LoadedModel, to_planes
 from klayer.network import Network
+
 from conftest import REPO_ROOT, onnx_or_skip, torch_or_skip
 
 TOLERANCE = 1e-5  # largest |p_export - p_klayer| allowed, float32 graphs
@@ -229,6 +230,9 @@ def test_exported_trained_run_matches_klayer(trained_run, cifar, capsys):
     hwc = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     assert_same_predictions(session.run(None, {"pixels": hwc})[0], expected)
 
+    # the README's line for (n, 32, 32, 3) images given to the PyTorch model
+    assert torch.equal(torch.as_tensor(hwc).permute(0, 3, 1, 2).flatten(1),
+                       torch.as_tensor(pixels))
     state = torch.load(run / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     sequential = torch_sequential(model.network.hyperparameters())
