@@ -70,13 +70,14 @@ def run(args) -> int:
     out = args.out or run_dir / "confusion.png"
     plots.plot_confusion(counts, class_names, out, title=f"Confusion matrix: {run_dir.name}")
     print(f"confusion matrix: {out}")
-    if config is not None:  # a run folder: its model card, with these numbers
+    if config is not None:  # a run folder: refresh its model card with these numbers
         from klayer.model_card import write_model_card
 
-        print("model card: " + str(write_model_card(run_dir, net, class_names, {
-            "accuracy": float(np.mean(predicted == y)), "loss": net.evaluate(X, y)["loss"],
-            "images": len(y), "statistics": _saved_statistics(config) if net.batch_norm
-            else "no batch norm", "per_class": list(zip(per_class, counts.sum(1)))})))
+        statistics = _saved_statistics(config) if net.batch_norm else "no batch norm"
+        evaluation = {"accuracy": float(np.mean(predicted == y)), "images": len(y),
+                      "loss": net.evaluate(X, y)["loss"], "statistics": statistics,
+                      "per_class": list(zip(per_class, counts.sum(axis=1)))}
+        print(f"model card: {write_model_card(run_dir, net, class_names, evaluation)}")
     return 0
 
 
