@@ -50,6 +50,7 @@ import json
 import numpy as np
 
 from klayer import __version__
+from klayer.model import check_applicable
 from klayer.network import Network
 
 OPSET = 17  # LayerNormalization entered the default domain at opset 17
@@ -74,19 +75,6 @@ def batchnorm_scale_shift(net: Network, layer: int) -> tuple[np.ndarray, np.ndar
     return a, beta - a * buf[f"running_mean{layer}"].astype(np.float64)
 
 
-def check_exportable(net: Network, standardizer) -> None:
-    """Raise ValueError if the network cannot be applied to raw pixels yet."""
-    if standardizer is None:
-        raise ValueError("the model has no standardisation statistics (it was not trained "
-                         "by `klayer train`), so it cannot be exported to take raw pixels")
-    if standardizer.mean.shape != (net.input_size,):
-        raise ValueError(f"the standardizer has {standardizer.mean.size} dimensions but the "
-                         f"network takes {net.input_size}")
-    if net.batch_norm and not net.running_initialised:
-        raise ValueError("the network has batch norm but no moving averages yet: train it "
-                         "before exporting")
-
-
 # --- ONNX ------------------------------------------------------------------------------
 
 
@@ -100,7 +88,7 @@ def onnx_model(net: Network, standardizer, class_names, *, input_layout: str = "
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    check_exportable(net, standardizer)
+    check_applicable(net, standardizer)
     if input_layout not in INPUT_LAYOUTS:
         raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {input_layout!r}")
     if input_dtype not in INPUT_DTYPES:
@@ -201,7 +189,7 @@ def torch_layout(net: Network) -> list[tuple[str, int]]:
 def torch_state_dict(net: Network, standardizer) -> dict[str, np.ndarray]:
     """The state dict of the Sequential of :func:`torch_layout` as float32 NumPy arrays
     (``num_batches_tracked``: int64 0), keyed as ``nn.Sequential.state_dict()`` keys it."""
-    check_exportable(net, standardizer)
+    check_applicable(net, standardizer)
     p, f32 = net.params, np.float32
     state = {}
     for index, (kind, l) in enumerate(torch_layout(net)):

@@ -81,6 +81,20 @@ class LoadedModel:
         return self.standardizer.transform(X, self.network.dtype)
 
 
+def check_applicable(net: Network, standardizer) -> None:
+    """Raise ValueError unless ``net`` with ``standardizer`` can classify raw pixels (what
+    :class:`LoadedModel` and the exports of :mod:`klayer.export` need)."""
+    if standardizer is None:
+        raise ValueError("the model has no standardisation statistics (it was not trained "
+                         "on CIFAR-10 by `klayer train`), so it cannot take raw pixels")
+    if standardizer.mean.shape != (net.input_size,):
+        raise ValueError(f"the standardizer has {standardizer.mean.size} dimensions but the "
+                         f"network takes {net.input_size}")
+    if net.batch_norm and not net.running_initialised:
+        raise ValueError("the network has batch norm but no moving averages yet (saved "
+                         "before its first training step): train it first")
+
+
 def load_model(run) -> LoadedModel:
     """The model of a run folder (or of its model.npz / model.json), ready for pixels.
 
@@ -91,12 +105,10 @@ def load_model(run) -> LoadedModel:
     from klayer import runs
 
     net, standardizer, class_names = runs.load_model(run)
-    if standardizer is None:
-        raise ValueError(f"{run} has no standardisation statistics: it was not trained on "
-                         "CIFAR-10 by `klayer train`, so it cannot take raw pixels")
-    if net.batch_norm and not net.running_initialised:
-        raise ValueError(f"{run} has batch norm but no moving averages: it was saved before "
-                         "its first training step; train it")
+    try:
+        check_applicable(net, standardizer)
+    except ValueError as exc:
+        raise ValueError(f"{run}: {exc}") from None
     if class_names is None:
         class_names = (list(D.CLASS_NAMES) if net.num_classes == len(D.CLASS_NAMES)
                        else [str(c) for c in range(net.num_classes)])

@@ -146,9 +146,9 @@ def test_unexportable_models_are_refused():
     with pytest.raises(ValueError, match="no moving averages"):
         export.torch_state_dict(net, standardizer)
     with pytest.raises(ValueError, match="no standardisation statistics"):
-        export.check_exportable(net, None)
+        export.onnx_model(net, None, ["a", "b", "c"])
     with pytest.raises(ValueError, match="3 dimensions but the network takes 12"):
-        export.check_exportable(net, D.Standardizer(np.zeros(3), np.ones(3)))
+        export.torch_state_dict(net, D.Standardizer(np.zeros(3), np.ones(3)))
 
 
 def test_torch_layout_lists_the_modules_in_the_networks_order():
@@ -274,6 +274,7 @@ def test_export_user_errors_exit_2(tmp_path, capsys, monkeypatch):
         (["export", str(run), "--out", str(tmp_path / "nowhere" / "m.onnx")],
          "does not exist"),
         (["export", str(tmp_path / "missing")], "not found"),
+        (["export", str(run), "--out", str(tmp_path)], "is a folder"),
     ]
     monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # as if not installed
     cases.append((["export", str(run)], 'pip install "klayer[onnx]"'))

@@ -43,6 +43,9 @@ def run(args) -> int:
 
     run_dir = args.run if args.run.is_dir() else args.run.parent
     out = args.out or run_dir / FORMATS[args.format]
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the file to write, e.g. "
+                         f"{out / FORMATS[args.format]}")
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: folder {out.parent} does not exist; create it first")
     if args.format == "torch" and (args.input_layout, args.input_dtype) != ("planes",
