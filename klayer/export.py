@@ -54,7 +54,7 @@ from klayer.model import check_applicable
 from klayer.network import Network
 
 OPSET = 17  # LayerNormalization entered the default domain at opset 17
-IR_VERSION = 8  # the IR version of opset 17: readable by runtimes from onnxruntime 1.12 on
+IR_VERSION = 8  # the IR version that came with opset 17 (newer ones shut out older runtimes)
 INPUT_LAYOUTS = ("planes", "hwc")
 INPUT_DTYPES = ("float32", "uint8")
 
