@@ -12,7 +12,8 @@ import importlib
 import sys
 
 # Command modules, in the order ``klayer --help`` lists them.
-COMMANDS = ["data", "gradcheck", "train", "evaluate", "predict", "search", "reproduce"]
+COMMANDS = ["data", "gradcheck", "train", "evaluate", "predict", "export", "search",
+            "reproduce"]
 
 
 class UserError(Exception):

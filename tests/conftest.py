@@ -53,6 +53,21 @@ def torch_or_skip():
     return torch
 
 
+def onnx_or_skip():
+    """(onnx, onnxruntime) for the export tests, or a skip with a printed reason on a
+    developer machine without them; under CI (CI=true) their absence is a failure."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        reason = 'onnx or onnxruntime not installed: pip install "klayer[onnx]"'
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(f"CI must run the ONNX export tests: {reason}")
+        print(f"\nskipping an ONNX export test: {reason}")
+        pytest.skip(reason)
+    return onnx, onnxruntime
+
+
 @pytest.fixture
 def require_torch():
     return torch_or_skip()

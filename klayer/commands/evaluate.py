@@ -37,14 +37,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import klayer
     from klayer import data as D
     from klayer import runs
 
-    net, standardizer, class_names = runs.load_model(args.run)
-    if standardizer is None:
-        raise ValueError(f"{args.run} has no normalisation statistics: it was not trained "
-                         "on CIFAR-10 by `klayer train`, so it cannot be evaluated on it")
-    class_names = list(class_names or D.CLASS_NAMES)
+    model = klayer.load_model(args.run)
+    net, standardizer, class_names = model.network, model.standardizer, model.class_names
     run_dir = args.run if args.run.is_dir() else args.run.parent
     # the run's configuration, when evaluating a run folder (not a copied model file)
     config = runs.read_config(run_dir) if (run_dir / runs.CONFIG_FILE).exists() else None
@@ -72,6 +70,14 @@ def run(args) -> int:
     out = args.out or run_dir / "confusion.png"
     plots.plot_confusion(counts, class_names, out, title=f"Confusion matrix: {run_dir.name}")
     print(f"confusion matrix: {out}")
+    if config is not None:  # a run folder: refresh its model card with these numbers
+        from klayer.model_card import write_model_card
+
+        statistics = _saved_statistics(config) if net.batch_norm else "no batch norm"
+        evaluation = {"accuracy": float(np.mean(predicted == y)), "images": len(y),
+                      "loss": net.evaluate(X, y)["loss"], "statistics": statistics,
+                      "per_class": list(zip(per_class, counts.sum(axis=1)))}
+        print(f"model card: {write_model_card(run_dir, net, class_names, evaluation)}")
     return 0
 
 

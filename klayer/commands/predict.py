@@ -23,19 +23,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from klayer import data as D
-    from klayer import runs
-    from klayer.layers import softmax
+    import klayer
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
-    net, standardizer, class_names = runs.load_model(args.run)
-    if standardizer is None:
-        raise ValueError(f"{args.run} has no normalisation statistics; it cannot classify "
-                         "images (train it with `klayer train`)")
-    class_names = list(class_names or D.CLASS_NAMES)
+    model = klayer.load_model(args.run)
+    class_names = model.class_names
     pixels = np.stack([read_image(path, args.resize) for path in args.images])
-    probs = softmax(net.scores(standardizer.transform(pixels, net.dtype)))
+    probs = model.predict_proba(pixels)
     for path, p in zip(args.images, probs):
         best = np.argsort(p)[::-1][:args.top]
         print(f"{path}: " + ", ".join(f"{class_names[c]} ({p[c]:.1%})" for c in best))
@@ -65,5 +60,6 @@ def read_image(path: Path, resize: bool = False) -> np.ndarray:
             raise ValueError(f"{path} is {image.size[0]}x{image.size[1]} pixels; the model "
                              f"takes {SIZE}x{SIZE} images (pass --resize to scale it)")
         image = image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-    hwc = np.asarray(image, dtype=np.uint8)  # (32, 32, 3)
-    return hwc.transpose(2, 0, 1).reshape(-1)
+    from klayer.model import to_planes
+
+    return to_planes(np.asarray(image, dtype=np.uint8)[None])[0]  # from (32, 32, 3)
