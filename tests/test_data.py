@@ -260,9 +260,14 @@ def test_missing_batch_is_named(tmp_path):
 def test_truncated_pickle(tmp_path):
     X, y = random_batch(0)
     path = write_pickle(tmp_path / "data_batch_1", batch_dict(X, y))
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(DataError, match=r"data_batch_1.*truncated or corrupt"):
-        data.read_batch(path)
+    whole = path.read_bytes()
+    data.check_batch(path)
+    for cut in (len(whole) // 2, len(whole) - 1):  # half, or only the final STOP missing
+        path.write_bytes(whole[:cut])
+        with pytest.raises(DataError, match=r"data_batch_1.*truncated or corrupt"):
+            data.read_batch(path)
+        with pytest.raises(DataError, match=r"data_batch_1.*truncated or corrupt"):
+            data.check_batch(path)
 
 
 def test_wrong_shape(tmp_path):
@@ -270,6 +275,8 @@ def test_wrong_shape(tmp_path):
     path = write_pickle(tmp_path / "test_batch", small)
     with pytest.raises(DataError, match=r"test_batch.*shape \(100, 3072\)"):
         data.read_batch(path)
+    with pytest.raises(DataError, match=r"test_batch.*no block of 10000 x 3072 pixel bytes"):
+        data.check_batch(path)
 
 
 def test_labels_out_of_range(tmp_path):
@@ -300,9 +307,12 @@ def test_other_encodings_of_the_format(tmp_path):
         ({"data": X.tobytes(), "labels": y}, 3),
         ({"data": X, "labels": y.astype(np.uint8), "batch_label": "x"}, 5),
         ({b"data": X.reshape(-1), b"labels": list(map(int, y))}, 4),
+        ({b"data": X, b"labels": list(map(int, y))}, 2),  # Python 3: via _codecs.encode
     ]
     for i, (obj, protocol) in enumerate(variants):
-        Xr, yr = data.read_batch(write_pickle(tmp_path / f"v{i}", obj, protocol))
+        path = write_pickle(tmp_path / f"v{i}", obj, protocol)
+        data.check_batch(path)  # the opcode walk finds the pixel block in every encoding
+        Xr, yr = data.read_batch(path)
         np.testing.assert_array_equal(Xr, X)
         np.testing.assert_array_equal(yr, y)
         assert Xr.dtype == np.uint8 and yr.dtype == np.int64
@@ -376,6 +386,39 @@ def test_binary_format(bin_root):
         np.testing.assert_array_equal(loaded[name][1], y)
     d = data.load_cifar10(root, protocol="single", subset=500, download=False)
     np.testing.assert_array_equal(d.y_val, batches["data_batch_2"][1][:500])
+
+
+def folder_with_truncated(tmp_path, source: Path, broken: str) -> Path:
+    """A batches folder of symbolic links to the files of ``source``, except ``broken``:
+    a copy of the first half of it."""
+    folder = tmp_path / source.name
+    folder.mkdir()
+    for path in source.iterdir():
+        if path.name == broken:
+            (folder / broken).write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        else:
+            (folder / path.name).symlink_to(path)
+    return folder
+
+
+@pytest.mark.cifar
+def test_subset_run_validates_all_six_batches(cifar_dir, tmp_path, capsys):
+    """A --subset run decodes data_batch_1, data_batch_5 and test_batch only; the others
+    are checked without decoding, so a truncated data_batch_3 is still an error."""
+    folder = folder_with_truncated(tmp_path, cifar_dir, "data_batch_3")
+    with pytest.raises(DataError, match=r"data_batch_3: truncated or corrupt pickle") as err:
+        data.load_cifar10(folder, subset=500, download=False)
+    assert "\n" not in str(err.value)
+    assert cli.main(["train", "--data-dir", str(folder), "--subset", "500", "--n-s", "5",
+                     "--cycles", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{folder / 'data_batch_3'}: truncated" in err
+
+
+def test_subset_run_validates_all_six_binary_batches(tmp_path, bin_root):
+    folder = folder_with_truncated(tmp_path, bin_root[0] / data.BIN_FOLDER, "data_batch_3.bin")
+    with pytest.raises(DataError, match=r"data_batch_3\.bin: is 15365000 bytes, expected"):
+        data.load_cifar10(folder.parent, protocol="single", subset=10, download=False)
 
 
 def test_binary_truncated_and_bad_label(tmp_path, bin_root):
