@@ -348,6 +348,11 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, how, protocol):
     path = write_pickle(tmp_path / "data_batch_1", payload, protocol)
     with pytest.raises(DataError, match=r"data_batch_1.*refused to load"):
         data.read_batch(path)
+    if how == "nested":
+        data.check_batch(path)  # well-formed, with a pixel block: only decoding refuses it
+    else:
+        with pytest.raises(DataError, match="no block of 10000 x 3072 pixel bytes"):
+            data.check_batch(path)
     assert not marker.exists()
 
 
