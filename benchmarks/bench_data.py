@@ -2,8 +2,11 @@
 
     python benchmarks/bench_data.py [--data-dir DIR] [--repeats 5]
 
-Prints, per dtype, the median (and min/max) wall time of ``load_cifar10`` (read and
-validate six batches, split, fit the standardiser, standardise train/val/test) and its
+Prints the time to validate the six batch files without decoding them (``check_batch``,
+what every ``--subset`` load does for the batches it does not need), to read and validate
+all of them (``load_batches``), and of a ``--subset 500`` load; then, per dtype, the
+median (and min/max) wall time of ``load_cifar10`` (read and validate six batches,
+split, fit the standardiser, standardise train/val/test) and its
 CPU time (less sensitive to other processes on a busy machine: compare with the load
 average printed first), then the peak traced memory of one call relative to one float
 copy of the training split. Fresh memory is slow to touch the first time, so the first
@@ -19,7 +22,7 @@ import statistics
 import time
 import tracemalloc
 
-from klayer.data import find_data_dir, load_batches, load_cifar10
+from klayer.data import batch_files, check_batch, find_data_dir, load_batches, load_cifar10
 
 
 def timed(fn, repeats: int) -> tuple[list[float], list[float]]:
@@ -51,8 +54,13 @@ def main() -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"data: {folder}, {args.repeats} repeats, {os.cpu_count()} CPUs, load average {load}")
 
+    files = list(batch_files(folder).values())
+    report("check_batch of the six files (validate without decoding)",
+           timed(lambda: [check_batch(path) for path in files], args.repeats))
     report("load_batches (read + validate 60,000 images)",
            timed(lambda: load_batches(folder), args.repeats))
+    report("load_cifar10 subset 500, float32 (decode 3 batches, check 3)",
+           timed(lambda: load_cifar10(folder, subset=500), args.repeats))
     for dtype in ("float32", "float64"):
         report(f"load_cifar10 full, {dtype} (+ split, fit, standardise)",
                timed(lambda: load_cifar10(folder, dtype=dtype), args.repeats))

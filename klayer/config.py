@@ -23,13 +23,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from klayer.data import PROTOCOLS
 from klayer.optim import OPTIMIZERS
 from klayer.schedules import SCHEDULES
 
 INITS = ("he", "xavier")
 NORM_POSITIONS = ("before", "after")
 DTYPES = ("float32", "float64")
-PROTOCOLS = ("full", "single")
 
 _NO_HASH = {"hash": False}  # options that do not change a run's results
 

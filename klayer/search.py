@@ -343,12 +343,11 @@ _DATA: dict = {}  # this process's datasets, keyed by the data options
 
 def dataset_for(config: TrainConfig):
     """The data ``config`` trains on, loaded once per process."""
-    from klayer.data import load_cifar10
+    from klayer.data import load_data
 
     key = (config.data_dir, config.protocol, config.n_val, config.subset, config.dtype)
     if key not in _DATA:
-        _DATA[key] = load_cifar10(config.data_dir, protocol=config.protocol, n_val=config.n_val,
-                                  subset=config.subset, dtype=config.dtype, download=False)
+        _DATA[key] = load_data(config, download=False)
     return _DATA[key]
 
 

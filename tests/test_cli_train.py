@@ -96,7 +96,7 @@ def test_train_evaluate_predict(cifar_dir, tmp_path, capsys):
 
     assert main(["evaluate", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "test accuracy" in out and "on 10000 images" in out
+    assert "test accuracy" in out and "on 1000 images" in out
     assert all(name in out for name in D.CLASS_NAMES)
     assert (run / "confusion.png").is_file()
 
@@ -182,7 +182,7 @@ def test_beyond_flags_train_and_evaluate_with_other_statistics(cifar_dir, tmp_pa
     assert main(["evaluate", str(run), "--precise-bn", "5", "--adaptive-bn"]) == 0
     out = capsys.readouterr().out
     assert "PreciseBN over 5 training batches of 50" in out
-    assert "adaptive BN, statistics of the 10000 test images (transductive)" in out
+    assert "adaptive BN, statistics of the 1000 test images (transductive)" in out
     assert "the saved statistics (PreciseBN over 4 batches)" in out
     assert (run / runs.MODEL_FILE).read_bytes() == model
 

@@ -39,15 +39,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     root, source = data.data_root(args.data_dir)
     print(f"data folder: {root} ({_SOURCES[source]})")
-    folder = data.find_data_dir(args.data_dir)
-    if folder is None:
+    absent = data.find_data_dir(args.data_dir) is None
+    if absent and args.download and (source == "cache" or root.is_dir()):
         target = data.download_target(args.data_dir)
-        if not args.download:
-            print(f"CIFAR-10 not found; it would be downloaded to {target}")
-            print("run without --no-download to download it (about 170 MB)")
-            return 1
         print(f"CIFAR-10 not found; downloading {data.OFFICIAL_URL} to {target}")
-        folder = data.ensure_cifar10(args.data_dir, download=True, progress=True)
+    # DataError (exit 2) for a folder that does not exist, or absent data with --no-download
+    folder = data.ensure_cifar10(args.data_dir, download=args.download, progress=True)
     print(f"CIFAR-10 batches: {folder}")
     batches = data.load_batches(folder)
     print(

@@ -1,8 +1,10 @@
 """``klayer evaluate RUN``: test accuracy, per-class accuracy and a confusion matrix.
 
-The saved model is applied to the CIFAR-10 test batch standardised with the model's own
-statistics (those of its training set), so the result does not depend on how the data
-would be split today.
+The saved model is applied to the run's own test split: the data options of its
+config.toml (protocol, n_val, subset) go through :func:`klayer.data.load_data`, as in
+training, so the accuracy is the one summary.json reports. The training statistics found
+now must match the model's (else the data is not the one it was trained on). A model
+file without its config.toml is evaluated on the whole test batch.
 
 Batch-norm statistics: by default the moving averages saved with the model. With
 ``--precise-bn N`` they are recomputed over N training batches (PreciseBN); with
@@ -46,17 +48,16 @@ def run(args) -> int:
     run_dir = args.run if args.run.is_dir() else args.run.parent
     # the run's configuration, when evaluating a run folder (not a copied model file)
     config = runs.read_config(run_dir) if (run_dir / runs.CONFIG_FILE).exists() else None
-    data_dir = args.data_dir
-    if data_dir is None and config is not None:
-        data_dir = config.data_dir
-    files = D.batch_files(D.ensure_cifar10(data_dir, download=True, progress=False))
-    X_pixels, y = D.read_batch(files[D.TEST_BATCH])
-    X = standardizer.transform(X_pixels, net.dtype)
+    if config is not None and args.data_dir is not None:
+        config = config.replace(data_dir=str(args.data_dir))
+    dataset, X, y, split = _test_split(net, standardizer, config, args.data_dir)
+    class_names = list(class_names or D.CLASS_NAMES)
+    print(f"test split: {split}")
 
     from klayer import plots  # after the checks: importing Matplotlib takes a moment
 
     if args.precise_bn is not None or args.adaptive_bn:
-        _other_statistics(args, net, X, y, config, run_dir, data_dir, standardizer)
+        _other_statistics(args, net, X, y, config, run_dir, dataset)
 
     predicted = net.predict(X)
     counts = plots.confusion_matrix(y, predicted, net.num_classes)
@@ -81,9 +82,35 @@ def run(args) -> int:
     return 0
 
 
-def _other_statistics(args, net, X, y, config, run_dir, data_dir, standardizer) -> None:
-    """Print the test accuracy with PreciseBN and/or adaptive-BN statistics."""
+def _test_split(net, standardizer, config, data_dir):
+    """(Dataset or None, X_test, y_test, what they are): the run's own test split when its
+    config is known (same protocol, n_val and subset as in training), else the whole
+    test batch standardised with the model's statistics."""
     from klayer import data as D
+    from klayer import runs
+
+    if config is None:
+        files = D.batch_files(D.ensure_cifar10(data_dir, download=True, progress=False))
+        X_pixels, y = D.read_batch(files[D.TEST_BATCH])
+        return (None, standardizer.transform(X_pixels, net.dtype), y,
+                f"{len(y):,} images (the whole test batch: no {runs.CONFIG_FILE} beside the "
+                "model says which split it was trained on)")
+    dataset = D.load_data(config)
+    if not (np.allclose(dataset.standardizer.mean, standardizer.mean)
+            and np.allclose(dataset.standardizer.std, standardizer.std)):
+        raise ValueError("the training images found now are not those the model was "
+                         "trained on (their statistics differ); point --data-dir at the "
+                         "run's data")
+    n = len(dataset.y_test)
+    if n < D.IMAGES_PER_BATCH:
+        what = f"{n:,} images (subset {config.subset} of the run's config)"
+    else:
+        what = f"{n:,} images (the whole test batch, as in the run's config)"
+    return dataset, dataset.X_test.astype(net.dtype, copy=False), dataset.y_test, what
+
+
+def _other_statistics(args, net, X, y, config, run_dir, dataset) -> None:
+    """Print the test accuracy with PreciseBN and/or adaptive-BN statistics."""
     from klayer.bn_stats import population_statistics, use_statistics
 
     if not net.batch_norm:
@@ -97,13 +124,8 @@ def _other_statistics(args, net, X, y, config, run_dir, data_dir, standardizer) 
         if config is None:
             raise ValueError(f"--precise-bn needs the run's config.toml (in {run_dir}) to know "
                              "its training images; evaluate the run folder, not a copied model")
-        data = D.load_cifar10(data_dir, protocol=config.protocol, n_val=config.n_val,
-                              subset=config.subset, dtype=net.dtype, progress=False)
-        if not np.allclose(data.standardizer.mean, standardizer.mean):
-            raise ValueError("the training images found now are not those the model was "
-                             "trained on (their statistics differ); point --data-dir at the "
-                             "run's data")
-        use_statistics(net, population_statistics(net, data.X_train, batch, args.precise_bn,
+        X_train = dataset.X_train.astype(net.dtype, copy=False)
+        use_statistics(net, population_statistics(net, X_train, batch, args.precise_bn,
                                                   seed=config.seed))
         print(f"  PreciseBN over {args.precise_bn} training batches of {batch}: "
               f"{net.evaluate(X, y)['accuracy']:.2%}")

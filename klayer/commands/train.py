@@ -98,15 +98,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from klayer.data import load_cifar10
+    from klayer.data import load_data
     from klayer.train import train
 
     config, run_dir = resolve_config(args)
     log = _Log(args.quiet)
     log.line(f"{'resuming' if args.resume else 'training'} {_describe(config)} in {run_dir}")
     t0 = time.perf_counter()
-    data = load_cifar10(config.data_dir, protocol=config.protocol, n_val=config.n_val,
-                        subset=config.subset, dtype=config.dtype, progress=not args.quiet)
+    data = load_data(config, progress=not args.quiet)
     log.line(f"data: {len(data.X_train)} train, {len(data.X_val)} validation, "
              f"{len(data.X_test)} test images ({time.perf_counter() - t0:.1f} s)")
     try:
