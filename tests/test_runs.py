@@ -105,7 +105,7 @@ def test_tampered_arrays(saved, change, message):
     (lambda h: h["architecture"].update(dtype="float64"), "has dtype float32 but the header"),
     (lambda h: h["architecture"].update(hidden_sizes=[-1]), "invalid architecture"),
     (lambda h: h.update(format_version=99), "format 99"),
-    (lambda h: h.pop("model_sha256"), "lacks"),
+    (lambda h: h.pop("checksum"), "lacks"),
     (lambda h: h.update(format="something"), "not a klayer model header"),
     (lambda h: h.update(class_names=["cat"]), "one name per class"),
     (lambda h: h["standardizer"].update(mean=[0.0] * 5), "invalid standardizer"),
