@@ -351,6 +351,7 @@ class RunFolder:
         self.path = None if path is None else Path(path)
         self.config, self.resume, self.restart = config, resume, restart
         self.last_step = None  # step of the last checkpoint written or read
+        self.finished = False  # resuming a run that left its model and summary: no writes
         self._lock = ExitStack()
 
     def __enter__(self) -> "RunFolder":
@@ -376,6 +377,8 @@ class RunFolder:
             if read_config(self.path).config_hash() != self.config.config_hash():
                 raise ValueError(f"{self.path} was started with another configuration "
                                  f"(see its {CONFIG_FILE}); resume it with that one")
+            self.finished = all((self.path / name).exists()
+                                for name in (MODEL_FILE, HEADER_FILE, SUMMARY_FILE))
             return
         if any((self.path / name).exists() for name in RUN_FILES[:5]):
             if not self.restart:
@@ -394,6 +397,7 @@ class RunFolder:
             raise ValueError(f"the checkpoint in {self.path} belongs to another configuration "
                              f"than its {CONFIG_FILE}; start a new run instead")
         self.last_step = ckpt.step
+        self.finished = self.finished and ckpt.step == self.config.total_steps
         return ckpt
 
     def checkpoint(self, ckpt: Checkpoint) -> None:
@@ -405,8 +409,9 @@ class RunFolder:
         self.last_step = ckpt.step
 
     def finish(self, result, data) -> None:
-        """The model, history, summary and curves of a finished ``TrainResult``."""
-        if self.path is None:
+        """The model, history, summary and curves of a finished ``TrainResult`` (kept as
+        they are when the run had finished before)."""
+        if self.path is None or self.finished:
             return
         from klayer import plots
 
