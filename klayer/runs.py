@@ -228,6 +228,7 @@ class Checkpoint:
     timings: dict
     config_hash: str
     rng_states: dict = field(default_factory=dict)  # augmentation and dropout generators
+    source: Path | None = None  # the file it was read from
 
 
 def save_checkpoint(run_dir, ckpt: Checkpoint) -> None:
@@ -304,6 +305,7 @@ def _read_checkpoint(path: Path) -> Checkpoint:
             optimizer_state={k: v[()] if v.ndim == 0 else v for k, v in groups["optim"].items()},
             rng_state=meta["rng_state"], history=meta["history"], timings=meta["timings"],
             config_hash=meta["config_hash"], rng_states=meta.get("rng_states", {}),
+            source=path,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path} is not a klayer checkpoint ({exc})") from None
@@ -396,6 +398,8 @@ class RunFolder:
         if ckpt.config_hash != self.config.config_hash():
             raise ValueError(f"the checkpoint in {self.path} belongs to another configuration "
                              f"than its {CONFIG_FILE}; start a new run instead")
+        if ckpt.source.name == PREVIOUS_CHECKPOINT_FILE:  # the newest is damaged: drop it,
+            (self.path / CHECKPOINT_FILE).unlink(missing_ok=True)  # or it would replace this
         self.last_step = ckpt.step
         self.finished = self.finished and ckpt.step == self.config.total_steps
         return ckpt

@@ -15,9 +15,11 @@ others' draws. With ``precise_bn``, the final statistics are recomputed
 (:mod:`klayer.bn_stats`) and the results with the moving averages are kept beside them.
 
 The loop prints nothing and touches no file itself: progress goes to callbacks, and when
-a run folder is given, :mod:`klayer.runs` writes the checkpoint after every epoch and
-the model, history, summary and figures at the end. A checkpoint holds the random state,
-so a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+a run folder is given, a :class:`klayer.runs.RunFolder` (locked while the run lasts)
+writes the checkpoint after every epoch and the model, history, summary and figures at
+the end; :func:`finish` does the final evaluation and PreciseBN. A checkpoint holds the
+random state, so a resumed run ends with the same weights, bit for bit, as an
+uninterrupted one.
 """
 
 from __future__ import annotations

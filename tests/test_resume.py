@@ -113,3 +113,8 @@ def test_restart_after_both_checkpoints_are_lost(cifar_dir, tmp_path, uninterrup
     assert "already holds a run" in capsys.readouterr().err
     assert main([*argv, "--restart"]) == 0
     _assert_same_model(run, uninterrupted)
+
+
+def test_restart_and_resume_exclude_each_other(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--restart"]) == 2
+    assert "drop --restart" in capsys.readouterr().err

@@ -69,6 +69,8 @@ def test_damaged_newest_falls_back_and_resumes_exactly(data, tmp_path, straight,
                                                     r".*checkpoint\.prev\.npz \(step 20\)"):
         resumed = train(SMALL, data, tmp_path, resume=True)
     _assert_same(resumed, straight)
+    # the damaged file was dropped, not rotated in place of the good one
+    assert runs._read_checkpoint(tmp_path / runs.PREVIOUS_CHECKPOINT_FILE).step == 30
 
 
 def test_no_usable_checkpoint_then_restart(data, tmp_path, straight):
