@@ -78,9 +78,10 @@ class TrainResult:
 
     ``final`` has train_/val_/test_ loss, cost and accuracy of the final network (test
     only if the data has a test set); with PreciseBN, ``final`` uses the recomputed
-    statistics and ``final_moving_average`` the moving averages; ``best_*`` is the history row with the highest
-    validation accuracy; ``timings`` has train_seconds (updates), eval_seconds
-    (history and final evaluation) and total_seconds, summed over resumed sessions.
+    statistics and ``final_moving_average`` the moving averages; ``best_*`` is the
+    history row with the highest validation accuracy; ``timings`` has train_seconds
+    (updates), eval_seconds (history and final evaluation) and total_seconds, summed over
+    resumed sessions.
     """
 
     config: TrainConfig
@@ -165,7 +166,7 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     X_train, y_train = splits["train"]
     n, d = X_train.shape
     B, total, eval_steps = config.batch_size, config.total_steps, set(config.eval_steps())
-    state = _State.start(config, d, num_classes, _steps_per_epoch(n, B))
+    state = TrainState.start(config, d, num_classes, _steps_per_epoch(n, B))
     net, optimizer, schedule = state.net, state.optimizer, make_schedule(config)
     augmentation = _augmentation(config, d)
     emit = _broadcast([*callbacks, *runs.fault_callbacks()])
@@ -176,7 +177,7 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
 
     with runs.RunFolder(run_dir, config, resume=resume, restart=restart) as folder:
         if resume:
-            state.restore(folder.last_checkpoint(), folder.path / runs.CHECKPOINT_FILE)
+            state.restore(folder.last_checkpoint())
         else:
             folder.checkpoint(state.checkpoint())
         cost = math.nan
@@ -195,13 +196,13 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
             if augmentation.active:
                 Xb = augmentation(Xb, state.generators["augment"])
             masks = net.dropout_masks(B, state.generators["dropout"]) if net.dropout else None
-            result = net.loss(Xb, yb, config.lam, mode="train", grads=True, check=False,
-                              masks=masks)
-            cost = result.cost
+            loss = net.loss(Xb, yb, config.lam, mode="train", grads=True, check=False,
+                            masks=masks)
+            cost = loss.cost
             if not math.isfinite(cost):
                 raise _divergence(net, step, eta, f"the mini-batch cost is {cost}", folder)
-            optimizer.step(net.params, result.grads, eta)
-            net.update_running_stats(result.batch_stats)
+            optimizer.step(net.params, loss.grads, eta)
+            net.update_running_stats(loss.batch_stats)
             state.clock.train_seconds += time.perf_counter() - t0
             state.step = done = step + 1
             epoch, end_of_epoch = done / state.steps_per_epoch, done % state.steps_per_epoch == 0
@@ -218,7 +219,7 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     return result
 
 
-def finish(state: "_State", splits: dict, run_dir=None) -> TrainResult:
+def finish(state: "TrainState", splits: dict, run_dir=None) -> TrainResult:
     """The final evaluation (test set included) of a trained state and, with
     ``precise_bn``, the PreciseBN statistics, which replace the moving averages (the
     results with those are kept in ``final_moving_average``)."""
@@ -245,8 +246,9 @@ def finish(state: "_State", splits: dict, run_dir=None) -> TrainResult:
 
 
 @dataclass
-class _State:
-    """Everything the loop changes, and so everything a checkpoint holds."""
+class TrainState:
+    """Everything the loop changes, and so everything a checkpoint holds: the network,
+    the optimizer's state, the three generators, the history, the clock and the step."""
 
     config: TrainConfig
     net: Network
@@ -260,7 +262,7 @@ class _State:
 
     @classmethod
     def start(cls, config: TrainConfig, input_size: int, num_classes: int,
-              steps_per_epoch: int) -> "_State":
+              steps_per_epoch: int) -> "TrainState":
         seed = config.seed
         return cls(config, build_network(config, input_size, num_classes),
                    make_optimizer(config.optimizer), steps_per_epoch,
@@ -290,10 +292,10 @@ class _State:
             config_hash=self.config.config_hash(),
         )
 
-    def restore(self, ckpt: runs.Checkpoint, source) -> None:
+    def restore(self, ckpt: runs.Checkpoint) -> None:
         """Continue from ``ckpt``: network, optimizer, generators, history and clock."""
         runs.restore_network(self.net, ckpt.params, ckpt.buffers, ckpt.running_initialised,
-                             source)
+                             ckpt.source)
         self.optimizer.load_state_dict(ckpt.optimizer_state)
         self.shuffle.bit_generator.state = ckpt.rng_state
         for name, generator in self.generators.items():
