@@ -81,3 +81,15 @@ def test_lock_within_one_process(tmp_path):
                                                         f"use by process {os.getpid()}"):
             with runs.folder_lock(tmp_path, "klayer reproduce", kind="reproduction folder"):
                 pass
+
+
+def test_klayer_train_on_a_folder_in_use_is_one_line(holder, data, monkeypatch, capsys):
+    from klayer.cli import main
+
+    proc, folder = holder
+    monkeypatch.setattr("klayer.data.load_cifar10", lambda *args, **kwargs: data)
+    assert main(["train", "--hidden", "8", "--n-s", "5", "--cycles", "1", "--batch-size", "20",
+                 "--out", str(folder), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"klayer train: error: run folder {folder} is in use by process {proc.pid} "
+                   "(klayer train); wait for it or use another --out\n")
