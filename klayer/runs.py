@@ -288,11 +288,12 @@ def load_checkpoint(run_dir) -> Checkpoint:
         raise FileNotFoundError(f"no checkpoint to resume in {run_dir}: {CHECKPOINT_FILE} is "
                                 "missing (the run never finished its first step)")
     raise ValueError(f"no usable checkpoint in {run_dir} ({'; '.join(problems)}); start the "
-                     f"run again with `klayer train --restart --out {run_dir}`")
+                     f"run again with `klayer train --restart --config "
+                     f"{run_dir / CONFIG_FILE} --out {run_dir}`")
 
 
 def _read_checkpoint(path: Path) -> Checkpoint:
-    arrays = _read_npz(path.read_bytes(), path)
+    arrays = _read_npz(path.read_bytes(), path, advice=None)
     try:
         meta = json.loads(str(arrays.pop("meta")))
         groups = {"param": {}, "buffer": {}, "optim": {}}
@@ -386,8 +387,8 @@ class RunFolder:
             if not self.restart:
                 raise ValueError(
                     f"{self.path} already holds a run: resume it (klayer train --resume "
-                    f"{self.path}), start it again (klayer train --restart --out "
-                    f"{self.path}) or choose another output folder")
+                    f"{self.path}), start it again (add --restart) or choose another "
+                    "output folder")
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
         write_config(self.path, self.config.replace(out=str(self.path)))
@@ -665,7 +666,7 @@ def _header_standardizer(header: dict, net: Network, path: Path):
     return std
 
 
-def _read_npz(data: bytes, path: Path) -> dict:
+def _read_npz(data: bytes, path: Path, advice: str | None = "restore it or retrain") -> dict:
     """All arrays of an npz file held in ``data``, loaded without pickle after checking
     every member's CRC (a damaged byte anywhere is caught, not only a truncation)."""
     try:
@@ -676,5 +677,5 @@ def _read_npz(data: bytes, path: Path) -> dict:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path} is truncated or not a NumPy .npz file ({exc}); "
-                         "restore it or retrain") from None
+        raise ValueError(f"{path} is truncated or not a NumPy .npz file ({exc})"
+                         + (f"; {advice}" if advice else "")) from None

@@ -107,11 +107,13 @@ def test_restart_after_both_checkpoints_are_lost(cifar_dir, tmp_path, uninterrup
         (run / name).write_bytes(b"")
     assert main(["train", "--resume", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no usable checkpoint" in err and "--restart" in err
+    assert err.count("\n") == 1 and "no usable checkpoint" in err
+    advice = f"klayer train --restart --config {run / runs.CONFIG_FILE} --out {run}"
+    assert f"`{advice}`" in err
     argv = ["train", "--data-dir", str(cifar_dir), *FLAGS, "--out", str(run)]
     assert main(argv) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert main([*argv, "--restart"]) == 0
+    assert main([*advice.split()[1:], "--quiet"]) == 0  # the command the error advised
     _assert_same_model(run, uninterrupted)
 
 

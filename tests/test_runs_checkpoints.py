@@ -78,7 +78,7 @@ def test_no_usable_checkpoint_then_restart(data, tmp_path, straight):
     for name in (runs.CHECKPOINT_FILE, runs.PREVIOUS_CHECKPOINT_FILE):
         (tmp_path / name).write_bytes(b"PK\x03\x04 not a whole file")
     with pytest.raises(ValueError, match=r"no usable checkpoint in .*; start the run again "
-                                         r"with `klayer train --restart --out"):
+                                         r"with `klayer train --restart --config .*config.toml --out"):
         train(SMALL, data, tmp_path, resume=True)
     with pytest.raises(ValueError, match="already holds a run.*--restart"):
         train(SMALL, data, tmp_path)
