@@ -69,6 +69,8 @@ def test_killed_run_resumes_bit_identical(cifar_dir, tmp_path, uninterrupted, fa
     if fault.startswith("checkpoint"):
         [tmp] = temporary  # the half-written checkpoint of step 20
         assert tmp.startswith(f".{runs.CHECKPOINT_FILE}.")
+        with pytest.raises(ValueError, match="truncated"):
+            runs._read_checkpoint(run / tmp)
     else:
         assert not temporary
     ckpt = runs.load_checkpoint(run)  # no warning: the newest is whole
