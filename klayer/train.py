@@ -15,9 +15,11 @@ others' draws. With ``precise_bn``, the final statistics are recomputed
 (:mod:`klayer.bn_stats`) and the results with the moving averages are kept beside them.
 
 The loop prints nothing and touches no file itself: progress goes to callbacks, and when
-a run folder is given, :mod:`klayer.runs` writes the checkpoint after every epoch and
-the model, history, summary and figures at the end. A checkpoint holds the random state,
-so a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+a run folder is given, a :class:`klayer.runs.RunFolder` (locked while the run lasts)
+writes the checkpoint after every epoch and the model, history, summary and figures at
+the end; :func:`finish` does the final evaluation and PreciseBN. A checkpoint holds the
+random state, so a resumed run ends with the same weights, bit for bit, as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ class TrainResult:
 
     ``final`` has train_/val_/test_ loss, cost and accuracy of the final network (test
     only if the data has a test set); with PreciseBN, ``final`` uses the recomputed
-    statistics and ``final_moving_average`` the moving averages; ``best_*`` is the history row with the highest
-    validation accuracy; ``timings`` has train_seconds (updates), eval_seconds
-    (history and final evaluation) and total_seconds, summed over resumed sessions.
+    statistics and ``final_moving_average`` the moving averages; ``best_*`` is the
+    history row with the highest validation accuracy; ``timings`` has train_seconds
+    (updates), eval_seconds (history and final evaluation) and total_seconds, summed over
+    resumed sessions.
     """
 
     config: TrainConfig
@@ -145,8 +148,8 @@ def evaluate(net: Network, splits: dict, lam: float) -> dict:
 
 
 @np.errstate(over="ignore", invalid="ignore")  # overflow is the divergence guard's to report
-def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = False
-          ) -> TrainResult:
+def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = False,
+          restart: bool = False) -> TrainResult:
     """Train the network ``config`` describes on preloaded ``data``.
 
     data: anything with X_train (n, d), y_train (n,), X_val, y_val and optionally
@@ -155,96 +158,72 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     callbacks: functions called with a :class:`TrainEvent`; an exception raised by one
     stops training (the last checkpoint stays).
     resume: continue from run_dir's checkpoint, which must belong to the same config.
+    restart: start again in a run_dir that already holds a run (its files are replaced).
     Raises :class:`DivergenceError` when the cost or a parameter becomes non-finite.
     """
     num_classes = len(data.class_names) if getattr(data, "class_names", None) else 10
     splits = _checked_splits(data, config.dtype, num_classes)
     X_train, y_train = splits["train"]
     n, d = X_train.shape
-    B = config.batch_size
-    steps_per_epoch = n // B
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training set has {n} examples, fewer than one batch "
-                         f"(batch_size = {B}); use a larger subset or a smaller batch")
-    net = build_network(config, d, num_classes)
-    optimizer = make_optimizer(config.optimizer)
-    schedule = make_schedule(config)
-    augmentation = augment.from_config(config)
-    if augmentation.active and d != augmentation.input_size:
-        raise ValueError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
-                         f"values per row), but the data has {d} columns; turn flip, "
-                         "translate and jitter off for this data")
-    rng = np.random.default_rng([config.seed, SHUFFLE_STREAM])
-    rngs = {"augment": np.random.default_rng([config.seed, AUGMENT_STREAM]),
-            "dropout": np.random.default_rng([config.seed, DROPOUT_STREAM])}
-    total = config.total_steps
-    eval_steps = set(config.eval_steps())
-    history: list[dict] = []
-    clock = _Clock()
-    start = 0
-    run_dir = None if run_dir is None else Path(run_dir)
-    if resume and run_dir is None:
-        raise ValueError("resume needs the run folder to continue (run_dir)")
+    B, total, eval_steps = config.batch_size, config.total_steps, set(config.eval_steps())
+    state = TrainState.start(config, d, num_classes, _steps_per_epoch(n, B))
+    net, optimizer, schedule = state.net, state.optimizer, make_schedule(config)
+    augmentation = _augmentation(config, d)
+    emit = _broadcast([*callbacks, *runs.fault_callbacks()])
 
-    if run_dir is not None:
-        _open_run(run_dir, config, resume)
-        if resume:
-            start, history = _restore(run_dir, config, net, optimizer, rng, rngs, clock)
-        else:
-            _checkpoint(run_dir, config, net, optimizer, rng, rngs, 0, history, clock,
-                        steps_per_epoch)
-    last_checkpoint = start
-
-    def emit(event):
-        for callback in callbacks:
-            callback(event)
-
-    def record(step, eta):  # eta: η_t at this step, for the curves
-        t0 = time.perf_counter()
-        row = {"step": step, "epoch": step / steps_per_epoch, "eta": eta}
-        row.update(evaluate(net, {"train": splits["train"], "val": splits["val"]}, config.lam))
-        clock.eval_seconds += time.perf_counter() - t0
-        history.append(row)
+    def record(step, eta):  # a history point, in eval mode; eta: η_t at this step
+        row = state.record(step, eta, splits)
         emit(TrainEvent("eval", step, total, row["epoch"], eta, cost, row))
 
-    cost, eta = math.nan, schedule(start)
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        j = step % steps_per_epoch
-        if j == 0:  # a new epoch (checkpoints fall here too): one permutation, one gather
-            order = rng.permutation(n)
-            X_epoch, y_epoch = X_train[order], y_train[order]  # batches: contiguous rows
-        Xb, yb = X_epoch[j * B:(j + 1) * B], y_epoch[j * B:(j + 1) * B]
-        eta = schedule(step)
-        if step == 0:
-            clock.train_seconds += time.perf_counter() - t0
-            _record_initial(net, Xb, yb, config.lam, partial(record, 0, eta))
+    with runs.RunFolder(run_dir, config, resume=resume, restart=restart) as folder:
+        if resume:
+            state.restore(folder.last_checkpoint())
+        else:
+            folder.checkpoint(state.checkpoint())
+        cost = math.nan
+        for step in range(state.step, total):
             t0 = time.perf_counter()
-        if augmentation.active:
-            Xb = augmentation(Xb, rngs["augment"])
-        masks = net.dropout_masks(B, rngs["dropout"]) if net.dropout else None
-        result = net.loss(Xb, yb, config.lam, mode="train", grads=True, check=False,
-                          masks=masks)
-        cost = result.cost
-        if not math.isfinite(cost):
-            raise _divergence(net, step, eta, f"the mini-batch cost is {cost}",
-                              run_dir, last_checkpoint)
-        optimizer.step(net.params, result.grads, eta)
-        net.update_running_stats(result.batch_stats)
-        clock.train_seconds += time.perf_counter() - t0
-        done = step + 1
-        emit(TrainEvent("step", done, total, done / steps_per_epoch, eta, cost))
-        if done in eval_steps:
-            record(done, schedule(done))
-        if done % steps_per_epoch == 0 or done == total:
-            _check_finite(net, done, eta, run_dir, last_checkpoint)
-            if run_dir is not None:
-                _checkpoint(run_dir, config, net, optimizer, rng, rngs, done, history, clock,
-                            steps_per_epoch)
-                last_checkpoint = done
-            if done % steps_per_epoch == 0:
-                emit(TrainEvent("epoch", done, total, done / steps_per_epoch, eta, cost))
+            j = step % state.steps_per_epoch
+            if j == 0:  # a new epoch (checkpoints fall here too): one permutation, one gather
+                order = state.shuffle.permutation(n)
+                X_epoch, y_epoch = X_train[order], y_train[order]  # batches: contiguous rows
+            Xb, yb = X_epoch[j * B:(j + 1) * B], y_epoch[j * B:(j + 1) * B]
+            eta = schedule(step)
+            if step == 0:
+                state.clock.train_seconds += time.perf_counter() - t0
+                _record_initial(net, Xb, yb, config.lam, partial(record, 0, eta))
+                t0 = time.perf_counter()
+            if augmentation.active:
+                Xb = augmentation(Xb, state.generators["augment"])
+            masks = net.dropout_masks(B, state.generators["dropout"]) if net.dropout else None
+            loss = net.loss(Xb, yb, config.lam, mode="train", grads=True, check=False,
+                            masks=masks)
+            cost = loss.cost
+            if not math.isfinite(cost):
+                raise _divergence(net, step, eta, f"the mini-batch cost is {cost}", folder)
+            optimizer.step(net.params, loss.grads, eta)
+            net.update_running_stats(loss.batch_stats)
+            state.clock.train_seconds += time.perf_counter() - t0
+            state.step = done = step + 1
+            epoch, end_of_epoch = done / state.steps_per_epoch, done % state.steps_per_epoch == 0
+            emit(TrainEvent("step", done, total, epoch, eta, cost))
+            if done in eval_steps:
+                record(done, schedule(done))
+            if end_of_epoch or done == total:
+                _check_finite(net, done, eta, folder)
+                folder.checkpoint(state.checkpoint())
+                if end_of_epoch:
+                    emit(TrainEvent("epoch", done, total, epoch, eta, cost))
+        result = finish(state, splits, folder.path)
+        folder.finish(result, data)
+    return result
 
+
+def finish(state: "TrainState", splits: dict, run_dir=None) -> TrainResult:
+    """The final evaluation (test set included) of a trained state and, with
+    ``precise_bn``, the PreciseBN statistics, which replace the moving averages (the
+    results with those are kept in ``final_moving_average``)."""
+    config, net, history, clock = state.config, state.net, state.history, state.clock
     t0 = time.perf_counter()  # train and val were just evaluated: the last history row
     final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
     if "test" in splits:
@@ -253,20 +232,79 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     if config.precise_bn:
         final_moving_average = final
         use_statistics(net, population_statistics(
-            net, X_train, B, config.precise_bn, seed=config.seed))
+            net, splits["train"][0], config.batch_size, config.precise_bn, seed=config.seed))
         final = evaluate(net, splits, config.lam)
     clock.eval_seconds += time.perf_counter() - t0
     best = max(history, key=lambda row: row["val_accuracy"])
-    result = TrainResult(
+    return TrainResult(
         config=config, network=net, history=history, final=final,
         best_val_accuracy=best["val_accuracy"], best_step=best["step"],
-        best_epoch=best["epoch"], steps=total, epochs=total / steps_per_epoch,
-        timings=clock.as_dict(), run_dir=run_dir,
-        final_moving_average=final_moving_average,
+        best_epoch=best["epoch"], steps=config.total_steps,
+        epochs=config.total_steps / state.steps_per_epoch, timings=clock.as_dict(),
+        run_dir=run_dir, final_moving_average=final_moving_average,
     )
-    if run_dir is not None:
-        _finish_run(run_dir, result, data)
-    return result
+
+
+@dataclass
+class TrainState:
+    """Everything the loop changes, and so everything a checkpoint holds: the network,
+    the optimizer's state, the three generators, the history, the clock and the step."""
+
+    config: TrainConfig
+    net: Network
+    optimizer: object
+    steps_per_epoch: int
+    shuffle: np.random.Generator  # one permutation per epoch
+    generators: dict  # "augment" and "dropout": their own streams
+    history: list = field(default_factory=list)
+    clock: _Clock = field(default_factory=_Clock)
+    step: int = 0  # updates done
+
+    @classmethod
+    def start(cls, config: TrainConfig, input_size: int, num_classes: int,
+              steps_per_epoch: int) -> "TrainState":
+        seed = config.seed
+        return cls(config, build_network(config, input_size, num_classes),
+                   make_optimizer(config.optimizer), steps_per_epoch,
+                   shuffle=np.random.default_rng([seed, SHUFFLE_STREAM]),
+                   generators={"augment": np.random.default_rng([seed, AUGMENT_STREAM]),
+                               "dropout": np.random.default_rng([seed, DROPOUT_STREAM])})
+
+    def record(self, step: int, eta: float, splits: dict) -> dict:
+        """Append the history row of ``step`` (train and val in eval mode) and return it."""
+        t0 = time.perf_counter()
+        row = {"step": step, "epoch": step / self.steps_per_epoch, "eta": eta}
+        row.update(evaluate(self.net, {"train": splits["train"], "val": splits["val"]},
+                            self.config.lam))
+        self.clock.eval_seconds += time.perf_counter() - t0
+        self.history.append(row)
+        return row
+
+    def checkpoint(self) -> runs.Checkpoint:
+        net = self.net
+        return runs.Checkpoint(
+            step=self.step, epoch=self.step // self.steps_per_epoch, params=net.params,
+            buffers=net.buffers, running_initialised=net.running_initialised,
+            optimizer_state=self.optimizer.state_dict(),
+            rng_state=self.shuffle.bit_generator.state,
+            rng_states={name: g.bit_generator.state for name, g in self.generators.items()},
+            history=self.history, timings=self.clock.as_dict(),
+            config_hash=self.config.config_hash(),
+        )
+
+    def restore(self, ckpt: runs.Checkpoint) -> None:
+        """Continue from ``ckpt``: network, optimizer, generators, history and clock."""
+        runs.restore_network(self.net, ckpt.params, ckpt.buffers, ckpt.running_initialised,
+                             ckpt.source)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.shuffle.bit_generator.state = ckpt.rng_state
+        for name, generator in self.generators.items():
+            if name in ckpt.rng_states:
+                generator.bit_generator.state = ckpt.rng_states[name]
+        self.clock.train_seconds = ckpt.timings["train_seconds"]
+        self.clock.eval_seconds = ckpt.timings["eval_seconds"]
+        self.clock.before = ckpt.timings["total_seconds"]
+        self.step, self.history = ckpt.step, ckpt.history
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -310,68 +348,36 @@ def _record_initial(net: Network, Xb, yb, lam, record) -> None:
         net.buffers, net.running_initialised = {}, False
 
 
-def _open_run(run_dir: Path, config: TrainConfig, resume: bool) -> None:
-    """Create or reopen a run folder; write its config.toml for a new run."""
-    if resume:
-        saved = runs.read_config(run_dir)
-        if saved.config_hash() != config.config_hash():
-            raise ValueError(f"{run_dir} was started with another configuration "
-                             f"(see its {runs.CONFIG_FILE}); resume it with that one")
-        return
-    if (run_dir / runs.CHECKPOINT_FILE).exists():
-        raise ValueError(f"{run_dir} already holds a run: resume it (klayer train --resume "
-                         f"{run_dir}) or choose another output folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_config(run_dir, config.replace(out=str(run_dir)))
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    if n < batch_size:
+        raise ValueError(f"the training set has {n} examples, fewer than one batch "
+                         f"(batch_size = {batch_size}); use a larger subset or a smaller batch")
+    return n // batch_size
 
 
-def _restore(run_dir, config, net, optimizer, rng, rngs, clock) -> tuple[int, list]:
-    """Load run_dir's checkpoint into the network, optimizer, generator and clock;
-    return (steps done, history so far)."""
-    ckpt = runs.load_checkpoint(run_dir)
-    if ckpt.config_hash != config.config_hash():
-        raise ValueError(f"the checkpoint in {run_dir} belongs to another configuration "
-                         f"than its {runs.CONFIG_FILE}; start a new run instead")
-    runs.restore_network(net, ckpt.params, ckpt.buffers, ckpt.running_initialised,
-                         run_dir / runs.CHECKPOINT_FILE)
-    optimizer.load_state_dict(ckpt.optimizer_state)
-    rng.bit_generator.state = ckpt.rng_state
-    for name, generator in rngs.items():
-        if name in ckpt.rng_states:
-            generator.bit_generator.state = ckpt.rng_states[name]
-    clock.train_seconds = ckpt.timings["train_seconds"]
-    clock.eval_seconds = ckpt.timings["eval_seconds"]
-    clock.before = ckpt.timings["total_seconds"]
-    return ckpt.step, ckpt.history
+def _augmentation(config: TrainConfig, input_size: int):
+    augmentation = augment.from_config(config)
+    if augmentation.active and input_size != augmentation.input_size:
+        raise ValueError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
+                         f"values per row), but the data has {input_size} columns; turn flip, "
+                         "translate and jitter off for this data")
+    return augmentation
 
 
-def _checkpoint(run_dir, config, net, optimizer, rng, rngs, step, history, clock,
-                steps_per_epoch):
-    runs.save_checkpoint(run_dir, runs.Checkpoint(
-        step=step, epoch=step // steps_per_epoch, params=net.params, buffers=net.buffers,
-        running_initialised=net.running_initialised,
-        optimizer_state=optimizer.state_dict(), rng_state=rng.bit_generator.state,
-        rng_states={name: g.bit_generator.state for name, g in rngs.items()},
-        history=history, timings=clock.as_dict(), config_hash=config.config_hash(),
-    ))
-    runs.write_history(run_dir / runs.HISTORY_FILE, history)
+def _broadcast(callbacks):
+    """One function that passes an event to every callback."""
+    def emit(event):
+        for callback in callbacks:
+            callback(event)
+
+    return emit
 
 
-def _finish_run(run_dir: Path, result: TrainResult, data) -> None:
-    from klayer import plots
-
-    runs.save_model(run_dir, result.network, getattr(data, "standardizer", None),
-                    getattr(data, "class_names", None))
-    runs.write_history(run_dir / runs.HISTORY_FILE, result.history)
-    runs.write_summary(run_dir, result.summary())
-    plots.plot_history(result.history, run_dir, title=run_dir.name)
-
-
-def _check_finite(net, step, eta, run_dir, last_checkpoint) -> None:
+def _check_finite(net, step, eta, folder) -> None:
     """Before a checkpoint: every parameter and moving average must be finite."""
     if _non_finite(net):
         raise _divergence(net, step, eta, "a parameter or moving average is not finite",
-                          run_dir, last_checkpoint)
+                          folder)
 
 
 def _non_finite(net) -> list[str]:
@@ -380,7 +386,7 @@ def _non_finite(net) -> list[str]:
     return [name for name, a in arrays.items() if not np.isfinite(a).all()]
 
 
-def _divergence(net, step, eta, what, run_dir, last_checkpoint) -> DivergenceError:
+def _divergence(net, step, eta, what, folder: runs.RunFolder) -> DivergenceError:
     """A DivergenceError naming the step, η and the first non-finite parameter."""
     bad = _non_finite(net)
     if bad:
@@ -391,8 +397,5 @@ def _divergence(net, step, eta, what, run_dir, last_checkpoint) -> DivergenceErr
         where = (f"no parameter is non-finite yet; the largest is {parameter} with "
                  f"|entry| up to {float(np.abs(net.params[parameter]).max()):.3g}")
     message = (f"training diverged at update step {step} (η = {eta:.4g}): {what}; {where}. "
-               "Lower eta_max (or lam) and train again")
-    if run_dir is not None:
-        message += (f"; the last good checkpoint (step {last_checkpoint}) stays in "
-                    f"{run_dir / runs.CHECKPOINT_FILE}")
+               "Lower eta_max (or lam) and train again") + folder.where_to_resume()
     return DivergenceError(message, step, eta, parameter)

@@ -105,7 +105,7 @@ def test_tampered_arrays(saved, change, message):
     (lambda h: h["architecture"].update(dtype="float64"), "has dtype float32 but the header"),
     (lambda h: h["architecture"].update(hidden_sizes=[-1]), "invalid architecture"),
     (lambda h: h.update(format_version=99), "format 99"),
-    (lambda h: h.pop("model_sha256"), "lacks"),
+    (lambda h: h.pop("checksum"), "lacks"),
     (lambda h: h.update(format="something"), "not a klayer model header"),
     (lambda h: h.update(class_names=["cat"]), "one name per class"),
     (lambda h: h["standardizer"].update(mean=[0.0] * 5), "invalid standardizer"),
@@ -180,3 +180,73 @@ def test_figures(tmp_path):
     assert path == tmp_path / "curves.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots.plot_comparison({"a": history, "b": history}, tmp_path / "ab.png").exists()
+
+
+# --- the checksum covers the header; the header is checked before anything is built -------
+
+
+@pytest.mark.parametrize("change", [
+    lambda h: h["class_names"].reverse(),
+    lambda h: h["class_names"].__setitem__(3, "kitten"),
+    lambda h: h["standardizer"]["mean"].__setitem__(0, 0.5),
+    lambda h: h["standardizer"]["std"].__setitem__(11, 2.0),
+    lambda h: h["architecture"].update(bn_eps=1e-3),
+    lambda h: h["architecture"].update(norm_position="after"),
+    lambda h: h["architecture"].update(label_smoothing=0.1),
+    lambda h: h.update(running_initialised=True, klayer_version="0.0.1"),
+], ids=["class order", "class name", "mean", "std", "bn_eps", "norm_position",
+        "label_smoothing", "version"])
+def test_edited_header_is_refused(saved, change):
+    run_dir = saved[0]
+    _edit_header(run_dir, change)
+    with pytest.raises(ValueError) as info:
+        runs.load_model(run_dir)
+    message = str(info.value)
+    assert "\n" not in message and str(run_dir / runs.HEADER_FILE) in message
+    assert "does not match the checksum" in message
+
+
+def test_checksum_depends_on_every_header_field(saved):
+    run_dir = saved[0]
+    header = json.loads((run_dir / runs.HEADER_FILE).read_text())
+    data = (run_dir / runs.MODEL_FILE).read_bytes()
+    assert runs.model_checksum(data, header) == header["checksum"]
+    assert runs.model_checksum(data, dict(reversed(header.items()))) == header["checksum"]
+    assert runs.model_checksum(data + b"\0", header) != header["checksum"]
+    for key in header:
+        if key != "checksum":
+            assert runs.model_checksum(data, {**header, key: "x"}) != header["checksum"], key
+
+
+def test_old_format_is_refused_with_advice(saved):
+    run_dir = saved[0]
+    _edit_header(run_dir, lambda h: h.update(format_version=1))
+    with pytest.raises(ValueError, match=r"model format 1, written by an older klayer.*"
+                                         r"retrain the model or re-save it"):
+        runs.load_model(run_dir)
+
+
+@pytest.mark.parametrize("hidden, message", [
+    ([200000, 5], r"W1 has shape \(6, 12\) but the architecture in the header needs "
+                  r"\(200000, 12\)"),
+    ([100000, 100000], "declares 10003200010 parameters, more than klayer loads"),
+    ([6, 5, 7], r"missing \['W4', 'b4'"),
+])
+def test_header_checked_against_stored_shapes_before_building(saved, monkeypatch, hidden,
+                                                              message):
+    run_dir = saved[0]
+    _edit_header(run_dir, lambda h: h["architecture"].update(hidden_sizes=hidden))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a network was built before the header was checked")
+
+    monkeypatch.setattr(Network, "__init__", no_network)
+    with pytest.raises(ValueError, match=message):
+        runs.load_model(run_dir)
+
+
+def test_npz_shapes_read_without_loading(saved):
+    run_dir, net, _ = saved
+    data = (run_dir / runs.MODEL_FILE).read_bytes()
+    shapes = runs._npz_headers(data, run_dir / runs.MODEL_FILE)
+    assert shapes == {k: (v.shape, v.dtype) for k, v in {**net.params, **net.buffers}.items()}

@@ -151,10 +151,18 @@ def _check_resume_is_exact(config, data, tmp_path, stop_epoch):
 
 
 def test_resume_is_bit_identical(data, tmp_path):
-    _check_resume_is_exact(SMALL, data, tmp_path, stop_epoch=2)
-    # resuming a finished run changes nothing
-    again = train(SMALL, data, tmp_path / "straight", resume=True)
-    assert again.history == runs.read_history(tmp_path / "straight" / runs.HISTORY_FILE)
+    straight = _check_resume_is_exact(SMALL, data, tmp_path, stop_epoch=2)
+    # resuming a finished run changes nothing: not its results, not a byte of its files
+    run = tmp_path / "straight"
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()
+             if p.name != runs.LOCK_FILE}
+    assert {runs.MODEL_FILE, runs.HEADER_FILE, runs.SUMMARY_FILE, runs.HISTORY_FILE,
+            runs.CHECKPOINT_FILE} <= set(files)
+    again = train(SMALL, data, run, resume=True)
+    assert again.history == straight.history and again.final == straight.final
+    _assert_same_state(again.network, straight.network)
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()
+            if p.name != runs.LOCK_FILE} == files
 
 
 def test_run_folder_guards(data, tmp_path):
@@ -254,3 +262,31 @@ def test_resume_is_bit_identical_with_dropout_and_augmentation(image_data, tmp_p
     # masks and shuffling do not depend on it, so turning it off changes only the inputs
     no_aug = train(config.replace(flip=False, translate=0), image_data)
     assert not np.array_equal(no_aug.network.params["W1"], straight.network.params["W1"])
+
+
+# --- exact resume across schedules, augmentation, PreciseBN and precisions ---------------------
+
+
+@pytest.mark.parametrize("options", [
+    {"schedule": "step", "eta_max": 0.5, "decay_rate": 0.5, "decay_every": 7},
+    {"schedule": "cosine", "eta_max": 0.5},
+    {"schedule": "cosine", "eta_max": 0.5, "warmup_steps": 13},
+    {"schedule": "constant", "eta_max": 0.2, "warmup_steps": 5},
+    {"precise_bn": 3},
+    {"optimizer": "adam", "eta_max": 1e-2, "dropout": 0.3, "dtype": "float32"},
+    {"optimizer": "momentum", "eta_max": 0.05, "dtype": "float32", "label_smoothing": 0.1},
+], ids=["step", "cosine", "cosine-warmup", "constant-warmup", "precise-bn",
+        "adam-dropout-float32", "momentum-float32"])
+def test_resume_is_bit_identical_with(data, tmp_path, options):
+    straight = _check_resume_is_exact(SMALL.replace(**options), data, tmp_path, stop_epoch=3)
+    if "precise_bn" in options:  # the statistics were recomputed: the results differ
+        assert straight.final_moving_average is not None
+        assert straight.final_moving_average != straight.final
+
+
+def test_resume_is_bit_identical_with_jitter(image_data, tmp_path):
+    config = TrainConfig(hidden_sizes=(8, 6), n_s=5, cycles=2, batch_size=20, eta_max=0.2,
+                         evals_per_cycle=2, jitter=0.2, dtype="float32", precise_bn=2)
+    straight = _check_resume_is_exact(config, image_data, tmp_path, stop_epoch=1)
+    no_jitter = train(config.replace(jitter=0.0), image_data)
+    assert not np.array_equal(no_jitter.network.params["W1"], straight.network.params["W1"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from klayer.cli import UserError
@@ -92,6 +93,8 @@ def register(subparsers) -> None:
     p.add_argument("--name", help="run name for the default folder runs/<name> "
                                   "(default: the config file's name and the time)")
     p.add_argument("--resume", metavar="RUN", type=Path, help="continue an interrupted run")
+    p.add_argument("--restart", action="store_true",
+                   help="start again in an --out folder that already holds a run")
     p.add_argument("--quiet", action="store_true",
                    help="plain log lines instead of a progress bar")
     p.set_defaults(handler=run)
@@ -109,7 +112,11 @@ def run(args) -> int:
     log.line(f"data: {len(data.X_train)} train, {len(data.X_val)} validation, "
              f"{len(data.X_test)} test images ({time.perf_counter() - t0:.1f} s)")
     try:
-        result = train(config, data, run_dir, callbacks=[log.event], resume=args.resume is not None)
+        with warnings.catch_warnings():  # e.g. a damaged checkpoint: one line, not a trace
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"klayer train: warning: {message}", file=sys.stderr, flush=True)
+            result = train(config, data, run_dir, callbacks=[log.event],
+                           resume=args.resume is not None, restart=args.restart)
     except KeyboardInterrupt:
         log.close()
         print(f"interrupted: continue with `klayer train --resume {run_dir}`", file=sys.stderr)
@@ -136,6 +143,8 @@ def resolve_config(args) -> tuple[TrainConfig, Path]:
     if args.resume is not None:
         given = sorted(_flag_name(d) for d, f in OPTION_FLAGS.items()
                        if flags[f] is not None and d not in RESUMABLE_FLAGS)
+        if args.restart:
+            given.append("--restart")
         if given or args.config or args.name:
             raise UserError(f"--resume takes the configuration saved in {args.resume}; "
                             f"drop {', '.join(given) or '--config/--name'}")
