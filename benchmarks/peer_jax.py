@@ -20,6 +20,7 @@ Needs jax (``pip install -e ".[bench]"``) and, for the cases, bench_step.py's im
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -252,7 +253,9 @@ def main():
     args = parser.parse_args()
 
     selected = [CASES[c] for c in (args.cases if args.cases is not None else range(len(CASES)))]
-    print(f"jax {jax.__version__}, devices {jax.devices()}, float32")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"jax {jax.__version__}, devices {jax.devices()}, cpu_count {os.cpu_count()}, "
+          f"float32; median of {args.reps} repetitions; load average {load:.1f} at start\n")
     if args.check:
         rng = np.random.default_rng(0)
         for name, hidden, n, _ in selected:
