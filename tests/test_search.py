@@ -24,7 +24,7 @@ from klayer.search import (INTERRUPTED, Dimension, load_search, log_grid, parse_
                            run_search, storage_url, trial_seed)
 
 REPO = Path(__file__).resolve().parent.parent
-SEED_REPORT_LAMBDAS = ["1.00e-05", "3.73e-05", "1.39e-04", "5.18e-04", "1.93e-03", "7.20e-03",
+COURSE_REPORT_LAMBDAS = ["1.00e-05", "3.73e-05", "1.39e-04", "5.18e-04", "1.93e-03", "7.20e-03",
                        "2.68e-02", "1.00e-01"]
 
 
@@ -43,11 +43,11 @@ def by_params(rows, names):
 # --- the space, without training ------------------------------------------------------------
 
 
-def test_lambda_grid_is_the_seed_reports():
-    assert [f"{v:.2e}" for v in log_grid(1e-5, 1e-1, 8)] == SEED_REPORT_LAMBDAS
+def test_lambda_grid_is_the_course_reports():
+    assert [f"{v:.2e}" for v in log_grid(1e-5, 1e-1, 8)] == COURSE_REPORT_LAMBDAS
     spec = load_search(REPO / "configs" / "search_lambda.toml")
     lam, bn = spec.space
-    assert [f"{v:.2e}" for v in lam.values()] == SEED_REPORT_LAMBDAS
+    assert [f"{v:.2e}" for v in lam.values()] == COURSE_REPORT_LAMBDAS
     assert bn.values() == [True, False]
     assert (spec.method, spec.base.hidden_sizes, spec.base.n_s, spec.base.cycles) == \
         ("grid", (50, 50), 900, 2)
