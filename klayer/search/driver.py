@@ -218,6 +218,9 @@ def _tell(study, trial, future: Future, objective: str) -> None:
 
         kind = "diverged" if isinstance(cause, DivergenceError) else type(cause).__name__
         trial.set_user_attr("fail_reason", f"{kind}: {cause}")
+        run_dir = trial.user_attrs.get("run_dir")
+        if run_dir and not Path(run_dir).is_dir():  # a Ray trial sends its folder only at the end
+            trial.set_user_attr("run_dir", "")
         study.tell(trial, state=TrialState.FAIL)
         return
     for key, value in numbers.items():
