@@ -154,6 +154,19 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(cifar_dir, tmp_path)
     table = (tmp_path / "trials.md").read_text()
     assert table.count("| FAIL |") == 2 and "diverged" in table
     assert len((tmp_path / "trials.csv").read_text().splitlines()) == 4
+    assert result.counts() == {"complete": 1, "failed": 2, "retried": 0, "other": 0}
+
+    kept = run_search(parse_search(doc), tmp_path, keep_failed=True)
+    assert [(r["trial"], r["state"]) for r in kept.rows] == \
+        [(r["trial"], r["state"]) for r in result.rows]  # nothing run again
+
+    again = run_search(parse_search(doc), tmp_path)  # the failed trials are run again
+    assert again.counts() == {"complete": 1, "failed": 2, "retried": 2, "other": 0}
+    retries = {r["trial"]: r for r in again.rows[3:]}
+    assert sorted((r["eta_max"], r["state"]) for r in retries.values()) == \
+        [(-1.0, "FAIL"), (1e4, "FAIL")]
+    assert sorted(again.retried) == sorted(("search", rows[v]["trial"]) for v in (1e4, -1.0))
+    assert again.rows[:3] == result.rows  # the first trials are kept as they were
 
 
 def test_coarse_to_fine_then_nothing_left_to_rerun(cifar_dir, tmp_path):
