@@ -169,6 +169,22 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(cifar_dir, tmp_path)
     assert again.rows[:3] == result.rows  # the first trials are kept as they were
 
 
+def test_a_worker_killed_mid_trial_fails_it_and_a_rerun_finishes(cifar_dir, tmp_path,
+                                                                  monkeypatch):
+    """A worker process that dies (here: the test hook kills it at step 3, in every
+    worker) fails its trial; the next run of the search runs it again."""
+    spec = parse_search(tiny(cifar_dir, {"lam": {"choice": [0.01, 0.001]}}, save_runs=True))
+    monkeypatch.setenv("KLAYER_TEST_KILL_AT_STEP", "3")  # inherited by the spawned workers
+    killed = run_search(spec, tmp_path, workers=2, blas_threads=1)
+    assert killed.counts() == {"complete": 0, "failed": 2, "retried": 0, "other": 0}
+    assert all(r["fail_reason"].startswith("BrokenProcessPool") for r in killed.rows)
+    monkeypatch.delenv("KLAYER_TEST_KILL_AT_STEP")
+    again = run_search(spec, tmp_path, workers=2, blas_threads=1)
+    assert again.counts() == {"complete": 2, "failed": 0, "retried": 2, "other": 0}
+    for row in again.rows[2:]:
+        assert (Path(row["run_dir"]) / "summary.json").is_file()
+
+
 def test_coarse_to_fine_then_nothing_left_to_rerun(cifar_dir, tmp_path):
     doc = tiny(cifar_dir, {"lam": {"log_uniform": [1e-4, 1e-1], "grid": 3}},
                method="coarse-to-fine", fine_trials=2)

@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from klayer.config import TrainConfig
@@ -197,7 +198,11 @@ class PoolExecutor:
             self.pool = ProcessPoolExecutor(
                 self.capacity, mp_context=self.context, initializer=_worker_start,
                 initargs=(os.getpid(), self.pids))
-        return self.pool.submit(run_trial, job)
+        try:
+            return self.pool.submit(run_trial, job)
+        except BrokenProcessPool:  # a worker died (killed, out of memory): a new pool
+            self.close()  # the trials it ran have failed with BrokenProcessPool
+            return self.submit(job)
 
     def close(self) -> None:
         if self.pool is None:
@@ -212,6 +217,7 @@ class PoolExecutor:
                 pass
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.pids.close()
+        self.pool = None
 
 
 def _import_ray():
