@@ -1,7 +1,8 @@
 """``klayer search --ray HOST:PORT`` on a real two-node Ray cluster started here.
 
 The cluster is started with the ``ray`` CLI (a head node and a second node, one CPU each,
-token authentication, bound to 127.0.0.1 addresses) in an environment without
+token authentication, node addresses 127.0.0.1; Ray 2.60's GCS and raylets still listen
+on every interface, which ``ray start`` has no option to change) in an environment without
 KLAYER_DATA or klayer on the path: trials get the data through Ray's object store and
 klayer's code with the job, and send their run folders back to the driver, which writes
 them under its own (relative) ``--out``. Each node runs in its own process session,
@@ -24,8 +25,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from klayer.runs import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from klayer.config import TrainConfig
+from klayer.runs import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent

@@ -185,6 +185,23 @@ def test_a_worker_killed_mid_trial_fails_it_and_a_rerun_finishes(cifar_dir, tmp_
         assert (Path(row["run_dir"]) / "summary.json").is_file()
 
 
+def test_the_run_folder_of_an_interrupted_trial_is_removed(cifar_dir, tmp_path):
+    from klayer.search.studies import open_storage, open_study
+
+    spec = parse_search(tiny(cifar_dir, {"lam": {"choice": [0.01]}}, save_runs=True))
+    study = open_study(open_storage(tmp_path), spec.first_round(), spec)
+    stale = study.ask()  # left RUNNING, as by a search killed while it trained
+    orphan = tmp_path / "runs" / f"search-{stale.number:04d}"
+    orphan.mkdir(parents=True)
+    (orphan / "config.toml").write_text("")
+    stale.set_user_attr("run_dir", str(orphan))
+    result = run_search(spec, tmp_path)
+    assert not orphan.exists()
+    assert [(r["trial"], r["state"], r["fail_reason"]) for r in result.rows] == \
+        [(stale.number, "FAIL", INTERRUPTED), (stale.number + 1, "COMPLETE", None)]
+    assert (Path(result.rows[1]["run_dir"]) / "summary.json").is_file()
+
+
 def test_coarse_to_fine_then_nothing_left_to_rerun(cifar_dir, tmp_path):
     doc = tiny(cifar_dir, {"lam": {"log_uniform": [1e-4, 1e-1], "grid": 3}},
                method="coarse-to-fine", fine_trials=2)
