@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,6 +102,7 @@ def cluster():
         yield nodes
     finally:
         nodes.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def search(cluster, cifar_dir, cwd: Path, out: str, extra_env=None):
