@@ -5,7 +5,7 @@ Every gradient is derived by hand and checked against centred differences and Py
 Public entry point for using a trained run from Python: :func:`load_model`.
 """
 
-__version__ = "0.1.0"
+from klayer.version import __version__
 
 
 def load_model(run):

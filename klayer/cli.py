@@ -21,7 +21,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from klayer import __version__
+    from klayer.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="klayer",

@@ -49,7 +49,7 @@ import json
 
 import numpy as np
 
-from klayer import __version__
+from klayer.version import __version__
 from klayer.model import check_applicable
 from klayer.network import Network
 

@@ -27,9 +27,11 @@ from klayer import gradcheck as G
 from klayer import runs
 from klayer.config import TrainConfig
 from klayer.network import Network
+from klayer.search import dataset_for, make_executor
 from klayer.study import HIDDEN_3, Budget, Run, run_all
 
-# (name, label, changes to the baseline configuration)
+# (name, label, changes to the baseline configuration); the label names the run in the
+# report (Run.label)
 TECHNIQUES = [
     ("bn_after", "batch norm after the ReLU", {"norm_position": "after"}),
     ("layernorm", "layer norm instead of batch norm", {"batch_norm": False, "layer_norm": True}),
@@ -154,15 +156,14 @@ def evaluate_statistics(study_runs: list[Run], data, batches: int = PRECISE_BATC
     return evaluations
 
 
-def run_extended(out: Path, budget: Budget, base: TrainConfig, depth_pairs: dict, executor,
-                 emit=lambda msg: None) -> ExtendedResult:
-    """Gradient checks, technique runs (trained or reused) and the statistics comparison.
+def run_extended(out: Path, budget: Budget, base: TrainConfig, depth_pairs: dict,
+                 workers: int = 1, emit=lambda msg: None) -> ExtendedResult:
+    """Gradient checks, technique runs (trained or reused, ``workers`` at a time) and the
+    statistics comparison.
 
     depth_pairs: {"3-layer": (BN run, no-BN run), "9-layer": (...)}, finished runs of the
     main study; their configurations give each depth's baseline.
     """
-    from klayer.search import dataset_for
-
     seconds = {}
     t0 = time.perf_counter()
     emit("section vi: gradient checks of the new layers")
@@ -177,7 +178,12 @@ def run_extended(out: Path, budget: Budget, base: TrainConfig, depth_pairs: dict
     for depth, (bn_run, _) in depth_pairs.items():
         prefix = "ext" + depth.split("-")[0]
         techniques[depth] = technique_runs(bn_run.config, prefix)
-    run_all([r for rs in techniques.values() for r in rs], Path(out) / "runs", executor, emit)
+    executor = make_executor(workers)
+    try:
+        run_all([r for rs in techniques.values() for r in rs], Path(out) / "runs", executor,
+                emit)
+    finally:
+        executor.close()
     seconds["runs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ def write_report(result: StudyResult) -> Path:
     fig_dir.mkdir(parents=True, exist_ok=True)
     parts = [_header(result), _gradcheck(result), _depth(result, "ii", result.depth3, fig_dir),
              _depth(result, "iii", result.depth9, fig_dir), _search(result, fig_dir),
-             _init(result, fig_dir)]
+             _initialisation(result, fig_dir)]
     if result.extended is not None:
         parts.append(_extended(result, fig_dir))
     parts.append(_timing(result))
@@ -99,8 +99,8 @@ def _gradcheck(r: StudyResult) -> str:
     return "\n".join(parts)
 
 
-def _comparison_figure(runs_, title, path) -> Path:
-    return plots.plot_comparison({run.label: run.history for run in runs_}, path, title)
+def _comparison_figure(compared, title, path) -> Path:
+    return plots.plot_comparison({run.label: run.history for run in compared}, path, title)
 
 
 def _depth(r: StudyResult, numeral: str, pair, fig_dir: Path) -> str:
@@ -191,7 +191,8 @@ def _search(r: StudyResult, fig_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _init(r: StudyResult, fig_dir: Path) -> str:
+def _initialisation(r: StudyResult, fig_dir: Path) -> str:
+    """Section v: the initialisation study (σ of the weights, with and without BN)."""
     lines = [
         "## v) Initialisation sensitivity",
         "",
@@ -300,8 +301,8 @@ def _extended(r: StudyResult, fig_dir: Path) -> str:
     lines.append("| none (baseline: batch norm before the ReLU, cyclical SGD) | "
                  + " | ".join(c + "—" for c in cells) + " |")
     rows = [("no normalization (section ii/iii)", {d: e.baselines[d][1] for d in depths})]
-    for i, (_, label, _) in enumerate(_techniques()):
-        rows.append((label, {d: e.techniques[d][i] for d in depths}))
+    for i, run in enumerate(e.techniques[depths[0]]):  # the same techniques at every depth
+        rows.append((run.label, {d: e.techniques[d][i] for d in depths}))
     for label, by_depth in rows:
         cells = [f"{pct(by_depth[d].test_accuracy)} | "
                  f"{_signed(by_depth[d].test_accuracy - baselines[d].test_accuracy)}"
@@ -309,9 +310,9 @@ def _extended(r: StudyResult, fig_dir: Path) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", _technique_verdict(rows, baselines, depths)]
     for d in depths:
-        runs_ = [baselines[d], *e.techniques[d]]
+        compared = [baselines[d], *e.techniques[d]]
         fig = plots.plot_validation({run.label if run is not baselines[d] else "baseline":
-                                     run.history for run in runs_},
+                                     run.history for run in compared},
                                     fig_dir / f"extended_{d}.png", f"{d} network: techniques")
         lines += ["", f"![{d} techniques]({_rel(fig, r.out)})"]
 
@@ -340,12 +341,6 @@ def _extended(r: StudyResult, fig_dir: Path) -> str:
                          "batches are normalised by nearly the final weights."
                          if max(map(abs, diffs)) < SEED_NOISE else "")]
     return "\n".join(lines)
-
-
-def _techniques():
-    from klayer.extended import TECHNIQUES
-
-    return TECHNIQUES
 
 
 def _technique_verdict(rows, baselines, depths) -> str:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from klayer import __version__
+from klayer.version import __version__
 from klayer.config import TrainConfig
 from klayer.network import Network
 

@@ -1,4 +1,4 @@
-"""The batch-norm study of SPEC.md as data: which runs, with which configurations.
+"""The batch-norm study as data: which runs, with which configurations.
 
 Each section of the study is a list of named :class:`~klayer.config.TrainConfig` runs
 (or, for the gradient check and the λ search, the inputs of those tools). Running the
@@ -6,8 +6,12 @@ study (:func:`run_study`) trains every run into ``<out>/runs/<name>-<config hash
 and reuses a finished run folder whose configuration matches, or resumes one that has a
 checkpoint; a killed reproduction therefore loses at most the runs in progress.
 
-Two budgets: "full" (SPEC.md's protocol) and "quick" (a 5,000-image subset and short
-cycles, the same sections, a few minutes in all: for smoke tests and CI).
+Two budgets: "full" (the study's protocol: all 45,000 training images, the course
+assignment's cycle lengths) and "quick" (a 5,000-image subset and short cycles, the same
+sections, a few minutes in all: for smoke tests and CI).
+
+Section vi (:mod:`klayer.extended`) builds on the runs made here; ``klayer reproduce``
+composes the two.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from pathlib import Path
 
 from klayer import gradcheck as G
 from klayer import runs
+from klayer import search
 from klayer.config import TrainConfig, toml_value
 
 HIDDEN_3 = (50, 50)
 HIDDEN_9 = (50, 30, 20, 20, 10, 10, 10, 10)
 SIGMAS = (1e-1, 1e-3, 1e-4)
 
-# Gradient-check networks: (batch_norm, hidden sizes), as in the seed report.
+# Gradient-check networks: (batch_norm, hidden sizes), as in the original course report.
 GRADCHECK_NETS = [
     (False, (50,)), (False, (50, 50)), (False, (50, 50, 50)),
     (True, (50,)), (True, (50, 50)), (True, HIDDEN_9),
@@ -77,7 +82,7 @@ class Run:
 
 
 def base_config(budget: Budget, data_dir=None, dtype="float32", seed=0) -> TrainConfig:
-    """SPEC.md's training protocol, cut to the budget."""
+    """The study's training protocol, cut to the budget."""
     return TrainConfig(hidden_sizes=HIDDEN_3, batch_norm=True, lam=0.005, eta_min=1e-5,
                        eta_max=1e-1, n_s=budget.n_s, cycles=2, batch_size=100, seed=seed,
                        dtype=dtype, protocol="full", n_val=5000, subset=budget.subset,
@@ -105,7 +110,7 @@ LAMBDA_GRID = 8
 
 
 def search_options(base: TrainConfig, budget: Budget) -> dict:
-    """Section iv, coarse: the seed report's λ grid (8 values of λ = 10^l, l evenly
+    """Section iv, coarse: the original course report's λ grid (8 values of λ = 10^l, l evenly
     spaced in [-5, -1]) with and without batch norm, 2 cycles, n_s = 2·floor(45000/100)
     in the full budget."""
     options = _search_base(base, budget, ("lam", "batch_norm"))
@@ -145,25 +150,9 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / runs.SUMMARY_FILE).exists() and (run_dir / runs.HISTORY_FILE).exists()
 
 
-def train_job(job: dict) -> dict:
-    """Train (or resume) one run folder; runs in the driver or a worker process."""
-    from threadpoolctl import threadpool_limits
-
-    from klayer.search import dataset_for
-    from klayer.train import train
-
-    config = TrainConfig.from_dict(job["config"])
-    run_dir = Path(job["run_dir"])
-    with threadpool_limits(limits=job["blas_threads"], user_api="blas"):
-        data = dataset_for(config)
-        resume = (run_dir / runs.CHECKPOINT_FILE).exists()
-        train(config, data, run_dir, resume=resume)
-    return runs.read_summary(run_dir)
-
-
 def run_all(study_runs: list[Run], root: Path, executor, emit=lambda msg: None) -> None:
-    """Train every run not finished yet (in parallel on ``executor``), then load each
-    run's summary and history into it."""
+    """Train (or resume) every run not finished yet, in parallel on ``executor`` (see
+    :func:`klayer.search.run_trial`), then load each run's summary and history into it."""
     root.mkdir(parents=True, exist_ok=True)
     pending: list[tuple[Run, Future]] = []
     for run in study_runs:
@@ -174,7 +163,7 @@ def run_all(study_runs: list[Run], root: Path, executor, emit=lambda msg: None) 
             continue
         job = {"config": run.config.to_dict(), "run_dir": str(run.run_dir),
                "blas_threads": executor.blas_threads}
-        pending.append((run, executor.submit(job, train_job)))
+        pending.append((run, executor.submit(job)))
     for run, future in pending:
         future.result()  # re-raises a failure (DivergenceError, ...) of that run
         emit(f"finished {run.name}")
@@ -224,23 +213,19 @@ class StudyResult:
     gradcheck_lam: float
     depth3: list
     depth9: list
-    search: object  # klayer.search.SearchResult of the coarse grid
-    fine: object  # ... and of the fine search
+    search: search.SearchResult  # of the coarse grid
+    fine: search.SearchResult  # ... and of the fine search
     final: Run
     init: list
     seconds: dict  # per section
     out: Path
-    extended: object = None  # klayer.extended.ExtendedResult with --extended
+    extended: object = None  # section vi (klayer.extended.ExtendedResult), added by its caller
 
 
 def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype="float32",
-              emit=lambda msg: None, extended: bool = False) -> StudyResult:
-    """Run (or reuse) every section of the study into ``out``; returns the numbers.
-
-    extended: also section vi (:mod:`klayer.extended`), after the others."""
+              emit=lambda msg: None) -> StudyResult:
+    """Run (or reuse) sections i to v of the study into ``out``; returns the numbers."""
     import optuna
-
-    from klayer import search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(out)
@@ -287,21 +272,8 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
     finally:
         executor.close()
     seconds["search"] = time.perf_counter() - t0
-    result = StudyResult(budget, tables, lam, depth3, depth9, coarse, fine, final, init,
-                         seconds, out)
-    if extended:
-        from klayer.extended import run_extended
-
-        t0 = time.perf_counter()
-        executor = search.make_executor(workers)
-        try:
-            result.extended = run_extended(out, budget, base,
-                                           {"3-layer": depth3, "9-layer": depth9},
-                                           executor, emit)
-        finally:
-            executor.close()
-        seconds["extended"] = time.perf_counter() - t0
-    return result
+    return StudyResult(budget, tables, lam, depth3, depth9, coarse, fine, final, init,
+                       seconds, out)
 
 
 def config_lines(config: TrainConfig, keys=None) -> str:

@@ -99,7 +99,7 @@ class TrainResult:
 
     def summary(self) -> dict:
         """What summary.json holds."""
-        from klayer import __version__
+        from klayer.version import __version__
 
         return {
             "klayer_version": __version__,

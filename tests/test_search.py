@@ -24,7 +24,7 @@ from klayer.search import (INTERRUPTED, Dimension, load_search, log_grid, parse_
                            run_search, storage_url, trial_seed)
 
 REPO = Path(__file__).resolve().parent.parent
-SEED_REPORT_LAMBDAS = ["1.00e-05", "3.73e-05", "1.39e-04", "5.18e-04", "1.93e-03", "7.20e-03",
+COURSE_REPORT_LAMBDAS = ["1.00e-05", "3.73e-05", "1.39e-04", "5.18e-04", "1.93e-03", "7.20e-03",
                        "2.68e-02", "1.00e-01"]
 
 
@@ -43,11 +43,11 @@ def by_params(rows, names):
 # --- the space, without training ------------------------------------------------------------
 
 
-def test_lambda_grid_is_the_seed_reports():
-    assert [f"{v:.2e}" for v in log_grid(1e-5, 1e-1, 8)] == SEED_REPORT_LAMBDAS
+def test_lambda_grid_is_the_course_reports():
+    assert [f"{v:.2e}" for v in log_grid(1e-5, 1e-1, 8)] == COURSE_REPORT_LAMBDAS
     spec = load_search(REPO / "configs" / "search_lambda.toml")
     lam, bn = spec.space
-    assert [f"{v:.2e}" for v in lam.values()] == SEED_REPORT_LAMBDAS
+    assert [f"{v:.2e}" for v in lam.values()] == COURSE_REPORT_LAMBDAS
     assert bn.values() == [True, False]
     assert (spec.method, spec.base.hidden_sizes, spec.base.n_s, spec.base.cycles) == \
         ("grid", (50, 50), 900, 2)
@@ -123,22 +123,6 @@ def test_two_workers_give_the_same_results_as_one(random_spec, one_worker, tmp_p
     assert len(by_params(two.rows, names)) == 4  # four different draws
 
 
-def test_ray_local_instance(random_spec, one_worker, tmp_path):
-    try:
-        import ray
-    except ImportError:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail("ray is not installed (pip install 'klayer[ray]')")
-        pytest.skip("ray is not installed (pip install 'klayer[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    try:
-        result = run_search(random_spec, tmp_path, ray_address="auto")
-    finally:
-        ray.shutdown()
-    names = ("lam", "batch_norm")
-    assert by_params(result.rows, names) == by_params(one_worker.rows, names)
-
-
 def test_failing_trials_are_recorded_and_the_search_goes_on(cifar_dir, tmp_path):
     doc = tiny(cifar_dir, {"eta_max": {"choice": [0.05, 1e4, -1.0]}}, save_runs=True)
     doc.update(dtype="float32", n_s=20)  # η_max = 1e4 overflows float32 within 20 steps
@@ -154,6 +138,52 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(cifar_dir, tmp_path)
     table = (tmp_path / "trials.md").read_text()
     assert table.count("| FAIL |") == 2 and "diverged" in table
     assert len((tmp_path / "trials.csv").read_text().splitlines()) == 4
+    assert result.counts() == {"complete": 1, "failed": 2, "retried": 0, "other": 0}
+
+    kept = run_search(parse_search(doc), tmp_path, keep_failed=True)
+    assert [(r["trial"], r["state"]) for r in kept.rows] == \
+        [(r["trial"], r["state"]) for r in result.rows]  # nothing run again
+
+    again = run_search(parse_search(doc), tmp_path)  # the failed trials are run again
+    assert again.counts() == {"complete": 1, "failed": 2, "retried": 2, "other": 0}
+    retries = {r["trial"]: r for r in again.rows[3:]}
+    assert sorted((r["eta_max"], r["state"]) for r in retries.values()) == \
+        [(-1.0, "FAIL"), (1e4, "FAIL")]
+    assert sorted(again.retried) == sorted(("search", rows[v]["trial"]) for v in (1e4, -1.0))
+    assert again.rows[:3] == result.rows  # the first trials are kept as they were
+
+
+def test_a_worker_killed_mid_trial_fails_it_and_a_rerun_finishes(cifar_dir, tmp_path,
+                                                                  monkeypatch):
+    """A worker process that dies (here: the test hook kills it at step 3, in every
+    worker) fails its trial; the next run of the search runs it again."""
+    spec = parse_search(tiny(cifar_dir, {"lam": {"choice": [0.01, 0.001]}}, save_runs=True))
+    monkeypatch.setenv("KLAYER_TEST_KILL_AT_STEP", "3")  # inherited by the spawned workers
+    killed = run_search(spec, tmp_path, workers=2, blas_threads=1)
+    assert killed.counts() == {"complete": 0, "failed": 2, "retried": 0, "other": 0}
+    assert all(r["fail_reason"].startswith("BrokenProcessPool") for r in killed.rows)
+    monkeypatch.delenv("KLAYER_TEST_KILL_AT_STEP")
+    again = run_search(spec, tmp_path, workers=2, blas_threads=1)
+    assert again.counts() == {"complete": 2, "failed": 0, "retried": 2, "other": 0}
+    for row in again.rows[2:]:
+        assert (Path(row["run_dir"]) / "summary.json").is_file()
+
+
+def test_the_run_folder_of_an_interrupted_trial_is_removed(cifar_dir, tmp_path):
+    from klayer.search.studies import open_storage, open_study
+
+    spec = parse_search(tiny(cifar_dir, {"lam": {"choice": [0.01]}}, save_runs=True))
+    study = open_study(open_storage(tmp_path), spec.first_round(), spec)
+    stale = study.ask()  # left RUNNING, as by a search killed while it trained
+    orphan = tmp_path / "runs" / f"search-{stale.number:04d}"
+    orphan.mkdir(parents=True)
+    (orphan / "config.toml").write_text("")
+    stale.set_user_attr("run_dir", str(orphan))
+    result = run_search(spec, tmp_path)
+    assert not orphan.exists()
+    assert [(r["trial"], r["state"], r["fail_reason"]) for r in result.rows] == \
+        [(stale.number, "FAIL", INTERRUPTED), (stale.number + 1, "COMPLETE", None)]
+    assert (Path(result.rows[1]["run_dir"]) / "summary.json").is_file()
 
 
 def test_coarse_to_fine_then_nothing_left_to_rerun(cifar_dir, tmp_path):

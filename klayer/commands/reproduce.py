@@ -46,7 +46,23 @@ def run(args) -> int:
             print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
 
     result = study.run_study(args.out, budget, data_dir=data_dir, workers=args.workers,
-                             dtype=args.dtype, emit=emit, extended=args.extended)
+                             dtype=args.dtype, emit=emit)
+    if args.extended:
+        result.extended = run_extended_section(result, data_dir, args.dtype, args.workers, emit)
     path = write_report(result)
     print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def run_extended_section(result, data_dir, dtype, workers, emit):
+    """Section vi on top of the study's 3-layer and 9-layer runs; its time joins the
+    study's."""
+    from klayer import study
+    from klayer.extended import run_extended
+
+    start = time.perf_counter()
+    base = study.base_config(result.budget, data_dir, dtype)
+    extended = run_extended(result.out, result.budget, base,
+                            {"3-layer": result.depth3, "9-layer": result.depth9}, workers, emit)
+    result.seconds["extended"] = time.perf_counter() - start
+    return extended

@@ -1,4 +1,4 @@
-"""``klayer search``: hyper-parameter search over training options (see klayer/search.py).
+"""``klayer search``: hyper-parameter search over training options (see klayer/search/).
 
 The search comes from ``--config SEARCH.toml`` (a ``[search]`` table and the base training
 options) and/or flags, which override it. Running the same command again continues an
@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--ray", metavar="ADDRESS",
                    help="run trials as Ray tasks on the cluster at ADDRESS ('auto', "
                         "'ray://host:10001'; 'local' starts one here); needs klayer[ray]")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep the FAILed trials of an earlier run of this search instead of "
+                        "running them again")
     p.add_argument("--blas-threads", type=int, metavar="K",
                    help="BLAS threads per trial (default cores // N; 1 on Ray). Results are "
                         "bit-identical across worker counts only at equal K")
@@ -109,7 +112,8 @@ def run(args) -> int:
     start = time.perf_counter()
     try:
         result = run_search(spec, out, workers=args.workers, ray_address=args.ray,
-                            blas_threads=args.blas_threads, on_event=log.event)
+                            blas_threads=args.blas_threads, on_event=log.event,
+                            keep_failed=args.keep_failed)
     except KeyboardInterrupt:
         log.close()
         print(f"interrupted: run the same command again to continue the search in {out}",
@@ -119,9 +123,10 @@ def run(args) -> int:
         log.close()
     print()
     print(Path(out, "trials.md").read_text(encoding="utf-8"))
-    counts = {s: sum(r["state"] == s for r in result.rows) for s in ("COMPLETE", "FAIL")}
-    print(f"{len(result.rows)} trials ({counts['COMPLETE']} complete, {counts['FAIL']} failed) "
-          f"in {time.perf_counter() - start:.0f} s")
+    counts = result.counts()
+    retried = f", {counts['retried']} failed and run again" if counts["retried"] else ""
+    print(f"{len(result.rows)} trials ({counts['complete']} complete, {counts['failed']} "
+          f"failed{retried}) in {time.perf_counter() - start:.0f} s")
     if result.best is None:
         print("no trial finished: no best configuration")
         return 1

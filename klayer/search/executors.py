@@ -1,0 +1,337 @@
+"""Where trials run: in the driver, in a pool of worker processes, or as Ray tasks.
+
+One trial function, :func:`run_trial`, serves the search and the study: it trains one
+TrainConfig into one run folder (resuming it from its checkpoint when it has one) and
+returns the numbers the search records. An executor's ``submit(job)`` returns a
+``concurrent.futures.Future`` of those numbers; ``capacity`` is how many trials it runs
+at once.
+
+- In the driver and in a process pool, trials write their run folders directly, and
+  each process loads the data once (:func:`dataset_for`).
+- On Ray, a trial needs nothing from the worker's disk or environment: the driver loads
+  and standardises the data once per data setting and ships it through the object store
+  (``ray.put``; the reference is a task argument); klayer's own code travels with the
+  job (``runtime_env`` ``py_modules``). The trial trains into a temporary folder on the
+  worker and returns the folder's files as bytes; the driver writes them into the run
+  folder under its own output folder. No shared filesystem is needed. A worker process
+  that dies mid-trial is retried by Ray (``RAY_TASK_RETRIES``); after that the trial is
+  recorded FAIL and retried by the next run of the search.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from klayer.config import TrainConfig
+from klayer.search.space import check_int
+
+RAY_TASK_RETRIES = 2  # Ray reruns a trial whose worker process died this many times
+# Test-only: a trial SIGKILLs its own process when it reaches this step (a worker that
+# dies mid-trial, made deterministic). Ray trials see it when the driver has it set.
+KILL_HOOK = "KLAYER_TEST_KILL_AT_STEP"
+
+
+# --- one trial, in any process --------------------------------------------------------------
+
+_DATA: dict = {}  # this process's datasets, keyed by data_key
+
+
+def data_key(config: TrainConfig) -> tuple:
+    """The options that decide a trial's data: trials with the same key share it."""
+    return (config.data_dir, config.protocol, config.n_val, config.subset, config.dtype)
+
+
+def dataset_for(config: TrainConfig):
+    """The data ``config`` trains on, loaded once per process."""
+    from klayer.data import load_data
+
+    key = data_key(config)
+    if key not in _DATA:
+        _DATA[key] = load_data(config, download=False)
+    return _DATA[key]
+
+
+def run_trial(job: dict, data=None) -> dict:
+    """Train ``job["config"]`` (a TrainConfig dict) into ``job["run_dir"]`` (None: no files)
+    with at most ``job["blas_threads"]`` BLAS threads; a run folder with a checkpoint is
+    resumed. ``data``: the dataset (default: loaded here, once per process).
+    ``job["return_run_folder"]``: train into a temporary folder instead and return its
+    files under "run_folder" ({file name: bytes}) for the driver to write.
+
+    Returns the trial's numbers; raises what training raises (DivergenceError,
+    ValueError), which the driver records.
+    """
+    from threadpoolctl import threadpool_limits
+
+    config = TrainConfig.from_dict(job["config"])
+    run_dir = job["run_dir"]
+    with threadpool_limits(limits=job["blas_threads"], user_api="blas"):
+        data = dataset_for(config) if data is None else data
+        if not (job.get("return_run_folder") and run_dir is not None):
+            return _train(config, data, run_dir)
+        with tempfile.TemporaryDirectory(prefix="klayer-trial-") as tmp:
+            folder = Path(tmp) / Path(run_dir).name
+            numbers = _train(config, data, folder)
+            numbers["run_folder"] = read_run_folder(folder)
+    return numbers
+
+
+def _train(config: TrainConfig, data, run_dir) -> dict:
+    from klayer import runs
+    from klayer.train import train
+
+    run_dir = None if run_dir is None else Path(run_dir)
+    resume = run_dir is not None and any(  # a kill between the two renames leaves only .prev
+        (run_dir / name).exists() for name in (runs.CHECKPOINT_FILE, runs.PREVIOUS_CHECKPOINT_FILE))
+    start = time.perf_counter()
+    result = train(config, data, run_dir, callbacks=_test_hooks(), resume=resume)
+    return {
+        "val_accuracy_final": float(result.final["val_accuracy"]),
+        "val_accuracy_best": float(result.best_val_accuracy),
+        "best_epoch": float(result.best_epoch),
+        "test_accuracy": result.final.get("test_accuracy"),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _test_hooks() -> list:
+    step = os.environ.get(KILL_HOOK)
+    if not step:
+        return []
+
+    def kill(event):
+        if event.kind == "step" and event.step == int(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return [kill]
+
+
+def read_run_folder(run_dir: Path) -> dict:
+    """A finished run folder's files as {name: bytes} (temporary files left out)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(run_dir).iterdir())
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def write_run_folder(run_dir: Path, files: dict, config: TrainConfig) -> None:
+    """Write a run folder shipped back by :func:`run_trial` into ``run_dir``; config.toml
+    names ``run_dir`` (not the worker's temporary folder). summary.json goes last, so a
+    folder without it is unfinished."""
+    from klayer import runs
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in sorted(files, key=lambda name: name == runs.SUMMARY_FILE):
+        if Path(name).name != name or name.startswith("."):
+            raise ValueError(f"a trial returned a file with a bad name: {name!r}")
+        if name == runs.CONFIG_FILE:
+            runs.write_config(run_dir, config.replace(out=str(run_dir)))
+        else:
+            runs.atomic_write(run_dir / name, lambda f, data=files[name]: f.write(data))
+
+
+# --- executors -------------------------------------------------------------------------------
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class InProcessExecutor:
+    """One worker: the driver trains each trial itself, when it is submitted."""
+
+    capacity = 1
+
+    def __init__(self, blas_threads: int | None = None):
+        self.blas_threads = blas_threads or available_cores()
+
+    def submit(self, job: dict) -> Future:
+        future = Future()
+        try:
+            future.set_result(run_trial(job))
+        except Exception as exc:  # recorded as a failed trial by the driver
+            future.set_exception(exc)
+        return future
+
+    def close(self) -> None:
+        pass
+
+
+def _worker_start(parent: int, pids) -> None:
+    """In a pool worker: say who it is, leave Ctrl-C to the driver, and exit if the
+    driver dies."""
+    pids.put(os.getpid())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class PoolExecutor:
+    """N worker processes ("spawn", started at the first trial), each limited to
+    cores // N BLAS threads (or ``blas_threads``)."""
+
+    def __init__(self, workers: int, blas_threads: int | None = None):
+        self.capacity = workers
+        self.blas_threads = blas_threads or max(1, available_cores() // workers)
+        self.pool = None
+        self.context = multiprocessing.get_context("spawn")
+        self.pids = None  # each worker puts its pid here when it starts
+
+    def submit(self, job: dict) -> Future:
+        if self.pool is None:
+            self.pids = self.context.SimpleQueue()
+            self.pool = ProcessPoolExecutor(
+                self.capacity, mp_context=self.context, initializer=_worker_start,
+                initargs=(os.getpid(), self.pids))
+        try:
+            return self.pool.submit(run_trial, job)
+        except BrokenProcessPool:  # a worker died (killed, out of memory): a new pool
+            self.close()  # the trials it ran have failed with BrokenProcessPool
+            return self.submit(job)
+
+    def close(self) -> None:
+        if self.pool is None:
+            return
+        # Running trials are not waited for (an interrupted search reruns them).
+        # ProcessPoolExecutor has no public way to stop its workers before Python 3.14
+        # (kill_workers): the workers reported their pids when they started.
+        while not self.pids.empty():
+            try:
+                os.kill(self.pids.get(), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pids.close()
+        self.pool = None
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray needs Ray, an optional extra: pip install 'klayer[ray]'") from None
+    return ray
+
+
+def _no_cluster(address: str) -> ValueError:
+    return ValueError(f"--ray {address}: no Ray cluster answers at this address; start one "
+                      "with `ray start --head` and pass its HOST:PORT, or use --ray local")
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when nothing listens at a HOST:PORT address: ``ray.init`` would retry
+    for minutes before giving up."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto", "local", "ray://...": Ray resolves and reports these itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError:
+        raise _no_cluster(address) from None
+
+
+class RayExecutor:
+    """Trials as Ray tasks on a Ray cluster, each reserving as many CPUs as its BLAS
+    threads (default 1); see the module docstring for what travels where.
+
+    address: of an existing cluster ("auto", "HOST:PORT", "ray://host:10001", ...) or
+    "local" to start one here; connected at the first trial. If this process is already
+    connected to Ray, that connection is used. capacity: trials in flight (default: the
+    cluster's CPUs).
+    """
+
+    def __init__(self, address: str, capacity: int | None = None,
+                 blas_threads: int | None = None):
+        self.ray = _import_ray()
+        self.address, self.task, self.started = address, None, False
+        self._capacity = capacity
+        self.blas_threads = blas_threads or 1
+        self.data_refs: dict = {}  # data_key -> ObjectRef of the dataset
+
+    def _connect(self) -> None:
+        if self.task is not None:
+            return
+        if not self.ray.is_initialized():
+            import klayer
+
+            env = {"py_modules": [klayer]}
+            if os.environ.get(KILL_HOOK):
+                env["env_vars"] = {KILL_HOOK: os.environ[KILL_HOOK]}
+            _check_reachable(self.address)
+            try:
+                self.ray.init(address=None if self.address == "local" else self.address,
+                              include_dashboard=False, logging_level="warning",
+                              runtime_env=env)
+            except ConnectionError:  # Ray's message names its own --address flag
+                raise _no_cluster(self.address) from None
+            self.started = True
+        self.task = self.ray.remote(num_cpus=self.blas_threads,
+                                    max_retries=RAY_TASK_RETRIES)(run_trial)
+
+    @property
+    def capacity(self) -> int:
+        if self._capacity is None:
+            self._connect()
+            cpus = int(self.ray.cluster_resources().get("CPU", 1))
+            self._capacity = max(1, cpus // self.blas_threads)
+        return self._capacity
+
+    def submit(self, job: dict) -> Future:
+        self._connect()
+        config = TrainConfig.from_dict(job["config"])
+        key = data_key(config)
+        if key not in self.data_refs:  # loaded and standardised once, here
+            self.data_refs[key] = self.ray.put(dataset_for(config))
+        ref = self.task.remote({**job, "return_run_folder": True}, self.data_refs[key])
+        future = Future()
+
+        def done(task_future):  # in a Ray thread, when the task ends
+            try:
+                numbers = task_future.result()
+                files = numbers.pop("run_folder", None)
+                if files is not None:
+                    write_run_folder(Path(job["run_dir"]), files, config)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(numbers)
+
+        ref.future().add_done_callback(done)
+        return future
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def make_executor(workers: int = 1, ray_address: str | None = None,
+                  blas_threads: int | None = None):
+    """Where trials run: Ray tasks, a process pool, or the driver itself.
+
+    blas_threads: per trial (default: cores // workers; 1 on Ray). Training results are
+    bit-identical only at equal BLAS threads: OpenBLAS sums in another order with more
+    threads, and over thousands of float32 steps this moves accuracies by ~0.5%.
+    """
+    check_int(workers, "workers", 1)
+    if blas_threads is not None:
+        check_int(blas_threads, "blas_threads", 1)
+    if ray_address:
+        return RayExecutor(ray_address, workers if workers > 1 else None, blas_threads)
+    if workers > 1:
+        return PoolExecutor(workers, blas_threads)
+    return InProcessExecutor(blas_threads)
