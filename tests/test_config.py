@@ -121,3 +121,39 @@ def test_standard_configs(name, hidden, bn):
     assert c.hidden_sizes == hidden and c.batch_norm is bn
     assert c.replace(hidden_sizes=(50, 50), batch_norm=True, dtype=TrainConfig().dtype) \
         == TrainConfig()
+
+
+# Pinned before the options moved into field metadata: a change here would orphan every
+# finished run that `klayer reproduce` and `klayer search` reuse by hash.
+PINNED_HASHES = {
+    "3layer_bn.toml": "5ebb37a4f55e393e",
+    "3layer_nobn.toml": "bad82c75781ac7fb",
+    "9layer_bn.toml": "8edc5bdbbcad7a44",
+    "9layer_nobn.toml": "9370c8fff2d5e379",
+    "best_mlp.toml": "15c71e06e08eb829",
+    "search_lambda.toml": "9da1c25b85220fba",  # the base options, without [search]
+    "search_lambda_fine.toml": "9da1c25b85220fba",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_HASHES))
+def test_config_files_keep_their_hash(name):
+    import tomllib
+
+    with open(CONFIGS / name, "rb") as f:
+        doc = tomllib.load(f)
+    doc.pop("search", None)
+    assert TrainConfig.from_dict(doc).config_hash() == PINNED_HASHES[name]
+    assert sorted(p.name for p in CONFIGS.glob("*.toml")) == sorted(PINNED_HASHES)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({}, "5ebb37a4f55e393e"),
+    ({"init": 0.001}, "577081679854398c"),
+    ({"subset": 100}, "859080a23758fc0d"),
+    ({"layer_norm": True, "batch_norm": False}, "dd8ec0c82841bfbd"),
+    ({"decay_every": 100, "schedule": "step"}, "7adbd922c1854adc"),
+    ({"hidden_sizes": ()}, "9776917a39c89e66"),
+])
+def test_pinned_hashes_of_changed_defaults(change, expected):
+    assert TrainConfig().replace(**change).config_hash() == expected
