@@ -1,4 +1,4 @@
-"""TrainConfig: SPEC defaults, validation, TOML round trips, overrides, stable hash."""
+"""TrainConfig: the study's defaults, validation, TOML round trips, overrides, stable hash."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from klayer.config import TrainConfig
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def test_defaults_are_spec():
+def test_defaults_are_the_studys():
     c = TrainConfig()
     assert c.hidden_sizes == (50, 50) and c.batch_norm and c.init == "he"
     assert (c.lam, c.eta_min, c.eta_max, c.n_s, c.cycles, c.batch_size) == \

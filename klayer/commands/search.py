@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 from klayer.cli import UserError
-from klayer.commands import train as train_command
+from klayer.config import add_option_flags, flags_given
 from klayer.search import METHODS, OBJECTIVES, SAMPLERS
 
-# klayer train's option flags that set the base configuration here too (--batch-norm and
-# --out mean something else in a search)
-TRAINING_FLAGS = [d for d in train_command.OPTION_FLAGS if d not in ("batch_norm", "out")]
+# klayer train's option flags set the base configuration here too, except these two
+# (--batch-norm and --out mean something else in a search)
+NOT_TRAINING_FLAGS = ("batch_norm", "out")
 
 
 def register(subparsers) -> None:
@@ -61,24 +61,10 @@ def register(subparsers) -> None:
     s.add_argument("--no-runs", dest="save_runs", action="store_false", default=None,
                    help="keep no run folder per trial (only the tables)")
     t = p.add_argument_group("training options (override the base configuration)")
-    for action in _training_actions():
-        if isinstance(action, argparse.BooleanOptionalAction):  # --flip / --no-flip
-            t.add_argument(action.option_strings[0], dest=action.dest, default=None,
-                           action=argparse.BooleanOptionalAction, help=action.help)
-        else:
-            t.add_argument(*action.option_strings, dest=action.dest, type=action.type,
-                           choices=action.choices, metavar=action.metavar, help=action.help)
+    add_option_flags(t, skip=NOT_TRAINING_FLAGS, show_defaults=False)
     p.add_argument("--quiet", action="store_true",
                    help="plain log lines instead of a progress bar")
     p.set_defaults(handler=run)
-
-
-def _training_actions() -> list:
-    """The argparse actions of klayer train's option flags (taken from its parser, so the
-    two commands accept the same flags)."""
-    scratch = argparse.ArgumentParser(add_help=False).add_subparsers()
-    train_command.register(scratch)
-    return [a for a in scratch.choices["train"]._actions if a.dest in TRAINING_FLAGS]
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -154,8 +140,7 @@ def _document(args, doc: dict) -> dict:
     elif args.batch_norm is not None:
         space.pop("batch_norm", None)
         doc["batch_norm"] = args.batch_norm == "on"
-    flags = {train_command.OPTION_FLAGS[d]: getattr(args, d) for d in TRAINING_FLAGS
-             if getattr(args, d) is not None}
+    flags = flags_given(args, skip=NOT_TRAINING_FLAGS)
     clash = sorted(set(flags) & set(space))
     if clash:
         raise UserError(f"{', '.join(clash)}: set by a flag and searched; drop one of the two")
