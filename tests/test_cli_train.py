@@ -191,3 +191,15 @@ def test_beyond_flags_train_and_evaluate_with_other_statistics(cifar_dir, tmp_pa
     assert "layer norm" in capsys.readouterr().out
     assert main(["evaluate", str(nobn), "--adaptive-bn"]) == 2
     assert "has no batch norm" in capsys.readouterr().err
+
+
+@pytest.mark.cifar
+def test_no_hidden_layer_with_default_batch_norm_trains_and_evaluates(cifar_dir, tmp_path,
+                                                                      capsys):
+    run = tmp_path / "softmax"
+    assert main(["train", "--data-dir", str(cifar_dir), "--subset", "500", "--hidden", "",
+                 "--n-s", "5", "--cycles", "1", "--batch-size", "50", "--out", str(run),
+                 "--quiet"]) == 0
+    assert "1-layer network (hidden none" in capsys.readouterr().out
+    assert main(["evaluate", str(run)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
