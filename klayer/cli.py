@@ -110,4 +110,8 @@ def _discard_stdout() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m klayer.cli` runs this file as __main__; the commands raise
+    # klayer.cli.UserError, so run the klayer.cli module's main, whose handlers know it.
+    from klayer.cli import main as klayer_main
+
+    sys.exit(klayer_main())

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from klayer import checks
 from klayer.cli import UserError
 from klayer.config import add_option_flags, flags_given
 from klayer.search import METHODS, OBJECTIVES, SAMPLERS
@@ -19,6 +20,7 @@ from klayer.search import METHODS, OBJECTIVES, SAMPLERS
 # klayer train's option flags set the base configuration here too, except these two
 # (--batch-norm and --out mean something else in a search)
 NOT_TRAINING_FLAGS = ("batch_norm", "out")
+MAX_GRID = 100_000  # grid points a search may have unless --max-grid says otherwise
 
 
 def register(subparsers) -> None:
@@ -62,9 +64,44 @@ def register(subparsers) -> None:
                    help="keep no run folder per trial (only the tables)")
     t = p.add_argument_group("training options (override the base configuration)")
     add_option_flags(t, skip=NOT_TRAINING_FLAGS, show_defaults=False)
+    p.add_argument("--max-grid", type=checks.flag_type(checks.integer, "max-grid", int),
+                   default=MAX_GRID, metavar="N",
+                   help=f"refuse a grid of more than N points (default {MAX_GRID:,})")
     p.add_argument("--quiet", action="store_true",
                    help="plain log lines instead of a progress bar")
     p.set_defaults(handler=run)
+
+
+def _read(path: Path) -> dict:
+    from klayer.search import read_search_toml
+
+    if path.is_dir():
+        raise UserError(f"search file {path} is a folder; give a .toml file")
+    try:
+        return read_search_toml(path)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a TOML file (not UTF-8 text)") from None
+
+
+def grid_size(doc: dict) -> int:
+    """Points of the grid a search document asks for (1 for a random search): the
+    product of the number of values of each searched option, counted from the document
+    itself, without building the values. Malformed entries count 1 (parse_search
+    reports them)."""
+    search = doc.get("search")
+    if not isinstance(search, dict) or search.get("method", "grid") == "random":
+        return 1
+    space = search.get("space")
+    points = 1
+    for entry in (space.values() if isinstance(space, dict) else ()):
+        if not isinstance(entry, dict):
+            continue
+        grid, choices = entry.get("grid"), entry.get("choice")
+        if isinstance(grid, int) and not isinstance(grid, bool) and grid > 0:
+            points *= grid
+        elif isinstance(choices, list) and choices:
+            points *= len(choices)
+    return points
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -80,9 +117,14 @@ def run(args) -> int:
     import optuna
 
     from klayer.data import ensure_cifar10
-    from klayer.search import parse_search, read_search_toml, run_search
+    from klayer.search import parse_search, run_search
 
-    spec = parse_search(_document(args, read_search_toml(args.config) if args.config else {}))
+    doc = _document(args, _read(args.config) if args.config else {})
+    points = grid_size(doc)
+    if points > args.max_grid:  # before the grid's values are built
+        raise UserError(f"the grid has {points:,} points, more than --max-grid "
+                        f"{args.max_grid:,}; use fewer grid values or a random search")
+    spec = parse_search(doc)
     out = args.out or Path("searches") / (args.config.stem if args.config else "search")
     if args.workers < 1 or (args.blas_threads is not None and args.blas_threads < 1):
         raise UserError("--workers and --blas-threads must be >= 1")

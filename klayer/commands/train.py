@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from klayer import memory
 from klayer.cli import UserError
 from klayer.config import TrainConfig, add_option_flags, flag_name, flags_given
 
@@ -37,6 +38,7 @@ def run(args) -> int:
     from klayer.train import train
 
     config, run_dir = resolve_config(args)
+    memory.check_fits(memory.estimate(config), "this run")  # before anything is allocated
     log = _Log(args.quiet)
     log.line(f"{'resuming' if args.resume else 'training'} {_describe(config)} in {run_dir}")
     t0 = time.perf_counter()
