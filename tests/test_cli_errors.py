@@ -71,6 +71,8 @@ ROWS = [
     (["gradcheck", "--init", "-2"], "argument --init"),
     (["search", "--n-s", "0"], "argument --n-s"),
     (["search", "--lambda-range", "1"], "argument --lambda-range"),
+    (["search", "--workers", "0"], "argument --workers"),
+    (["search", "--grid", "1"], "argument --grid: grid must be an integer >= 2"),
     (["search", "--lambda-range", "1e-5,1e-1", "--grid", "100000000"],
      "100,000,000 points, more than --max-grid"),
     (["search", "--config", "grid.toml"], "more than --max-grid"),

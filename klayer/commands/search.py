@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from klayer import checks
@@ -37,39 +38,47 @@ def register(subparsers) -> None:
                         "the base training options")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default searches/<config name>)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    p.add_argument("--workers", type=_count("workers"), default=1, metavar="N",
                    help="trials in parallel on this machine (default 1); each worker gets "
                         "cores // N BLAS threads. With --ray: trials in flight")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="run trials as Ray tasks on the cluster at ADDRESS ('auto', "
                         "'ray://host:10001'; 'local' starts one here); needs klayer[ray]")
-    p.add_argument("--blas-threads", type=int, metavar="K",
+    p.add_argument("--blas-threads", type=_count("blas-threads"), metavar="K",
                    help="BLAS threads per trial (default cores // N; 1 on Ray). Results are "
                         "bit-identical across worker counts only at equal K")
     s = p.add_argument_group("search settings (override the [search] table)")
     s.add_argument("--method", choices=METHODS)
-    s.add_argument("--n-trials", type=int, metavar="N", help="draws of a random search")
-    s.add_argument("--fine-trials", type=int, metavar="N",
+    s.add_argument("--n-trials", type=_count("n-trials"), metavar="N",
+                   help="draws of a random search")
+    s.add_argument("--fine-trials", type=_count("fine-trials"), metavar="N",
                    help="draws of the fine round of coarse-to-fine")
     s.add_argument("--sampler", choices=SAMPLERS, help="sampler of random draws")
-    s.add_argument("--search-seed", type=int, metavar="SEED", help="seed of the samplers")
+    s.add_argument("--search-seed", type=_count("search-seed", 0), metavar="SEED",
+                   help="seed of the samplers")
     s.add_argument("--objective", choices=OBJECTIVES,
                    help="validation accuracy of the final network or the best history point")
     s.add_argument("--lambda-range", type=_range, metavar="LOW,HIGH",
                    help="search λ log-uniformly in [LOW, HIGH], e.g. 1e-5,1e-1")
-    s.add_argument("--grid", type=int, metavar="N", help="number of grid values of λ")
+    s.add_argument("--grid", type=_count("grid", 2), metavar="N",
+                   help="number of grid values of λ")
     s.add_argument("--batch-norm", choices=("both", "on", "off"),
                    help="search with and without batch norm (both), or fix it")
     s.add_argument("--no-runs", dest="save_runs", action="store_false", default=None,
                    help="keep no run folder per trial (only the tables)")
     t = p.add_argument_group("training options (override the base configuration)")
     add_option_flags(t, skip=NOT_TRAINING_FLAGS, show_defaults=False)
-    p.add_argument("--max-grid", type=checks.flag_type(checks.integer, "max-grid", int),
+    p.add_argument("--max-grid", type=_count("max-grid"),
                    default=MAX_GRID, metavar="N",
                    help=f"refuse a grid of more than N points (default {MAX_GRID:,})")
     p.add_argument("--quiet", action="store_true",
                    help="plain log lines instead of a progress bar")
     p.set_defaults(handler=run)
+
+
+def _count(name: str, minimum: int = 1):
+    """argparse type: an integer >= minimum (a bad value is a one-line error)."""
+    return checks.flag_type(partial(checks.integer, minimum=minimum), name, int)
 
 
 def _read(path: Path) -> dict:
@@ -126,8 +135,6 @@ def run(args) -> int:
                         f"{args.max_grid:,}; use fewer grid values or a random search")
     spec = parse_search(doc)
     out = args.out or Path("searches") / (args.config.stem if args.config else "search")
-    if args.workers < 1 or (args.blas_threads is not None and args.blas_threads < 1):
-        raise UserError("--workers and --blas-threads must be >= 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ensure_cifar10(spec.base.data_dir, progress=not args.quiet)
     names = ", ".join(f"{d.name} {_describe(d)}" for d in spec.space)
