@@ -267,9 +267,9 @@ def _cross_checks(v: dict) -> None:
     if v["batch_norm"] and v["layer_norm"]:
         raise ValueError("config: batch_norm and layer_norm are alternatives; set "
                          "batch_norm = false to use layer_norm")
-    if v["precise_bn"] and not v["batch_norm"]:
+    if v["precise_bn"] and not (v["batch_norm"] and v["hidden_sizes"]):
         raise ValueError("config: precise_bn recomputes batch-norm statistics; it needs "
-                         "batch_norm = true")
+                         "batch_norm = true and a hidden layer")
     if v["translate"] >= 16:
         raise ValueError(f"config: translate must be under 16 pixels, got {v['translate']}")
     if v["decay_rate"] > 1:

@@ -14,14 +14,22 @@ from klayer.cli import build_parser, main
 from klayer.commands.train import resolve_config
 
 
-def test_help_lists_the_flags(capsys):
+def test_help_lists_the_flags(capsys, monkeypatch):
+    import dataclasses
+
+    from klayer.config import TrainConfig, flag_name
+
+    monkeypatch.setenv("COLUMNS", "2000")  # no help text wrapped (nor hyphenated)
     assert main(["train", "--help"]) == 0
-    out = capsys.readouterr().out
-    for flag in ("--config", "--hidden", "--batch-norm", "--no-batch-norm", "--lambda",
-                 "--eta-min", "--eta-max", "--n-s", "--cycles", "--batch-size", "--init",
-                 "--seed", "--dtype", "--data-dir", "--protocol", "--n-val", "--subset",
-                 "--out", "--resume", "--quiet"):
+    out = " ".join(capsys.readouterr().out.split())  # help text rewrapped on one line
+    for flag in ("--config", "--no-batch-norm", "--name", "--resume", "--quiet"):
         assert flag in out
+    assert main(["search", "--help"]) == 0
+    search_out = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):  # every option, with its help text
+        assert f"{flag_name(f.name)} " in out and f.metadata["help"] in out, f.name
+        if f.name not in ("batch_norm", "out"):
+            assert f.metadata["help"] in search_out, f.name
 
 
 def test_flags_override_the_config_file(tmp_path):

@@ -281,3 +281,5 @@ def test_no_hidden_layer_needs_no_batch_of_two():
     assert TrainConfig(hidden_sizes=(), batch_size=1).batch_size == 1
     with pytest.raises(ValueError, match="batch_size must be an integer >= 2 with batch norm"):
         TrainConfig(hidden_sizes=(10,), batch_size=1)
+    with pytest.raises(ValueError, match="precise_bn .* needs batch_norm = true and a hidden"):
+        TrainConfig(hidden_sizes=(), precise_bn=5)
