@@ -144,7 +144,21 @@ _flag_words = st.one_of(
 )
 
 
-def _toml_value(value):
+_search_tables = st.fixed_dictionaries({}, optional={
+    "method": st.one_of(st.sampled_from(["grid", "random", "coarse-to-fine"]), _junk_values),
+    "n_trials": st.one_of(st.integers(-2, 5), _junk_values),
+    "seed": _junk_values,
+    "space": st.dictionaries(
+        _keys, st.one_of(_junk_values, st.fixed_dictionaries({}, optional={
+            "log_uniform": st.one_of(st.lists(st.floats(1e-6, 1), min_size=2, max_size=2),
+                                     _junk_values),
+            "choice": st.one_of(st.lists(st.booleans(), max_size=3), _junk_values),
+            "grid": st.one_of(st.integers(-1, 10**9), _junk_values)})), max_size=3),
+})
+
+
+def _toml_value(value) -> str | None:
+    """TOML text of a generated value (inline tables for dicts; None: leave the key out)."""
     from klayer.config import toml_value
 
     if value is None:
@@ -154,37 +168,58 @@ def _toml_value(value):
     if isinstance(value, float) and value in (float("inf"), float("-inf")):
         return "inf" if value > 0 else "-inf"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {v}" for k, v in value.items()) + "}"
+        items = [(k, _toml_value(v)) for k, v in value.items()]
+        return "{" + ", ".join(f"{toml_value(k)} = {v}" for k, v in items if v is not None) + "}"
+    if isinstance(value, list):
+        items = [_toml_value(v) for v in value]
+        return "[" + ", ".join(v for v in items if v is not None) + "]"
     return toml_value(value)
-
-
-def _toml_key(key: str) -> str:
-    from klayer.config import toml_value
-
-    return toml_value(key)  # a quoted key is valid for any text
 
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(options=st.dictionaries(_keys, _junk_values, max_size=5),
+@given(command=st.sampled_from(["train", "search"]),
+       options=st.dictionaries(_keys, _junk_values, max_size=5),
+       search=st.one_of(st.none(), _search_tables),
        flags=st.lists(_flag_words, max_size=6))
-def test_generated_configs_and_flags_never_raise(options, flags, tmp_path_factory):
+def test_generated_configs_and_flags_never_raise(command, options, search, flags,
+                                                 tmp_path_factory):
     folder = tmp_path_factory.mktemp("prop")
-    lines = []
-    for key, value in options.items():
-        text = _toml_value(value)
-        if text is not None:
-            lines.append(f"{_toml_key(key)} = {text}")
+    if search is not None:
+        options = {**options, "search": search}
+    text = _toml_value(options)[1:-1]  # the top-level table's "key = value" entries
     config = folder / "gen.toml"
-    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    argv = ["train", "--config", str(config), *flags]
-    # Loading CIFAR-10 is where a valid configuration would start training: refuse there.
+    config.write_text("\n".join(_split_top_level(text)) + "\n", encoding="utf-8")
+    argv = [command, "--config", str(config), *flags]
+    # Finding CIFAR-10 is where a valid configuration would start training: refuse there.
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.setattr("klayer.data.load_cifar10", _no_data)
+        mp.setattr("klayer.data.ensure_cifar10", _no_data)
         status = cli.main(argv)
     assert status in (0, 2)
     assert sorted(p.name for p in folder.iterdir()) == ["gen.toml"]
+
+
+def _split_top_level(text: str) -> list[str]:
+    """The entries of an inline table's body, one per line (commas outside brackets and
+    strings separate them)."""
+    entries, depth, start, quoted, escaped = [], 0, 0, False, False
+    for i, ch in enumerate(text):
+        if quoted:
+            quoted = not (ch == '"' and not escaped)
+            escaped = ch == "\\" and not escaped
+        elif ch == '"':
+            quoted = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            entries.append(text[start:i].strip())
+            start = i + 1
+    entries.append(text[start:].strip())
+    return [e for e in entries if e]
 
 
 def _no_data(*args, **kwargs):
