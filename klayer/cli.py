@@ -85,8 +85,8 @@ def _run(argv) -> int:
     except BrokenPipeError:
         raise
     except MemoryError:
-        return _error(args.command, "not enough memory; reduce --hidden, --batch-size or "
-                                    "--subset")
+        return _error(args.command, "not enough memory (for training: reduce --hidden, "
+                                    "--batch-size or --subset)")
     except (UserError, ValueError, OSError) as exc:  # user-facing errors, no traceback
         return _error(args.command, str(exc))
 
