@@ -4,8 +4,9 @@ Each function takes a value and the name the user knows it by (a config key such
 ``n_s``, or an argument of the Python API such as ``input_size``), and returns the value
 normalised (an ``int``, a ``float``, a tuple, a NumPy dtype) or raises ``ValueError``
 with one line that names it and says what is allowed. :class:`klayer.config.TrainConfig`
-declares which check each option uses; :class:`klayer.network.Network` and the data
-loader call the same functions, so no rule is written twice.
+declares which check each option uses; :class:`klayer.network.Network`, the data loader
+and the command-line flags (through :func:`flag_type`) call the same functions, so no
+rule is written twice.
 
 The choices themselves are defined by the modules that implement them (``INITS`` and
 ``NORM_POSITIONS`` in :mod:`klayer.network`, ``OPTIMIZERS`` in :mod:`klayer.optim`,
@@ -15,8 +16,10 @@ float types, which several modules accept, are listed here.
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
+import re
 
 import numpy as np
 
@@ -25,9 +28,8 @@ DTYPES = ("float32", "float64")
 
 def integer(value, name: str, minimum: int = 1, maximum: int | None = None) -> int:
     """An int (or NumPy integer) in [minimum, maximum]; bools are refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
     return int(value)
@@ -69,8 +71,31 @@ def widths(value, name: str) -> tuple[int, ...]:
     return tuple(integer(w, f"{name} entries") for w in value)
 
 
-def init(value, inits) -> str | float:
-    """A named initialisation from ``inits`` or a number σ > 0 for N(0, σ²)."""
+def parse_widths(text: str, name: str = "hidden_sizes") -> tuple[int, ...]:
+    """Layer widths from text: "50,50" -> (50, 50); "" or "none" -> () (no hidden layer).
+
+    Every comma-separated entry must be a positive integer: "50,,50" is an error, not
+    (50, 50).
+    """
+    if text.strip().lower() in ("", "none"):
+        return ()
+    parts = [part.strip() for part in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]+", part) and int(part) > 0 for part in parts):
+        raise ValueError(f"{name} must be comma-separated positive integers like 50,50 "
+                         f"(empty: no hidden layer), got {text!r}")
+    return tuple(int(part) for part in parts)
+
+
+def optional(check):
+    """``check`` that also lets None through (an option that may be unset)."""
+    def check_or_none(value, name, **kwargs):
+        return None if value is None else check(value, name, **kwargs)
+    return check_or_none
+
+
+def init(value, name: str, inits) -> str | float:
+    """A named initialisation from ``inits`` or a number σ > 0 for N(0, σ²) (also given
+    as text, "0.01")."""
     if isinstance(value, str) and value in inits:
         return value
     if isinstance(value, str):
@@ -81,7 +106,7 @@ def init(value, inits) -> str | float:
     if not isinstance(value, bool) and isinstance(value, numbers.Real) \
             and math.isfinite(value) and value > 0:
         return float(value)
-    raise ValueError(f"init must be one of {', '.join(inits)} or a number σ > 0 "
+    raise ValueError(f"{name} must be one of {', '.join(inits)} or a number σ > 0 "
                      f"(weights N(0, σ²)), got {value!r}")
 
 
@@ -105,3 +130,23 @@ def path(value, name: str) -> str | None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a folder path, got {value!r}")
     return value
+
+
+def flag_type(check, name: str, parse=str):
+    """An argparse ``type``: text -> parse -> check(value, name). A bad value becomes an
+    ``ArgumentTypeError`` carrying the check's message, which argparse prints after the
+    flag's name."""
+    def convert(text):
+        try:
+            try:
+                value = parse(text)
+            except ValueError:
+                if parse not in (int, float):
+                    raise
+                value = text  # the check names the option and says what it allows
+            return check(value, name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert

@@ -2,41 +2,72 @@
 
 A :class:`TrainConfig` holds every option of a training run. It is what a config file
 in ``configs/`` contains (flat ``key = value`` lines, unknown keys are an error), what
-``klayer train`` flags override, and what a run folder's ``config.toml`` records.
-:meth:`TrainConfig.config_hash` names the options that change a run's results, so
-finished runs can be found and reused.
+``klayer train`` and ``klayer search`` flags override, and what a run folder's
+``config.toml`` records. :meth:`TrainConfig.config_hash` names the options that change a
+run's results, so finished runs can be found and reused.
+
+Each option is declared once, as a field whose metadata holds everything about it: its
+help text, its check (a validator of :mod:`klayer.checks`), and where needed its flag
+(``--lambda`` for ``lam``), metavar, choices, how a flag's text becomes a value
+(``parse``) and its "neutral" value. :func:`add_option_flags` builds the command-line
+flags from these fields, and validation walks them; rules that tie several options
+together live in :func:`_cross_checks`.
 
 Adding an option later (dropout, layer norm, another optimizer, ...): add a field with
-a default that keeps today's behaviour, a check in ``_validate``, and, when that default
-means "feature off", ``metadata={"neutral": default}`` so runs that do not use the
-feature keep the hash they had before the option existed.
+a default that keeps today's behaviour and, when that default means "feature off",
+``neutral=default`` so runs that do not use the feature keep the hash they had before
+the option existed.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
-import math
-import numbers
 import tomllib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+from klayer import checks
+from klayer.checks import DTYPES
 from klayer.data import PROTOCOLS
+from klayer.network import INITS, NORM_POSITIONS
 from klayer.optim import OPTIMIZERS
 from klayer.schedules import SCHEDULES
 
-INITS = ("he", "xavier")
-NORM_POSITIONS = ("before", "after")
-DTYPES = ("float32", "float64")
+_NOT_NEUTRAL = object()
 
-_NO_HASH = {"hash": False}  # options that do not change a run's results
+
+def option(default, help: str, check, *, flag: str | None = None, metavar: str | None = None,
+           choices=None, parse=None, neutral=_NOT_NEUTRAL, hashed: bool = True,
+           beyond: bool = False):
+    """A :class:`TrainConfig` field and everything the command line and validation need.
+
+    check(value, name) -> normalised value, or ValueError; parse(text) -> value for the
+    flag (default: the type of ``default``); ``neutral``: the value at which the option
+    is left out of the hash; ``hashed=False``: never in the hash (where things are, not
+    what is computed); ``beyond``: listed under "beyond the study" in ``--help``.
+    """
+    metadata = {"help": help, "check": check, "flag": flag, "metavar": metavar,
+                "choices": choices, "parse": parse, "hash": hashed, "beyond": beyond}
+    if choices is not None:
+        metadata["check"] = partial(check, choices=choices)
+    if neutral is not _NOT_NEUTRAL:
+        metadata["neutral"] = neutral
+    return field(default=default, metadata=metadata)
+
+
+_integer = checks.integer
+_natural = partial(checks.integer, minimum=0)
+_positive = partial(checks.number, minimum=0.0, strict=True)
+_nonnegative = partial(checks.number, minimum=0.0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training option, with SPEC.md's defaults.
+    """Every training option, with the study's defaults.
 
     The model: ``hidden_sizes`` (widths of the k-1 hidden layers), ``batch_norm``,
     ``init`` ("he", "xavier" or σ for N(0, σ²)), ``dtype``, ``seed`` (initial weights
@@ -57,37 +88,68 @@ class TrainConfig:
     recompute the batch-norm statistics over this many training batches (PreciseBN).
     """
 
-    hidden_sizes: tuple = (50, 50)
-    batch_norm: bool = True
-    init: str | float = "he"
-    dtype: str = "float64"
-    seed: int = 0
-    lam: float = 0.005
-    optimizer: str = field(default="sgd", metadata={"neutral": "sgd"})
-    schedule: str = "cyclic"
-    eta_min: float = 1e-5
-    eta_max: float = 1e-1
-    n_s: int = 2250
-    cycles: int = 2
-    batch_size: int = 100
-    evals_per_cycle: int = 10
-    data_dir: str | None = field(default=None, metadata=_NO_HASH)
-    protocol: str = "full"
-    n_val: int = 5000
-    subset: int | None = None
-    out: str | None = field(default=None, metadata=_NO_HASH)
-    layer_norm: bool = field(default=False, metadata={"neutral": False})
-    norm_position: str = field(default="before", metadata={"neutral": "before"})
-    residual: bool = field(default=False, metadata={"neutral": False})
-    dropout: float = field(default=0.0, metadata={"neutral": 0.0})
-    label_smoothing: float = field(default=0.0, metadata={"neutral": 0.0})
-    flip: bool = field(default=False, metadata={"neutral": False})
-    translate: int = field(default=0, metadata={"neutral": 0})
-    jitter: float = field(default=0.0, metadata={"neutral": 0.0})
-    decay_rate: float = field(default=0.1, metadata={"neutral": 0.1})
-    decay_every: int | None = field(default=None, metadata={"neutral": None})
-    warmup_steps: int = field(default=0, metadata={"neutral": 0})
-    precise_bn: int = field(default=0, metadata={"neutral": 0})
+    hidden_sizes: tuple = option(
+        (50, 50), "hidden layer widths, e.g. 50,50; \"\" for none", checks.widths,
+        flag="--hidden", metavar="W1,W2,...", parse=checks.parse_widths)
+    batch_norm: bool = option(True, "batch normalization in the hidden layers", checks.boolean)
+    init: str | float = option(
+        "he", "weight initialisation: he, xavier or σ for N(0, σ²)",
+        partial(checks.init, inits=INITS), metavar="he|xavier|σ", parse=str)
+    dtype: str = option("float64", "float precision", checks.choice, choices=DTYPES)
+    seed: int = option(0, "seed of the weights and the shuffling", _natural)
+    lam: float = option(0.005, "L2 penalty λ", _nonnegative, flag="--lambda", metavar="λ")
+    optimizer: str = option(
+        "sgd", "parameter update: sgd, momentum (μ = 0.9) or adam (β = 0.9, 0.999)",
+        checks.choice, choices=tuple(OPTIMIZERS), neutral="sgd")
+    schedule: str = option(
+        "cyclic", "learning-rate schedule: cyclic, constant (η = eta_max), step (see "
+        "--decay-rate) or cosine (eta_max down to eta_min)", checks.choice, choices=SCHEDULES)
+    eta_min: float = option(1e-5, "smallest learning rate", _nonnegative, metavar="η")
+    eta_max: float = option(1e-1, "largest learning rate", _positive, metavar="η")
+    n_s: int = option(2250, "steps of a half cycle", _integer, metavar="STEPS")
+    cycles: int = option(2, "number of cycles (2·n_s steps each)", _integer, metavar="N")
+    batch_size: int = option(100, "mini-batch size", _integer, metavar="N")
+    evals_per_cycle: int = option(10, "history points per cycle", _integer, metavar="N")
+    data_dir: str | None = option(
+        None, "where CIFAR-10 is (default: $KLAYER_DATA)", checks.path, metavar="DIR",
+        parse=str, hashed=False)
+    protocol: str = option("full", "data split (full: 45k/5k/10k)", checks.choice,
+                           choices=PROTOCOLS)
+    n_val: int = option(5000, "validation images (protocol full)", _integer, metavar="N")
+    subset: int | None = option(None, "use only N images of each split",
+                                checks.optional(_integer), metavar="N", parse=int)
+    out: str | None = option(None, "run folder (default runs/<name>)", checks.path,
+                             metavar="RUN", parse=str, hashed=False)
+    layer_norm: bool = option(
+        False, "layer normalization instead of batch norm (with --no-batch-norm)",
+        checks.boolean, neutral=False, beyond=True)
+    norm_position: str = option(
+        "before", "normalise before the ReLU or after it", checks.choice,
+        choices=NORM_POSITIONS, neutral="before", beyond=True)
+    residual: bool = option(False, "residual connections between hidden layers of equal "
+                            "width", checks.boolean, neutral=False, beyond=True)
+    dropout: float = option(0.0, "inverted dropout probability on the hidden layers",
+                            checks.fraction, metavar="P", neutral=0.0, beyond=True)
+    label_smoothing: float = option(0.0, "label smoothing ε", checks.fraction, metavar="ε",
+                                    neutral=0.0, beyond=True)
+    flip: bool = option(False, "augment: random horizontal flips", checks.boolean,
+                        neutral=False, beyond=True)
+    translate: int = option(0, "augment: random translations of up to PX pixels (under 16)",
+                            _natural, metavar="PX", neutral=0, beyond=True)
+    jitter: float = option(0.0, "augment: random contrast (1±J) and brightness (±J)",
+                           checks.fraction, metavar="J", neutral=0.0, beyond=True)
+    decay_rate: float = option(
+        0.1, "schedule step: multiply η by R every --decay-every steps, R in (0, 1]",
+        _positive, metavar="R", neutral=0.1, beyond=True)
+    decay_every: int | None = option(
+        None, "schedule step: steps between drops (default n_s)", checks.optional(_integer),
+        metavar="STEPS", parse=int, neutral=None, beyond=True)
+    warmup_steps: int = option(
+        0, "linear warm-up before a constant, step or cosine schedule", _natural,
+        metavar="STEPS", neutral=0, beyond=True)
+    precise_bn: int = option(
+        0, "after training, recompute the batch-norm statistics over BATCHES training "
+        "batches (PreciseBN)", _natural, metavar="BATCHES", neutral=0, beyond=True)
 
     def __post_init__(self):
         for name, value in _validate(self).items():
@@ -156,6 +218,12 @@ class TrainConfig:
                 options = tomllib.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"config file {path} is a folder; give a .toml file") from None
+        except OSError as exc:
+            raise ValueError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a TOML file (not UTF-8 text)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path}: not valid TOML: {exc}") from None
         try:
@@ -179,46 +247,29 @@ class TrainConfig:
 
 
 def _validate(c: TrainConfig) -> dict:
-    """Check every option; return the normalised values (tuples, floats, str paths)."""
-    v = {
-        "hidden_sizes": _int_list(c.hidden_sizes, "hidden_sizes"),
-        "batch_norm": _bool(c.batch_norm, "batch_norm"),
-        "init": _init(c.init),
-        "dtype": _choice(c.dtype, "dtype", DTYPES),
-        "seed": _int(c.seed, "seed", minimum=0),
-        "lam": _number(c.lam, "lam", minimum=0.0),
-        "optimizer": _choice(c.optimizer, "optimizer", tuple(OPTIMIZERS)),
-        "schedule": _choice(c.schedule, "schedule", SCHEDULES),
-        "eta_min": _number(c.eta_min, "eta_min", minimum=0.0),
-        "eta_max": _number(c.eta_max, "eta_max", minimum=0.0, strict=True),
-        "n_s": _int(c.n_s, "n_s"),
-        "cycles": _int(c.cycles, "cycles"),
-        "batch_size": _int(c.batch_size, "batch_size", minimum=2 if c.batch_norm else 1),
-        "evals_per_cycle": _int(c.evals_per_cycle, "evals_per_cycle"),
-        "data_dir": _path(c.data_dir, "data_dir"),
-        "protocol": _choice(c.protocol, "protocol", PROTOCOLS),
-        "n_val": _int(c.n_val, "n_val"),
-        "subset": None if c.subset is None else _int(c.subset, "subset"),
-        "out": _path(c.out, "out"),
-        "layer_norm": _bool(c.layer_norm, "layer_norm"),
-        "norm_position": _choice(c.norm_position, "norm_position", NORM_POSITIONS),
-        "residual": _bool(c.residual, "residual"),
-        "dropout": _fraction(c.dropout, "dropout"),
-        "label_smoothing": _fraction(c.label_smoothing, "label_smoothing"),
-        "flip": _bool(c.flip, "flip"),
-        "translate": _int(c.translate, "translate", minimum=0),
-        "jitter": _fraction(c.jitter, "jitter"),
-        "decay_rate": _number(c.decay_rate, "decay_rate", minimum=0.0, strict=True),
-        "decay_every": None if c.decay_every is None else _int(c.decay_every, "decay_every"),
-        "warmup_steps": _int(c.warmup_steps, "warmup_steps", minimum=0),
-        "precise_bn": _int(c.precise_bn, "precise_bn", minimum=0),
-    }
+    """Check every option with its field's check, then the rules that tie options
+    together; return the normalised values (tuples, floats, str paths)."""
+    values = {}
+    for f in dataclasses.fields(c):
+        try:
+            values[f.name] = f.metadata["check"](getattr(c, f.name), f.name)
+        except ValueError as exc:
+            raise ValueError(f"config: {exc}") from None
+    _cross_checks(values)
+    return values
+
+
+def _cross_checks(v: dict) -> None:
+    """The rules that involve more than one option."""
+    if v["batch_norm"] and v["hidden_sizes"] and v["batch_size"] < 2:
+        raise ValueError(f"config: batch_size must be an integer >= 2 with batch norm "
+                         f"(batch statistics need two examples), got {v['batch_size']}")
     if v["batch_norm"] and v["layer_norm"]:
         raise ValueError("config: batch_norm and layer_norm are alternatives; set "
                          "batch_norm = false to use layer_norm")
-    if v["precise_bn"] and not v["batch_norm"]:
+    if v["precise_bn"] and not (v["batch_norm"] and v["hidden_sizes"]):
         raise ValueError("config: precise_bn recomputes batch-norm statistics; it needs "
-                         "batch_norm = true")
+                         "batch_norm = true and a hidden layer")
     if v["translate"] >= 16:
         raise ValueError(f"config: translate must be under 16 pixels, got {v['translate']}")
     if v["decay_rate"] > 1:
@@ -232,76 +283,61 @@ def _validate(c: TrainConfig) -> dict:
     if v["eta_min"] > v["eta_max"]:
         raise ValueError(f"config: eta_min ({v['eta_min']}) must not exceed "
                          f"eta_max ({v['eta_max']})")
-    return v
 
 
 def _reject_unknown(options: dict, what: str) -> None:
     known = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = sorted(set(options) - set(known))
+    unknown = sorted(set(options) - set(known), key=str)
     if unknown:
-        raise ValueError(f"unknown config {what}(s) {', '.join(unknown)}; "
+        raise ValueError(f"unknown config {what}(s) {', '.join(map(str, unknown))}; "
                          f"allowed: {', '.join(known)}")
 
 
-def _int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"config: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+# --- command-line flags -----------------------------------------------------------------
 
 
-def _number(value, name, minimum, strict=False):
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-          and math.isfinite(value) and (value > minimum if strict else value >= minimum))
-    if not ok:
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(f"config: {name} must be a finite number {bound}, got {value!r}")
-    return float(value)
+def flag_name(name: str) -> str:
+    """The flag of option ``name``: ``--lambda`` for lam, ``--n-s`` for n_s."""
+    f = _FIELDS[name]
+    return f.metadata["flag"] or "--" + name.replace("_", "-")
 
 
-def _fraction(value, name):
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-          and 0 <= value < 1)
-    if not ok:
-        raise ValueError(f"config: {name} must be a number in [0, 1), got {value!r}")
-    return float(value)
+def add_option_flags(parser, beyond=None, skip=(), show_defaults: bool = True) -> None:
+    """One flag per option of :class:`TrainConfig` (except ``skip``), on ``parser`` (an
+    ArgumentParser or argument group; options marked ``beyond`` go to ``beyond`` if
+    given). Every flag defaults to None: unset flags leave the configuration alone
+    (see :func:`flags_given`). A value is checked as it is parsed, so a bad one is an
+    error that names its flag. ``show_defaults``: end each help text with the default."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        m = f.metadata
+        target = beyond if (m["beyond"] and beyond is not None) else parser
+        help_text = m["help"] + (_default_text(f) if show_defaults else "")
+        if isinstance(f.default, bool):
+            target.add_argument(flag_name(f.name), dest=f.name, default=None, help=help_text,
+                                action=argparse.BooleanOptionalAction)
+        else:
+            target.add_argument(flag_name(f.name), dest=f.name, default=None, help=help_text,
+                                choices=m["choices"], metavar=m["metavar"],
+                                type=None if m["choices"] else checks.flag_type(
+                                    m["check"], f.name, m["parse"] or type(f.default)))
 
 
-def _bool(value, name):
-    if not isinstance(value, bool):
-        raise ValueError(f"config: {name} must be true or false, got {value!r}")
-    return value
+def flags_given(args, skip=()) -> dict:
+    """{option: value} of the option flags set on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
 
 
-def _choice(value, name, choices):
-    if value not in choices:
-        raise ValueError(f"config: {name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def _int_list(value, name):
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise ValueError(f"config: {name} must be a list of positive integers, got {value!r}")
-    return tuple(_int(h, f"{name} entries") for h in value)
-
-
-def _init(value):
-    if value in INITS:
-        return value
-    if not isinstance(value, bool) and isinstance(value, numbers.Real) \
-            and math.isfinite(value) and value > 0:
-        return float(value)
-    raise ValueError(f"config: init must be one of {', '.join(INITS)} or a number σ > 0 "
-                     f"(weights N(0, σ²)), got {value!r}")
-
-
-def _path(value, name):
-    if value is None:
-        return None
-    if isinstance(value, Path):
-        value = str(value)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"config: {name} must be a folder path, got {value!r}")
-    return value
+def _default_text(f) -> str:
+    if f.default is None or "default" in f.metadata["help"]:
+        return ""
+    if isinstance(f.default, bool):
+        return f" (default {'on' if f.default else 'off'})"
+    if isinstance(f.default, tuple):
+        return f" (default {','.join(map(str, f.default))})"
+    return f" (default {f.default})"
 
 
 # --- TOML writing ---------------------------------------------------------------------
@@ -336,3 +372,6 @@ def _toml_string(text: str) -> str:
         else:
             out.append(ch)
     return '"' + "".join(out) + '"'
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klayer import checks
 from klayer import layers as L
 
 MODES = ("train", "eval")
@@ -87,35 +88,25 @@ class Network:
         dropout: float = 0.0,
         label_smoothing: float = 0.0,
     ):
-        self.input_size = _positive_int(input_size, "input_size")
-        self.hidden_sizes = [_positive_int(h, "hidden_sizes entries") for h in hidden_sizes]
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        self.batch_norm = bool(batch_norm)
-        self.layer_norm = bool(layer_norm)
-        if self.batch_norm and self.layer_norm:
+        self.input_size = checks.integer(input_size, "input_size")
+        self.hidden_sizes = list(checks.widths(hidden_sizes, "hidden_sizes"))
+        self.num_classes = checks.integer(num_classes, "num_classes", minimum=2)
+        batch_norm = checks.boolean(batch_norm, "batch_norm")
+        self.layer_norm = checks.boolean(layer_norm, "layer_norm")
+        if batch_norm and self.layer_norm:
             raise ValueError("choose batch_norm or layer_norm, not both")
-        if norm_position not in NORM_POSITIONS:
-            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, "
-                             f"got {norm_position!r}")
-        self.norm_position = norm_position
-        self.residual = bool(residual)
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout}")
-        self.dropout = float(dropout)
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = float(label_smoothing)
-        self.init = _check_init(init)
-        self.dtype = _check_dtype(dtype)
-        self.seed = int(seed)
-        if not bn_eps > 0:
-            raise ValueError(f"bn_eps must be > 0, got {bn_eps}")
-        if not 0 <= bn_alpha < 1:
-            raise ValueError(f"bn_alpha must be in [0, 1), got {bn_alpha}")
-        self.bn_eps = float(bn_eps)
-        self.bn_alpha = float(bn_alpha)
+        # Without hidden layers there is no layer to normalise: such a network is the
+        # same with or without batch norm, and evaluates without moving averages.
+        self.batch_norm = batch_norm and bool(self.hidden_sizes)
+        self.norm_position = checks.choice(norm_position, "norm_position", NORM_POSITIONS)
+        self.residual = checks.boolean(residual, "residual")
+        self.dropout = checks.fraction(dropout, "dropout")
+        self.label_smoothing = checks.fraction(label_smoothing, "label_smoothing")
+        self.init = checks.init(init, "init", INITS)
+        self.dtype = checks.dtype(dtype)
+        self.seed = checks.integer(seed, "seed", minimum=0)
+        self.bn_eps = checks.number(bn_eps, "bn_eps", strict=True)
+        self.bn_alpha = checks.fraction(bn_alpha, "bn_alpha")
         self.params = self._initial_params()
         self.buffers: dict[str, np.ndarray] = {}
         self.running_initialised = False
@@ -414,32 +405,3 @@ def _require_finite(X, s):
     """
     if not np.isfinite(s).all() and not np.isfinite(X).all():
         raise ValueError("X contains NaN or infinite values; clean or re-standardise the data")
-
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_init(init):
-    if isinstance(init, str):
-        if init in INITS:
-            return init
-        try:
-            init = float(init)
-        except ValueError:
-            raise ValueError(
-                f"init must be one of {INITS} or a positive number σ, got {init!r}"
-            ) from None
-    if isinstance(init, bool) or not isinstance(init, (int, float)) or not init > 0 \
-            or not np.isfinite(init):
-        raise ValueError(f"init must be one of {INITS} or a positive number σ, got {init!r}")
-    return float(init)
-
-
-def _check_dtype(dtype):
-    dt = np.dtype(dtype)
-    if dt not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    return dt

@@ -8,16 +8,22 @@ from klayer.cli import build_parser, main
 from klayer.commands.train import resolve_config
 
 
-def test_help_lists_the_flags(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", "--help"])
-    assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    for flag in ("--config", "--hidden", "--batch-norm", "--no-batch-norm", "--lambda",
-                 "--eta-min", "--eta-max", "--n-s", "--cycles", "--batch-size", "--init",
-                 "--seed", "--dtype", "--data-dir", "--protocol", "--n-val", "--subset",
-                 "--out", "--resume", "--quiet"):
+def test_help_lists_the_flags(capsys, monkeypatch):
+    import dataclasses
+
+    from klayer.config import TrainConfig, flag_name
+
+    monkeypatch.setenv("COLUMNS", "2000")  # no help text wrapped (nor hyphenated)
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # help text rewrapped on one line
+    for flag in ("--config", "--no-batch-norm", "--name", "--resume", "--quiet"):
         assert flag in out
+    assert main(["search", "--help"]) == 0
+    search_out = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):  # every option, with its help text
+        assert f"{flag_name(f.name)} " in out and f.metadata["help"] in out, f.name
+        if f.name not in ("batch_norm", "out"):
+            assert f.metadata["help"] in search_out, f.name
 
 
 def test_flags_override_the_config_file(tmp_path):
@@ -149,3 +155,15 @@ def test_beyond_flags_train_and_evaluate_with_other_statistics(cifar_dir, tmp_pa
     assert "layer norm" in capsys.readouterr().out
     assert main(["evaluate", str(nobn), "--adaptive-bn"]) == 2
     assert "has no batch norm" in capsys.readouterr().err
+
+
+@pytest.mark.cifar
+def test_no_hidden_layer_with_default_batch_norm_trains_and_evaluates(cifar_dir, tmp_path,
+                                                                      capsys):
+    run = tmp_path / "softmax"
+    assert main(["train", "--data-dir", str(cifar_dir), "--subset", "500", "--hidden", "",
+                 "--n-s", "5", "--cycles", "1", "--batch-size", "50", "--out", str(run),
+                 "--quiet"]) == 0
+    assert "1-layer network (hidden none" in capsys.readouterr().out
+    assert main(["evaluate", str(run)]) == 0
+    assert "test accuracy" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""TrainConfig: SPEC defaults, validation, TOML round trips, overrides, stable hash."""
+"""TrainConfig: the study's defaults, validation, TOML round trips, overrides, stable hash."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from klayer.config import TrainConfig
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def test_defaults_are_spec():
+def test_defaults_are_the_studys():
     c = TrainConfig()
     assert c.hidden_sizes == (50, 50) and c.batch_norm and c.init == "he"
     assert (c.lam, c.eta_min, c.eta_max, c.n_s, c.cycles, c.batch_size) == \
@@ -121,3 +121,165 @@ def test_standard_configs(name, hidden, bn):
     assert c.hidden_sizes == hidden and c.batch_norm is bn
     assert c.replace(hidden_sizes=(50, 50), batch_norm=True, dtype=TrainConfig().dtype) \
         == TrainConfig()
+
+
+# Pinned before the options moved into field metadata: a change here would orphan every
+# finished run that `klayer reproduce` and `klayer search` reuse by hash.
+PINNED_HASHES = {
+    "3layer_bn.toml": "5ebb37a4f55e393e",
+    "3layer_nobn.toml": "bad82c75781ac7fb",
+    "9layer_bn.toml": "8edc5bdbbcad7a44",
+    "9layer_nobn.toml": "9370c8fff2d5e379",
+    "best_mlp.toml": "15c71e06e08eb829",
+    "search_lambda.toml": "9da1c25b85220fba",  # the base options, without [search]
+    "search_lambda_fine.toml": "9da1c25b85220fba",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_HASHES))
+def test_config_files_keep_their_hash(name):
+    import tomllib
+
+    with open(CONFIGS / name, "rb") as f:
+        doc = tomllib.load(f)
+    doc.pop("search", None)
+    assert TrainConfig.from_dict(doc).config_hash() == PINNED_HASHES[name]
+    assert sorted(p.name for p in CONFIGS.glob("*.toml")) == sorted(PINNED_HASHES)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({}, "5ebb37a4f55e393e"),
+    ({"init": 0.001}, "577081679854398c"),
+    ({"subset": 100}, "859080a23758fc0d"),
+    ({"layer_norm": True, "batch_norm": False}, "dd8ec0c82841bfbd"),
+    ({"decay_every": 100, "schedule": "step"}, "7adbd922c1854adc"),
+    ({"hidden_sizes": ()}, "9776917a39c89e66"),
+])
+def test_pinned_hashes_of_changed_defaults(change, expected):
+    assert TrainConfig().replace(**change).config_hash() == expected
+
+
+# A value other than the default (and the neutral value) for every option, with the
+# companions some of them need to be valid.
+CHANGED = {
+    "hidden_sizes": ({"hidden_sizes": (20,)}),
+    "batch_norm": {"batch_norm": False},
+    "init": {"init": "xavier"},
+    "dtype": {"dtype": "float32"},
+    "seed": {"seed": 3},
+    "lam": {"lam": 0.01},
+    "optimizer": {"optimizer": "adam"},
+    "schedule": {"schedule": "constant"},
+    "eta_min": {"eta_min": 2e-5},
+    "eta_max": {"eta_max": 0.2},
+    "n_s": {"n_s": 100},
+    "cycles": {"cycles": 3},
+    "batch_size": {"batch_size": 50},
+    "evals_per_cycle": {"evals_per_cycle": 5},
+    "protocol": {"protocol": "single"},
+    "n_val": {"n_val": 1000},
+    "subset": {"subset": 500},
+    "layer_norm": {"layer_norm": True, "batch_norm": False},
+    "norm_position": {"norm_position": "after"},
+    "residual": {"residual": True},
+    "dropout": {"dropout": 0.1},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "flip": {"flip": True},
+    "translate": {"translate": 2},
+    "jitter": {"jitter": 0.1},
+    "decay_rate": {"decay_rate": 0.5},
+    "decay_every": {"decay_every": 300},
+    "warmup_steps": {"warmup_steps": 10, "schedule": "cosine"},
+    "precise_bn": {"precise_bn": 5},
+    "data_dir": {"data_dir": "/elsewhere"},
+    "out": {"out": "runs/other"},
+}
+WHERE_ONLY = {"data_dir", "out"}  # where things are, not what is computed
+
+
+def test_every_option_is_covered_by_the_hash_test():
+    import dataclasses
+
+    assert sorted(CHANGED) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+
+
+@pytest.mark.parametrize("name", sorted(CHANGED))
+def test_options_that_change_results_change_the_hash(name):
+    base = TrainConfig()
+    if name == "warmup_steps":  # compare with its companion alone
+        base = base.replace(schedule="cosine")
+    if name == "layer_norm":
+        base = base.replace(batch_norm=False)
+    changed = TrainConfig().replace(**CHANGED[name])
+    assert changed != base
+    if name in WHERE_ONLY:
+        assert changed.config_hash() == base.config_hash()
+    else:
+        assert changed.config_hash() != base.config_hash()
+
+
+@pytest.mark.parametrize("name", sorted(CHANGED))
+def test_each_flag_sets_its_option(name):
+    """The flags are generated from the fields: each one reaches its option."""
+    from klayer.config import add_option_flags, flag_name, flags_given
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_option_flags(parser)
+    argv = []
+    for option, value in CHANGED[name].items():
+        if isinstance(value, bool):
+            argv.append(flag_name(option) if value else "--no-" + flag_name(option)[2:])
+        elif isinstance(value, tuple):
+            argv += [flag_name(option), ",".join(map(str, value))]
+        else:
+            argv += [flag_name(option), str(value)]
+    given = flags_given(parser.parse_args(argv))
+    assert TrainConfig().with_overrides(given) == TrainConfig().replace(**CHANGED[name])
+    assert flags_given(parser.parse_args([])) == {}
+
+
+def test_flag_names():
+    from klayer.config import flag_name
+
+    assert (flag_name("lam"), flag_name("hidden_sizes"), flag_name("n_s")) == \
+        ("--lambda", "--hidden", "--n-s")
+
+
+@pytest.mark.parametrize("text, widths", [
+    ("50,50", (50, 50)), ("", ()), ("none", ()), (" 7 , 8 ", (7, 8)), ("100", (100,)),
+])
+def test_parse_widths(text, widths):
+    from klayer.checks import parse_widths
+
+    assert parse_widths(text) == widths
+
+
+@pytest.mark.parametrize("text", ["50,,50", "50,", ",50", "50,0", "50,-1", "5.5", "a,b",
+                                  "²", "50;50"])
+def test_parse_widths_rejects(text):
+    from klayer.checks import parse_widths
+
+    with pytest.raises(ValueError, match="comma-separated positive integers"):
+        parse_widths(text)
+
+
+def test_config_files_that_are_not_toml_name_the_file(tmp_path):
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"init = \"h\xe9\"\n")
+    with pytest.raises(ValueError, match="latin.toml: not a TOML file"):
+        TrainConfig.from_toml(latin)
+    with pytest.raises(ValueError, match=f"config file {tmp_path} is a folder"):
+        TrainConfig.from_toml(tmp_path)
+    typed = tmp_path / "typed.toml"
+    typed.write_text('n_s = "many"\nhidden_sizes = 50\n')
+    with pytest.raises(ValueError, match="typed.toml: config: hidden_sizes must be a list"):
+        TrainConfig.from_toml(typed)
+
+
+def test_no_hidden_layer_needs_no_batch_of_two():
+    assert TrainConfig(hidden_sizes=(), batch_size=1).batch_size == 1
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 2 with batch norm"):
+        TrainConfig(hidden_sizes=(10,), batch_size=1)
+    with pytest.raises(ValueError, match="precise_bn .* needs batch_norm = true and a hidden"):
+        TrainConfig(hidden_sizes=(), precise_bn=5)

@@ -161,3 +161,20 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="moving averages"):
         net.predict(X)
     assert Network(12, [8], batch_norm=False).predict(X).shape == (16,)
+
+
+def test_batch_norm_without_hidden_layers_evaluates_after_one_step():
+    """Network(d, [], C) has no layer to normalise: after one training step it evaluates
+    without moving averages, like the same network without batch norm."""
+    X, y = _data(classes=5)
+    net = Network(12, [], 5, batch_norm=True, seed=0)
+    plain = Network(12, [], 5, batch_norm=False, seed=0)
+    for n in (net, plain):
+        result = n.loss(X, y, lam=0.01)
+        n.update_running_stats(result.batch_stats)
+        for key, grad in result.grads.items():
+            n.params[key] -= 0.1 * grad
+    assert not net.batch_norm and net.buffers == {}
+    out = net.evaluate(X, y)
+    assert out == plain.evaluate(X, y) and 0 <= out["accuracy"] <= 1
+    assert net.predict(X[:1]).shape == (1,)

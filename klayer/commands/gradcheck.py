@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
+from functools import partial
 
 import numpy as np
 
+from klayer import checks
 from klayer import gradcheck as G
-from klayer.network import Network
+from klayer.network import INITS, NORM_POSITIONS, Network
+
+_positive = partial(checks.number, strict=True)
+_at_least_0 = partial(checks.integer, minimum=0)
+_at_least_2 = partial(checks.integer, minimum=2)
+_init = partial(checks.init, inits=INITS)
 
 
-def parse_sizes(text: str) -> list[int]:
-    """"50,50" -> [50, 50]; "" or "none" -> [] (no hidden layer)."""
-    text = text.strip()
-    if text.lower() in ("", "none"):
-        return []
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--hidden must be comma-separated integers like 50,50, got {text!r}") \
-            from None
+def _checked(check, name, parse=float):
+    """argparse type: the text parsed, then checked (a bad value is a one-line error)."""
+    return checks.flag_type(check, name, parse)
 
 
 def register(subparsers) -> None:
@@ -31,26 +30,33 @@ def register(subparsers) -> None:
                     "and print the per-layer table. Exit status 1 if any error exceeds the "
                     "tolerance.",
     )
-    p.add_argument("--hidden", type=parse_sizes, default=[50, 50],
+    p.add_argument("--hidden", type=_checked(checks.widths, "hidden", checks.parse_widths),
+                   default=[50, 50], metavar="W1,W2,...",
                    help="hidden widths, comma-separated (default 50,50; 'none' for a "
                         "1-layer softmax)")
     bn = p.add_mutually_exclusive_group()
     bn.add_argument("--batch-norm", dest="batch_norm", action="store_true", default=True,
                     help="batch normalization in the hidden layers (default)")
     bn.add_argument("--no-batch-norm", dest="batch_norm", action="store_false")
-    p.add_argument("--dims", type=int, default=20, help="input dimensions (default 20)")
-    p.add_argument("--samples", type=int, default=20, help="examples (default 20)")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.01,
-                   help="L2 coefficient λ (default 0.01)")
-    p.add_argument("--init", default="he", help="he, xavier or a number σ (default he)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
-    p.add_argument("--tol", type=float, default=G.DEFAULT_TOL,
+    p.add_argument("--dims", type=_checked(checks.integer, "dims", int), default=20,
+                   help="input dimensions (default 20)")
+    p.add_argument("--samples", type=_checked(_at_least_2, "samples", int), default=20,
+                   help="examples (default 20)")
+    p.add_argument("--lambda", dest="lam", type=_checked(checks.number, "lambda"),
+                   default=0.01, help="L2 coefficient λ (default 0.01)")
+    p.add_argument("--init", type=_checked(_init, "init", str), default="he",
+                   help="he, xavier or a number σ (default he)")
+    p.add_argument("--seed", type=_checked(_at_least_0, "seed", int), default=0,
+                   help="seed of weights and inputs")
+    p.add_argument("--tol", type=_checked(_positive, "tol"), default=G.DEFAULT_TOL,
                    help=f"relative-error tolerance (default {G.DEFAULT_TOL:g})")
-    p.add_argument("--abs-tol", type=float, default=G.DEFAULT_ABS_TOL,
+    p.add_argument("--abs-tol", type=_checked(checks.number, "abs-tol"),
+                   default=G.DEFAULT_ABS_TOL,
                    help="absolute-error tolerance for biases feeding batch norm "
                         f"(default {G.DEFAULT_ABS_TOL:g})")
-    p.add_argument("--h", type=float, default=G.DEFAULT_H, help="finite-difference step")
-    p.add_argument("--floor", type=float, default=G.DEFAULT_FLOOR,
+    p.add_argument("--h", type=_checked(_positive, "h"), default=G.DEFAULT_H,
+                   help=f"finite-difference step (default {G.DEFAULT_H:g})")
+    p.add_argument("--floor", type=_checked(_positive, "floor"), default=G.DEFAULT_FLOOR,
                    help=f"floor of the relative error's denominator (default "
                         f"{G.DEFAULT_FLOOR:g})")
     p.add_argument("--order", type=int, choices=(2, 4), default=2,
@@ -59,17 +65,18 @@ def register(subparsers) -> None:
     x = p.add_argument_group("beyond the study")
     x.add_argument("--layer-norm", action="store_true",
                    help="layer norm instead of batch norm (implies --no-batch-norm)")
-    x.add_argument("--norm-position", choices=("before", "after"), default="before",
+    x.add_argument("--norm-position", choices=NORM_POSITIONS, default="before",
                    help="normalise before the ReLU (default) or after it")
     x.add_argument("--residual", action="store_true",
                    help="residual connections between hidden layers of equal width")
-    x.add_argument("--dropout", type=float, default=0.0, metavar="P",
-                   help="dropout probability (one fixed mask, seed 0)")
-    x.add_argument("--label-smoothing", type=float, default=0.0, metavar="ε")
+    x.add_argument("--dropout", type=_checked(checks.fraction, "dropout"), default=0.0,
+                   metavar="P", help="dropout probability (one fixed mask, seed 0)")
+    x.add_argument("--label-smoothing", type=_checked(checks.fraction, "label-smoothing"),
+                   default=0.0, metavar="ε")
     p.add_argument("--cifar", action="store_true",
                    help="use the first SAMPLES CIFAR-10 training images (first DIMS "
                         "standardised dimensions) instead of random inputs")
-    p.add_argument("--data-dir", help="CIFAR-10 folder (default: KLAYER_DATA, then the cache)")
+    p.add_argument("--data-dir", type=_checked(checks.path, "data-dir", str), help="CIFAR-10 folder (default: KLAYER_DATA, then the cache)")
     p.set_defaults(handler=run)
 
 
@@ -112,8 +119,6 @@ def run(args) -> int:
 
 def inputs(args):
     """(X, y, description) for the check: random normal inputs or CIFAR-10 images."""
-    if args.dims < 1 or args.samples < 2:
-        raise ValueError("--dims must be ≥ 1 and --samples ≥ 2")
     if not args.cifar:
         X, y = G.random_problem(args.dims, args.samples, seed=args.seed)
         return X, y, "random normal inputs"

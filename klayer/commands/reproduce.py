@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from klayer.checks import DTYPES
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -23,7 +25,7 @@ def register(subparsers) -> None:
                         "PreciseBN / adaptive BN against the moving averages")
     p.add_argument("--workers", type=int, default=2,
                    help="runs trained in parallel (default 2, one per core)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="training precision (gradient checks are always float64)")
     p.add_argument("--data-dir", help="CIFAR-10 folder (default: KLAYER_DATA, then the cache)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

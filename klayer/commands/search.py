@@ -10,15 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
+from klayer import checks
 from klayer.cli import UserError
-from klayer.commands import train as train_command
+from klayer.config import add_option_flags, flags_given
 from klayer.search import METHODS, OBJECTIVES, SAMPLERS
 
-# klayer train's option flags that set the base configuration here too (--batch-norm and
-# --out mean something else in a search)
-TRAINING_FLAGS = [d for d in train_command.OPTION_FLAGS if d not in ("batch_norm", "out")]
+# klayer train's option flags set the base configuration here too, except these two
+# (--batch-norm and --out mean something else in a search)
+NOT_TRAINING_FLAGS = ("batch_norm", "out")
+MAX_GRID = 100_000  # grid points a search may have unless --max-grid says otherwise
 
 
 def register(subparsers) -> None:
@@ -35,7 +38,7 @@ def register(subparsers) -> None:
                         "the base training options")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default searches/<config name>)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    p.add_argument("--workers", type=_count("workers"), default=1, metavar="N",
                    help="trials in parallel on this machine (default 1); each worker gets "
                         "cores // N BLAS threads. With --ray: trials in flight")
     p.add_argument("--ray", metavar="ADDRESS",
@@ -44,44 +47,73 @@ def register(subparsers) -> None:
     p.add_argument("--keep-failed", action="store_true",
                    help="keep the FAILed trials of an earlier run of this search instead of "
                         "running them again")
-    p.add_argument("--blas-threads", type=int, metavar="K",
+    p.add_argument("--blas-threads", type=_count("blas-threads"), metavar="K",
                    help="BLAS threads per trial (default cores // N; 1 on Ray). Results are "
                         "bit-identical across worker counts only at equal K")
     s = p.add_argument_group("search settings (override the [search] table)")
     s.add_argument("--method", choices=METHODS)
-    s.add_argument("--n-trials", type=int, metavar="N", help="draws of a random search")
-    s.add_argument("--fine-trials", type=int, metavar="N",
+    s.add_argument("--n-trials", type=_count("n-trials"), metavar="N",
+                   help="draws of a random search")
+    s.add_argument("--fine-trials", type=_count("fine-trials"), metavar="N",
                    help="draws of the fine round of coarse-to-fine")
     s.add_argument("--sampler", choices=SAMPLERS, help="sampler of random draws")
-    s.add_argument("--search-seed", type=int, metavar="SEED", help="seed of the samplers")
+    s.add_argument("--search-seed", type=_count("search-seed", 0), metavar="SEED",
+                   help="seed of the samplers")
     s.add_argument("--objective", choices=OBJECTIVES,
                    help="validation accuracy of the final network or the best history point")
     s.add_argument("--lambda-range", type=_range, metavar="LOW,HIGH",
                    help="search λ log-uniformly in [LOW, HIGH], e.g. 1e-5,1e-1")
-    s.add_argument("--grid", type=int, metavar="N", help="number of grid values of λ")
+    s.add_argument("--grid", type=_count("grid", 2), metavar="N",
+                   help="number of grid values of λ")
     s.add_argument("--batch-norm", choices=("both", "on", "off"),
                    help="search with and without batch norm (both), or fix it")
     s.add_argument("--no-runs", dest="save_runs", action="store_false", default=None,
                    help="keep no run folder per trial (only the tables)")
     t = p.add_argument_group("training options (override the base configuration)")
-    for action in _training_actions():
-        if isinstance(action, argparse.BooleanOptionalAction):  # --flip / --no-flip
-            t.add_argument(action.option_strings[0], dest=action.dest, default=None,
-                           action=argparse.BooleanOptionalAction, help=action.help)
-        else:
-            t.add_argument(*action.option_strings, dest=action.dest, type=action.type,
-                           choices=action.choices, metavar=action.metavar, help=action.help)
+    add_option_flags(t, skip=NOT_TRAINING_FLAGS, show_defaults=False)
+    p.add_argument("--max-grid", type=_count("max-grid"),
+                   default=MAX_GRID, metavar="N",
+                   help=f"refuse a grid of more than N points (default {MAX_GRID:,})")
     p.add_argument("--quiet", action="store_true",
                    help="plain log lines instead of a progress bar")
     p.set_defaults(handler=run)
 
 
-def _training_actions() -> list:
-    """The argparse actions of klayer train's option flags (taken from its parser, so the
-    two commands accept the same flags)."""
-    scratch = argparse.ArgumentParser(add_help=False).add_subparsers()
-    train_command.register(scratch)
-    return [a for a in scratch.choices["train"]._actions if a.dest in TRAINING_FLAGS]
+def _count(name: str, minimum: int = 1):
+    """argparse type: an integer >= minimum (a bad value is a one-line error)."""
+    return checks.flag_type(partial(checks.integer, minimum=minimum), name, int)
+
+
+def _read(path: Path) -> dict:
+    from klayer.search import read_search_toml
+
+    if path.is_dir():
+        raise UserError(f"search file {path} is a folder; give a .toml file")
+    try:
+        return read_search_toml(path)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a TOML file (not UTF-8 text)") from None
+
+
+def grid_size(doc: dict) -> int:
+    """Points of the grid a search document asks for (1 for a random search): the
+    product of the number of values of each searched option, counted from the document
+    itself, without building the values. Malformed entries count 1 (parse_search
+    reports them)."""
+    search = doc.get("search")
+    if not isinstance(search, dict) or search.get("method", "grid") == "random":
+        return 1
+    space = search.get("space")
+    points = 1
+    for entry in (space.values() if isinstance(space, dict) else ()):
+        if not isinstance(entry, dict):
+            continue
+        grid, choices = entry.get("grid"), entry.get("choice")
+        if isinstance(grid, int) and not isinstance(grid, bool) and grid > 0:
+            points *= grid
+        elif isinstance(choices, list) and choices:
+            points *= len(choices)
+    return points
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -97,12 +129,15 @@ def run(args) -> int:
     import optuna
 
     from klayer.data import ensure_cifar10
-    from klayer.search import parse_search, read_search_toml, run_search
+    from klayer.search import parse_search, run_search
 
-    spec = parse_search(_document(args, read_search_toml(args.config) if args.config else {}))
+    doc = _document(args, _read(args.config) if args.config else {})
+    points = grid_size(doc)
+    if points > args.max_grid:  # before the grid's values are built
+        raise UserError(f"the grid has {points:,} points, more than --max-grid "
+                        f"{args.max_grid:,}; use fewer grid values or a random search")
+    spec = parse_search(doc)
     out = args.out or Path("searches") / (args.config.stem if args.config else "search")
-    if args.workers < 1 or (args.blas_threads is not None and args.blas_threads < 1):
-        raise UserError("--workers and --blas-threads must be >= 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ensure_cifar10(spec.base.data_dir, progress=not args.quiet)
     names = ", ".join(f"{d.name} {_describe(d)}" for d in spec.space)
@@ -159,8 +194,7 @@ def _document(args, doc: dict) -> dict:
     elif args.batch_norm is not None:
         space.pop("batch_norm", None)
         doc["batch_norm"] = args.batch_norm == "on"
-    flags = {train_command.OPTION_FLAGS[d]: getattr(args, d) for d in TRAINING_FLAGS
-             if getattr(args, d) is not None}
+    flags = flags_given(args, skip=NOT_TRAINING_FLAGS)
     clash = sorted(set(flags) & set(space))
     if clash:
         raise UserError(f"{', '.join(clash)}: set by a flag and searched; drop one of the two")
