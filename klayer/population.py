@@ -1,0 +1,408 @@
+"""Population training: K networks of one architecture trained in lockstep.
+
+Every parameter is stacked along a leading member axis, W_l: (K, m_l, m_{l-1}),
+b_l: (K, m_l), and the members see the same mini-batches (the same shuffles and the same
+augmentation: common random numbers), so one forward pass serves all of them. The first
+layer is one (n, d)·(d, K·m_1) product of the shared batch; later layers are products
+batched over K. :class:`Population` is a :class:`klayer.network.Network` whose arrays
+carry that axis: its forward and backward passes are the Network's own, through the same
+layer functions; only what is per member differs here: λ, the label smoothing ε, the
+dropout p, the cost and the evaluation (one number per member), and building from and
+splitting into K member networks (:meth:`Population.members`).
+
+Each member keeps its own hyper-parameters wherever the maths allows: λ, the learning
+rate and its schedule (η is a (K,) vector), the initialisation (σ and seed), dropout p,
+label smoothing ε, and the optimizer's constants (μ, β1, β2, ε as (K,) vectors). Members
+are independent: member k's trajectory is the one it would follow trained alone on the
+same mini-batches, up to rounding (tests check 1e-10 after 100 steps).
+
+:func:`train_population` is :func:`klayer.train.train` for K configs that differ only in
+per-member options. Its data order differs from K separate runs: a solo run shuffles
+(and augments) with its own seed, the population with the first member's seed for every
+member. Each member's dropout masks come from its own seed, as in a solo run. So a member
+whose seed equals the first member's follows exactly the run ``train(config)`` would
+make. A member whose cost becomes non-finite is dropped (with the step and the reason)
+and the others go on as if it had never been there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from klayer import augment
+from klayer import layers as L
+from klayer import runs
+from klayer.bn_stats import population_statistics, use_statistics
+from klayer.network import LossResult, Network
+from klayer.optim import make_optimizer
+from klayer.schedules import PerMember, make_schedule
+from klayer.train import (
+    AUGMENT_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM, TrainResult, _checked_splits,
+    build_network, evaluate,
+)
+
+# Network options each member may set for itself; all others must agree.
+MEMBER_OPTIONS = ("init", "seed", "dropout", "label_smoothing")
+
+
+class Population(Network):
+    """K networks of one architecture with stacked parameters (see the module docstring).
+
+    Built from K member networks (``Population(nets)``), or from per-member options with
+    :meth:`build`. ``dropout`` and ``label_smoothing`` are (K,) vectors; ``loss`` and
+    ``evaluate`` take λ as a number or a (K,) vector and return one value per member.
+    """
+
+    def __init__(self, members):
+        members = list(members)
+        if not members:
+            raise ValueError("a population needs at least one member network")
+        hp = [net.hyperparameters() for net in members]
+        for k, other in enumerate(hp[1:], 1):
+            for name, value in hp[0].items():
+                if name not in MEMBER_OPTIONS and other[name] != value:
+                    raise ValueError(f"population members must share {name}: member 0 has "
+                                     f"{value!r}, member {k} has {other[name]!r}")
+        initialised = {net.running_initialised for net in members}
+        if len(initialised) > 1:
+            raise ValueError("population members must all have batch-norm moving averages "
+                             "or none")
+        super().__init__(**{**hp[0], "dropout": 0.0, "label_smoothing": 0.0})
+        self.member_hyperparameters = hp
+        self.dropout = np.array([h["dropout"] for h in hp])
+        self.label_smoothing = np.array([h["label_smoothing"] for h in hp])
+        self.params = {name: np.stack([net.params[name] for net in members])
+                       for name in members[0].params}
+        self.buffers = {name: np.stack([net.buffers[name] for net in members])
+                        for name in members[0].buffers}
+        self.running_initialised = initialised.pop()
+
+    @classmethod
+    def build(cls, size: int, input_size: int, hidden_sizes, num_classes: int = 10,
+              **options) -> "Population":
+        """``size`` members from Network options; each option is one value for all or a
+        list of ``size`` values (one per member), e.g. ``seed=[0, 1, 2]``."""
+        per_member = []
+        for k in range(size):
+            member = {}
+            for name, value in options.items():
+                if isinstance(value, (list, tuple, np.ndarray)):
+                    if len(value) != size:
+                        raise ValueError(f"{name} has {len(value)} values for {size} members")
+                    value = value[k]
+                member[name] = value
+            per_member.append(Network(input_size, hidden_sizes, num_classes, **member))
+        return cls(per_member)
+
+    @property
+    def size(self) -> int:
+        """K, the number of members."""
+        return len(self.member_hyperparameters)
+
+    def hyperparameters(self) -> list[dict]:
+        """Each member's :meth:`Network.hyperparameters`."""
+        return [dict(hp) for hp in self.member_hyperparameters]
+
+    def members(self) -> list[Network]:
+        """The K member networks, each with copies of its slice of every array."""
+        nets = []
+        for k, hp in enumerate(self.member_hyperparameters):
+            net = Network.from_hyperparameters(hp)
+            net.params = {name: p[k].copy() for name, p in self.params.items()}
+            net.buffers = {name: b[k].copy() for name, b in self.buffers.items()}
+            net.running_initialised = self.running_initialised
+            nets.append(net)
+        return nets
+
+    def select(self, keep) -> "Population":
+        """A new population of members ``keep`` (indices), in that order."""
+        members = self.members()
+        return Population(members[k] for k in keep)
+
+    # --- per-member cost ------------------------------------------------------------
+
+    def dropout_masks(self, n: int, rngs) -> dict:
+        """Masks {l: (K, n, m_l)}: member k's drawn from ``rngs[k]`` exactly as its own
+        :meth:`Network.dropout_masks` would (ones for a member with p = 0, which draws
+        nothing). Empty when no member uses dropout."""
+        if not self.dropout.any():
+            return {}
+        per_member = [L.dropout_mask((n, self.sizes[l]), p, rng, self.dtype)
+                      if p else np.ones((n, self.sizes[l]), self.dtype)
+                      for p, rng in zip(self.dropout, rngs)
+                      for l in range(1, self.num_layers)]
+        hidden = self.num_layers - 1
+        return {l: np.stack(per_member[l - 1::hidden]) for l in range(1, self.num_layers)}
+
+    def l2_penalty(self) -> np.ndarray:
+        """Σ_l ||W_l||² of each member: (K,)."""
+        return sum(np.einsum("kij,kij->k", W, W) for W in self.weights())
+
+    def loss(self, X, y, lam=0.0, mode: str = "train", grads: bool = True,
+             check: bool = True, masks=None) -> LossResult:
+        """:meth:`Network.loss` per member: X (n, d) shared, λ a number or (K,); loss
+        and cost (K,), gradients stacked (K, ...)."""
+        lam = self._per_member_lam(lam)
+        if check:
+            y = self._checked_labels(y, len(X))
+        if check and masks:
+            self._check_masks(masks, len(X))
+        fwd = self.forward(X, mode, check=check, masks=masks)
+        loss, dscores = L.softmax_cross_entropy(fwd.scores, y, self.label_smoothing)
+        cost = loss + lam * self.l2_penalty()
+        gradients = None
+        if grads:
+            gradients = self.backward(dscores, fwd)
+            twice_lam = (2 * lam).astype(self.dtype)[:, None, None]
+            for l in range(1, self.num_layers + 1):
+                gradients[f"W{l}"] += twice_lam * self.params[f"W{l}"]
+        return LossResult(loss, cost, gradients, fwd.batch_stats)
+
+    def evaluate(self, X, y, lam=0.0, chunk: int = 10000) -> dict:
+        """Loss, cost and accuracy of each member, (K,) arrays, in eval mode."""
+        lam = self._per_member_lam(lam)
+        y = self._checked_labels(y, len(X))
+        scores = self.scores(X, "eval", chunk)
+        loss, _ = L.softmax_cross_entropy(scores, y, self.label_smoothing)
+        return {"loss": loss, "cost": loss + lam * self.l2_penalty(),
+                "accuracy": np.mean(scores.argmax(axis=-1) == y, axis=-1)}
+
+    def _per_member_lam(self, lam) -> np.ndarray:
+        lam = np.broadcast_to(np.asarray(lam, np.float64), (self.size,))
+        if not np.all(np.isfinite(lam) & (lam >= 0)):
+            raise ValueError(f"lam (λ) must be finite numbers >= 0, got {lam}")
+        return lam
+
+    def _check_masks(self, masks, n):
+        want = {l: (self.size, n, self.sizes[l]) for l in range(1, self.num_layers)}
+        got = {l: np.shape(m) for l, m in masks.items()}
+        if got != want:
+            raise ValueError(f"dropout masks must be {want} for this population and batch "
+                             f"(use dropout_masks), got {got}")
+
+
+def select_optimizer(optimizer, keep):
+    """The optimizer of a population restricted to members ``keep`` (indices): its
+    per-member constants and its state arrays (K, ...) sliced along the member axis."""
+    def take(value):
+        return np.asarray(value)[keep] if np.ndim(value) else value
+
+    kept = type(optimizer)(**{k: take(v) for k, v in optimizer.hyperparameters().items()})
+    kept.load_state_dict({k: take(v) for k, v in optimizer.state_dict().items()})
+    return kept
+
+
+# --- training ---------------------------------------------------------------------------
+
+# Options that must agree across a population (the data, the architecture, the
+# mini-batch stream); every other option may differ from member to member.
+SHARED_OPTIONS = ("hidden_sizes", "batch_norm", "layer_norm", "norm_position", "residual",
+                  "batch_size", "total_steps", "dtype", "optimizer", "flip", "translate",
+                  "jitter", "data_dir", "protocol", "n_val", "subset")
+
+
+def check_population(configs) -> None:
+    """Raise a one-line ValueError naming the first shared option on which the configs
+    differ (see :data:`SHARED_OPTIONS`)."""
+    if not configs:
+        raise ValueError("a population needs at least one config")
+    for name in SHARED_OPTIONS:
+        first = getattr(configs[0], name)
+        for k, config in enumerate(configs[1:], 1):
+            if getattr(config, name) != first:
+                raise ValueError(f"population configs must share {name}: member 0 has "
+                                 f"{first!r}, member {k} has {getattr(config, name)!r}")
+
+
+@dataclass
+class Dropped:
+    """A member removed from the population when it diverged."""
+
+    config: object  # its TrainConfig
+    step: int  # the update step whose cost was not finite
+    eta: float
+    reason: str
+    history: list  # the history it had recorded until then
+
+
+@np.errstate(over="ignore", invalid="ignore")  # non-finite costs drop members, reported
+def train_population(configs, data, callbacks=()) -> list:
+    """Train K configs as one population on preloaded ``data`` (as :func:`klayer.train.train`).
+
+    configs: TrainConfigs differing only in per-member options (λ, η range and schedule,
+    init, seed, dropout, label smoothing, evals_per_cycle, precise_bn, out).
+    callbacks: functions called with ``(step, active)`` after every update, ``active``
+    the indices of the members still training.
+    Returns, per config, a :class:`klayer.train.TrainResult` (history recorded at that
+    config's ``eval_steps()``, as ``train`` would) or a :class:`Dropped`; nothing is
+    written (:func:`write_run` writes a result as a run folder).
+    """
+    configs = list(configs)
+    check_population(configs)
+    first = configs[0]
+    num_classes = len(data.class_names) if getattr(data, "class_names", None) else 10
+    splits = _checked_splits(data, first.dtype, num_classes)
+    X_train, y_train = splits["train"]
+    n, d = X_train.shape
+    B = first.batch_size
+    steps_per_epoch = n // B
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has {n} examples, fewer than one batch "
+                         f"(batch_size = {B}); use a larger subset or a smaller batch")
+    augmentation = augment.from_config(first)
+    if augmentation.active and d != augmentation.input_size:
+        raise ValueError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
+                         f"values per row), but the data has {d} columns")
+    pop = Population(build_network(c, d, num_classes) for c in configs)
+    optimizer = make_optimizer(first.optimizer)
+    schedule = PerMember(tuple(make_schedule(c) for c in configs))
+    rng = np.random.default_rng([first.seed, SHUFFLE_STREAM])
+    augment_rng = np.random.default_rng([first.seed, AUGMENT_STREAM])
+    dropout_rngs = [np.random.default_rng([c.seed, DROPOUT_STREAM]) for c in configs]
+    lam = np.array([c.lam for c in configs])
+    eval_steps = [set(c.eval_steps()) for c in configs]
+    histories = [[] for _ in configs]
+    outcome: list = [None] * len(configs)
+    active = list(range(len(configs)))  # config indices of the members still training
+    total = first.total_steps
+    train_seconds = eval_seconds = 0.0
+    started = time.perf_counter()
+
+    def record(step, eta):  # eta: each active member's η at this step
+        nonlocal eval_seconds
+        wanted = [i for i, k in enumerate(active) if step in eval_steps[k]]
+        if not wanted:
+            return
+        t0 = time.perf_counter()
+        metrics = {}
+        for name in ("train", "val"):
+            for key, values in pop.evaluate(*splits[name], lam[active]).items():
+                metrics[f"{name}_{key}"] = values
+        for i in wanted:
+            row = {"step": step, "epoch": step / steps_per_epoch, "eta": float(eta[i])}
+            row.update({key: float(values[i]) for key, values in metrics.items()})
+            histories[active[i]].append(row)
+        eval_seconds += time.perf_counter() - t0
+
+    def drop(bad, step, eta, what):
+        nonlocal pop, optimizer, schedule
+        for i in np.flatnonzero(bad):
+            k = active[i]
+            reason = (f"diverged at update step {step} (η = {eta[i]:.4g}): {what}")
+            outcome[k] = Dropped(configs[k], step, float(eta[i]), reason, histories[k])
+        keep = np.flatnonzero(~bad)
+        active[:] = [active[i] for i in keep]
+        if active:
+            pop, optimizer = pop.select(keep), select_optimizer(optimizer, keep)
+            schedule = schedule.select(keep)
+        return keep
+
+    for step in range(total):
+        t0 = time.perf_counter()
+        j = step % steps_per_epoch
+        if j == 0:  # a new epoch: one permutation, one gather, shared by all members
+            order = rng.permutation(n)
+            X_epoch, y_epoch = X_train[order], y_train[order]
+        Xb, yb = X_epoch[j * B:(j + 1) * B], y_epoch[j * B:(j + 1) * B]
+        eta = schedule(step)
+        if step == 0:
+            train_seconds += time.perf_counter() - t0
+            _record_initial(pop, Xb, yb, lam[active], lambda: record(0, eta))
+            t0 = time.perf_counter()
+        if augmentation.active:
+            Xb = augmentation(Xb, augment_rng)
+        masks = pop.dropout_masks(B, [dropout_rngs[k] for k in active]) or None
+        result = pop.loss(Xb, yb, lam[active], mode="train", check=False, masks=masks)
+        grads, batch_stats = result.grads, result.batch_stats
+        bad = ~np.isfinite(result.cost)
+        if bad.any():
+            what = "the mini-batch cost is not finite"
+            keep = drop(bad, step, eta, what)
+            if not active:
+                break
+            grads = {name: g[keep] for name, g in grads.items()}
+            batch_stats = {l: (mean[keep], var[keep]) for l, (mean, var) in batch_stats.items()}
+            eta = eta[keep]
+        optimizer.step(pop.params, grads, eta)
+        pop.update_running_stats(batch_stats)
+        train_seconds += time.perf_counter() - t0
+        done = step + 1
+        if done % steps_per_epoch == 0 or done == total:  # as train's checkpoint check
+            bad = np.array([not all(np.isfinite(a[i]).all()
+                                    for a in (*pop.params.values(), *pop.buffers.values()))
+                            for i in range(pop.size)])
+            if bad.any():
+                drop(bad, done, eta, "a parameter or moving average is not finite")
+                if not active:
+                    break
+        for callback in callbacks:
+            callback(done, list(active))
+        record(done, schedule(done))
+
+    if active:
+        t0 = time.perf_counter()
+        test = pop.evaluate(*splits["test"], lam[active]) if "test" in splits else {}
+        nets = pop.members()
+        eval_seconds += time.perf_counter() - t0
+        timings = {"train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                   "total_seconds": time.perf_counter() - started,
+                   "population_size": len(configs)}
+        for i, k in enumerate(active):
+            outcome[k] = _member_result(configs[k], nets[i], histories[k],
+                                        {f"test_{key}": float(v[i]) for key, v in test.items()},
+                                        splits, total, steps_per_epoch, timings)
+    return outcome
+
+
+def _record_initial(pop: Population, Xb, yb, lam, record) -> None:
+    """History point 0, as :func:`klayer.train.train` records it: with batch norm and no
+    moving averages yet, evaluate with this batch's statistics, then forget them."""
+    if not pop.batch_norm or pop.running_initialised:
+        record()
+        return
+    pop.update_running_stats(pop.loss(Xb, yb, lam, grads=False, check=False).batch_stats)
+    try:
+        record()
+    finally:
+        pop.buffers, pop.running_initialised = {}, False
+
+
+def _member_result(config, net, history, test, splits, total, steps_per_epoch,
+                   timings) -> TrainResult:
+    final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
+    final.update(test)
+    final_moving_average = None
+    if config.precise_bn:
+        final_moving_average = final
+        use_statistics(net, population_statistics(
+            net, splits["train"][0], config.batch_size, config.precise_bn, seed=config.seed))
+        final = evaluate(net, splits, config.lam)
+    best = max(history, key=lambda row: row["val_accuracy"])
+    return TrainResult(
+        config=config, network=net, history=history, final=final,
+        best_val_accuracy=best["val_accuracy"], best_step=best["step"],
+        best_epoch=best["epoch"], steps=total, epochs=total / steps_per_epoch,
+        timings=dict(timings), final_moving_average=final_moving_average,
+    )
+
+
+def write_run(run_dir, result, data=None) -> None:
+    """Write a member's result as a run folder, as ``klayer train`` leaves one: config,
+    model, history and summary (a dropped member: config, history and a summary with
+    its reason)."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_config(run_dir, result.config.replace(out=str(run_dir)))
+    runs.write_history(run_dir / runs.HISTORY_FILE, result.history)
+    if isinstance(result, Dropped):
+        runs.write_summary(run_dir, {"diverged": result.reason, "step": result.step})
+        return
+    runs.save_model(run_dir, result.network, getattr(data, "standardizer", None),
+                    getattr(data, "class_names", None))
+    runs.write_summary(run_dir, result.summary())
