@@ -230,7 +230,7 @@ def softmax_cross_entropy(scores, y, smoothing: float = 0.0):
     loss = (log_total - z[..., rows, y].sum(axis=-1)) / n
     dscores = e
     dscores /= total * n  # P / n, in place
-    if np.any(smoothing):
+    if isinstance(smoothing, np.ndarray) or smoothing:  # (not np.any: 3 µs a call)
         eps = np.asarray(smoothing)  # (), or (K,) lined up with (K, n, C) below
         # -Σ_c (ε/C) log p_{i,c} = (ε/C) (C log Σ e^z - Σ_c z_{i,c})
         uniform = (log_total - z.sum(axis=(-2, -1)) / C) / n
@@ -239,4 +239,4 @@ def softmax_cross_entropy(scores, y, smoothing: float = 0.0):
         dscores[..., rows, y] -= np.asarray((1 - eps) / n, e.dtype)[..., None]
     else:
         dscores[..., rows, y] -= 1 / n
-    return (float(loss) if np.ndim(loss) == 0 else loss), dscores
+    return (float(loss) if loss.ndim == 0 else loss), dscores

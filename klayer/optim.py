@@ -20,8 +20,8 @@ import numpy as np
 
 def per_member(value, theta):
     """``value`` lined up with the parameter ``theta``: a number stays as it is; one value
-    per population member, (K,), becomes (K, 1, ..., 1) in theta's dtype."""
-    if np.ndim(value) == 0:
+    per population member, a (K,) array, becomes (K, 1, ..., 1) in theta's dtype."""
+    if not isinstance(value, np.ndarray):  # isinstance: 20× cheaper than np.ndim
         return value
     return np.asarray(value, theta.dtype).reshape((-1,) + (1,) * (theta.ndim - 1))
 
@@ -127,18 +127,24 @@ class Adam:
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         correction1, correction2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        constants = (b1, 1 - b1, b2, 1 - b2, correction2, self.eps, lr / correction1)
+        lined_up = {}  # parameter rank -> the constants lined up with such a parameter
         for name, theta in params.items():
             g = grads[name]
             if name not in self.m:
                 self.m[name], self.v[name] = np.zeros_like(g), np.zeros_like(g)
+            if theta.ndim not in lined_up:
+                lined_up[theta.ndim] = [per_member(c, theta) for c in constants]
+            beta1, one_minus_beta1, beta2, one_minus_beta2, c2, eps, step_size = \
+                lined_up[theta.ndim]
             m, v = self.m[name], self.v[name]
-            m *= per_member(b1, theta)
-            m += per_member(1 - b1, theta) * g
-            v *= per_member(b2, theta)
-            v += per_member(1 - b2, theta) * (g * g)
-            denom = np.sqrt(v / per_member(correction2, theta))
-            denom += per_member(self.eps, theta)
-            theta -= per_member(lr / correction1, theta) * m / denom
+            m *= beta1
+            m += one_minus_beta1 * g
+            v *= beta2
+            v += one_minus_beta2 * (g * g)
+            denom = np.sqrt(v / c2)
+            denom += eps
+            theta -= step_size * m / denom
 
     def hyperparameters(self) -> dict:
         return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
