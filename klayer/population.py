@@ -230,15 +230,19 @@ class Dropped:
 
 
 @np.errstate(over="ignore", invalid="ignore")  # non-finite costs drop members, reported
-def train_population(configs, data, callbacks=()) -> list:
+def train_population(configs, data, callbacks=(), checkpoint_dir=None,
+                     resume: bool = False) -> list:
     """Train K configs as one population on preloaded ``data`` (as :func:`klayer.train.train`).
 
     configs: TrainConfigs differing only in per-member options (λ, η range and schedule,
     init, seed, dropout, label smoothing, evals_per_cycle, precise_bn, out).
     callbacks: functions called with ``(step, active)`` after every update, ``active``
-    the indices of the members still training.
+    the indices of the members still training; an exception raised by one stops training.
+    checkpoint_dir: folder for the population's checkpoint (written after every epoch:
+    stacked arrays, optimizer state, every generator's state, histories, dropped members);
+    resume: continue from it, with the same configs.
     Returns, per config, a :class:`klayer.train.TrainResult` (history recorded at that
-    config's ``eval_steps()``, as ``train`` would) or a :class:`Dropped`; nothing is
+    config's ``eval_steps()``, as ``train`` would) or a :class:`Dropped`; nothing else is
     written (:func:`write_run` writes a result as a run folder).
     """
     configs = list(configs)
@@ -257,105 +261,193 @@ def train_population(configs, data, callbacks=()) -> list:
     if augmentation.active and d != augmentation.input_size:
         raise ValueError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
                          f"values per row), but the data has {d} columns")
-    pop = Population(build_network(c, d, num_classes) for c in configs)
-    optimizer = make_optimizer(first.optimizer)
-    schedule = PerMember(tuple(make_schedule(c) for c in configs))
-    rng = np.random.default_rng([first.seed, SHUFFLE_STREAM])
-    augment_rng = np.random.default_rng([first.seed, AUGMENT_STREAM])
-    dropout_rngs = [np.random.default_rng([c.seed, DROPOUT_STREAM]) for c in configs]
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume needs the population's checkpoint folder (checkpoint_dir)")
+    run = _PopulationRun(configs, d, num_classes)
+    start = 0
+    if resume:
+        start = run.restore(checkpoint_dir, d, num_classes)
     lam = np.array([c.lam for c in configs])
     eval_steps = [set(c.eval_steps()) for c in configs]
-    histories = [[] for _ in configs]
-    outcome: list = [None] * len(configs)
-    active = list(range(len(configs)))  # config indices of the members still training
     total = first.total_steps
-    train_seconds = eval_seconds = 0.0
     started = time.perf_counter()
 
     def record(step, eta):  # eta: each active member's η at this step
-        nonlocal eval_seconds
-        wanted = [i for i, k in enumerate(active) if step in eval_steps[k]]
+        wanted = [i for i, k in enumerate(run.active) if step in eval_steps[k]]
         if not wanted:
             return
         t0 = time.perf_counter()
         metrics = {}
         for name in ("train", "val"):
-            for key, values in pop.evaluate(*splits[name], lam[active]).items():
+            for key, values in run.pop.evaluate(*splits[name], lam[run.active]).items():
                 metrics[f"{name}_{key}"] = values
         for i in wanted:
             row = {"step": step, "epoch": step / steps_per_epoch, "eta": float(eta[i])}
             row.update({key: float(values[i]) for key, values in metrics.items()})
-            histories[active[i]].append(row)
-        eval_seconds += time.perf_counter() - t0
+            run.histories[run.active[i]].append(row)
+        run.eval_seconds += time.perf_counter() - t0
 
-    def drop(bad, step, eta, what):
-        nonlocal pop, optimizer, schedule
-        for i in np.flatnonzero(bad):
-            k = active[i]
-            reason = (f"diverged at update step {step} (η = {eta[i]:.4g}): {what}")
-            outcome[k] = Dropped(configs[k], step, float(eta[i]), reason, histories[k])
-        keep = np.flatnonzero(~bad)
-        active[:] = [active[i] for i in keep]
-        if active:
-            pop, optimizer = pop.select(keep), select_optimizer(optimizer, keep)
-            schedule = schedule.select(keep)
-        return keep
-
-    for step in range(total):
+    for step in range(start, total):
         t0 = time.perf_counter()
         j = step % steps_per_epoch
         if j == 0:  # a new epoch: one permutation, one gather, shared by all members
-            order = rng.permutation(n)
+            order = run.rng.permutation(n)
             X_epoch, y_epoch = X_train[order], y_train[order]
         Xb, yb = X_epoch[j * B:(j + 1) * B], y_epoch[j * B:(j + 1) * B]
-        eta = schedule(step)
+        eta = run.schedule(step)
         if step == 0:
-            train_seconds += time.perf_counter() - t0
-            _record_initial(pop, Xb, yb, lam[active], lambda: record(0, eta))
+            run.train_seconds += time.perf_counter() - t0
+            _record_initial(run.pop, Xb, yb, lam[run.active], lambda: record(0, eta))
             t0 = time.perf_counter()
         if augmentation.active:
-            Xb = augmentation(Xb, augment_rng)
-        masks = pop.dropout_masks(B, [dropout_rngs[k] for k in active]) or None
-        result = pop.loss(Xb, yb, lam[active], mode="train", check=False, masks=masks)
+            Xb = augmentation(Xb, run.augment_rng)
+        masks = run.pop.dropout_masks(B, [run.dropout_rngs[k] for k in run.active]) or None
+        result = run.pop.loss(Xb, yb, lam[run.active], mode="train", check=False, masks=masks)
         grads, batch_stats = result.grads, result.batch_stats
         bad = ~np.isfinite(result.cost)
         if bad.any():
-            what = "the mini-batch cost is not finite"
-            keep = drop(bad, step, eta, what)
-            if not active:
+            keep = run.drop(bad, step, eta, "the mini-batch cost is not finite")
+            if not run.active:
                 break
             grads = {name: g[keep] for name, g in grads.items()}
             batch_stats = {l: (mean[keep], var[keep]) for l, (mean, var) in batch_stats.items()}
             eta = eta[keep]
-        optimizer.step(pop.params, grads, eta)
-        pop.update_running_stats(batch_stats)
-        train_seconds += time.perf_counter() - t0
+        run.optimizer.step(run.pop.params, grads, eta)
+        run.pop.update_running_stats(batch_stats)
+        run.train_seconds += time.perf_counter() - t0
         done = step + 1
-        if done % steps_per_epoch == 0 or done == total:  # as train's checkpoint check
-            bad = np.array([not all(np.isfinite(a[i]).all()
-                                    for a in (*pop.params.values(), *pop.buffers.values()))
-                            for i in range(pop.size)])
+        record(done, run.schedule(done))
+        if done % steps_per_epoch == 0 or done == total:  # as train's checkpoints
+            bad = _non_finite_members(run.pop)
             if bad.any():
-                drop(bad, done, eta, "a parameter or moving average is not finite")
-                if not active:
+                run.drop(bad, done, eta, "a parameter or moving average is not finite")
+                if not run.active:
                     break
+            if checkpoint_dir is not None:
+                run.save(checkpoint_dir, done, steps_per_epoch,
+                         run.elapsed + time.perf_counter() - started)
         for callback in callbacks:
-            callback(done, list(active))
-        record(done, schedule(done))
+            callback(done, list(run.active))
 
+    outcome = list(run.outcome)
+    active, pop, histories = run.active, run.pop, run.histories
+    train_seconds, eval_seconds = run.train_seconds, run.eval_seconds
     if active:
         t0 = time.perf_counter()
         test = pop.evaluate(*splits["test"], lam[active]) if "test" in splits else {}
         nets = pop.members()
         eval_seconds += time.perf_counter() - t0
         timings = {"train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                   "total_seconds": time.perf_counter() - started,
+                   "total_seconds": run.elapsed + time.perf_counter() - started,
                    "population_size": len(configs)}
         for i, k in enumerate(active):
             outcome[k] = _member_result(configs[k], nets[i], histories[k],
                                         {f"test_{key}": float(v[i]) for key, v in test.items()},
                                         splits, total, steps_per_epoch, timings)
     return outcome
+
+
+class _PopulationRun:
+    """What a population run carries from step to step, and its checkpoint."""
+
+    def __init__(self, configs, input_size, num_classes):
+        first = configs[0]
+        self.configs = configs
+        self.pop = Population(build_network(c, input_size, num_classes) for c in configs)
+        self.optimizer = make_optimizer(first.optimizer)
+        self.schedule = PerMember(tuple(make_schedule(c) for c in configs))
+        self.rng = np.random.default_rng([first.seed, SHUFFLE_STREAM])
+        self.augment_rng = np.random.default_rng([first.seed, AUGMENT_STREAM])
+        self.dropout_rngs = [np.random.default_rng([c.seed, DROPOUT_STREAM]) for c in configs]
+        self.histories = [[] for _ in configs]
+        self.outcome: list = [None] * len(configs)  # Dropped members
+        self.active = list(range(len(configs)))  # config indices of the members training
+        self.train_seconds = self.eval_seconds = self.elapsed = 0.0
+
+    def drop(self, bad, step, eta, what) -> np.ndarray:
+        """Drop the active members flagged in ``bad``; return the positions kept."""
+        for i in np.flatnonzero(bad):
+            k = self.active[i]
+            reason = f"diverged at update step {step} (η = {eta[i]:.4g}): {what}"
+            self.outcome[k] = Dropped(self.configs[k], step, float(eta[i]), reason,
+                                      self.histories[k])
+        keep = np.flatnonzero(~bad)
+        self.active = [self.active[i] for i in keep]
+        if self.active:
+            self.pop = self.pop.select(keep)
+            self.optimizer = select_optimizer(self.optimizer, keep)
+            self.schedule = self.schedule.select(keep)
+        return keep
+
+    def config_hash(self) -> str:
+        return "+".join(c.config_hash() for c in self.configs)
+
+    def save(self, folder, step, steps_per_epoch, total_seconds) -> None:
+        """checkpoint.npz in ``folder`` through :func:`klayer.runs.save_checkpoint`:
+        the stacked arrays of the active members, and per config its history and, once
+        dropped, why."""
+        from pathlib import Path
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        members = [{"history": history,
+                    "dropped": None if dropped is None else
+                    {"step": dropped.step, "eta": dropped.eta, "reason": dropped.reason}}
+                   for history, dropped in zip(self.histories, self.outcome)]
+        runs.save_checkpoint(folder, runs.Checkpoint(
+            step=step, epoch=step // steps_per_epoch, params=self.pop.params,
+            buffers=self.pop.buffers, running_initialised=self.pop.running_initialised,
+            optimizer_state=self.optimizer.state_dict(), rng_state=self.rng.bit_generator.state,
+            rng_states={"augment": self.augment_rng.bit_generator.state,
+                        **{f"dropout{k}": g.bit_generator.state
+                           for k, g in enumerate(self.dropout_rngs)}},
+            history=members, config_hash=self.config_hash(),
+            timings={"train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                     "total_seconds": total_seconds},
+        ))
+
+    def restore(self, folder, input_size, num_classes) -> int:
+        """Continue from ``folder``'s checkpoint; return the steps done."""
+        ckpt = runs.load_checkpoint(folder)
+        if ckpt.config_hash != self.config_hash():
+            raise ValueError(f"the checkpoint in {folder} belongs to other configs; resume "
+                             "with the configs it was started with")
+        for k, member in enumerate(ckpt.history):
+            self.histories[k] = member["history"]
+            if member["dropped"] is not None:
+                d = member["dropped"]
+                self.outcome[k] = Dropped(self.configs[k], d["step"], d["eta"], d["reason"],
+                                          self.histories[k])
+        self.active = [k for k, o in enumerate(self.outcome) if o is None]
+        self.pop = Population(build_network(self.configs[k], input_size, num_classes)
+                              for k in self.active)
+        self.schedule = self.schedule.select(self.active)
+        K, sizes = len(self.active), self.pop.sizes
+        want_buffers = {f"running_{stat}{l}": (K, sizes[l]) for l in range(1, len(sizes) - 1)
+                        for stat in ("mean", "var")
+                        if self.pop.batch_norm and ckpt.running_initialised}
+        if {k: a.shape for k, a in ckpt.params.items()} != \
+                {k: a.shape for k, a in self.pop.params.items()} \
+                or {k: a.shape for k, a in ckpt.buffers.items()} != want_buffers:
+            raise ValueError(f"{folder}: the checkpoint's arrays do not fit these configs; "
+                             "start again without resume")
+        self.pop.params = {k: np.array(a) for k, a in ckpt.params.items()}
+        self.pop.buffers = {k: np.array(a) for k, a in ckpt.buffers.items()}
+        self.pop.running_initialised = ckpt.running_initialised
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.rng.bit_generator.state = ckpt.rng_state
+        self.augment_rng.bit_generator.state = ckpt.rng_states["augment"]
+        for k, g in enumerate(self.dropout_rngs):
+            g.bit_generator.state = ckpt.rng_states[f"dropout{k}"]
+        self.train_seconds = ckpt.timings["train_seconds"]
+        self.eval_seconds = ckpt.timings["eval_seconds"]
+        self.elapsed = ckpt.timings["total_seconds"]
+        return ckpt.step
+
+
+def _non_finite_members(pop: Population) -> np.ndarray:
+    """(K,) booleans: member k has a NaN or infinite parameter or moving average."""
+    arrays = (*pop.params.values(), *pop.buffers.values())
+    return np.array([not all(np.isfinite(a[k]).all() for a in arrays) for k in range(pop.size)])
 
 
 def _record_initial(pop: Population, Xb, yb, lam, record) -> None:

@@ -271,3 +271,49 @@ def test_write_run_leaves_a_normal_run_folder(data, tmp_path):
     write_run(tmp_path / "b", results[1], data)  # dropped: config, history and the reason
     assert runs.read_summary(tmp_path / "b")["diverged"] == results[1].reason
     assert not (tmp_path / "b" / runs.MODEL_FILE).exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step):
+    def callback(done, active):
+        if done == step:
+            raise _Stop
+    return callback
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_resumed_population_ends_bit_identical_to_an_uninterrupted_one(data, tmp_path,
+                                                                       batch_norm):
+    # 10 steps an epoch: checkpoints at 10, 20, ...; stopped at 25, resumed from 20.
+    base = BASE.replace(batch_norm=batch_norm, dropout=0.2, optimizer="momentum")
+    configs = [base, base.replace(lam=0.02, seed=3, eta_max=0.05)]
+    if not batch_norm:  # and a member dropped before the interruption
+        configs.append(base.replace(schedule="constant", eta_max=1e8))
+    uninterrupted = train_population(configs, data)
+    with pytest.raises(_Stop):
+        train_population(configs, data, callbacks=[_stop_at(25)], checkpoint_dir=tmp_path)
+    assert runs.load_checkpoint(tmp_path).step == 20
+    seen = []
+    resumed = train_population(configs, data, callbacks=[lambda done, active: seen.append(done)],
+                               checkpoint_dir=tmp_path, resume=True)
+    assert seen[0] == 21 and seen[-1] == base.total_steps  # it went on from step 20
+    for got, want in zip(resumed, uninterrupted):
+        assert type(got) is type(want) and got.history == want.history
+        if isinstance(want, Dropped):
+            assert (got.step, got.eta, got.reason) == (want.step, want.eta, want.reason)
+            continue
+        assert got.final == want.final
+        for key in want.network.params:
+            np.testing.assert_array_equal(got.network.params[key], want.network.params[key])
+        for key in want.network.buffers:
+            np.testing.assert_array_equal(got.network.buffers[key], want.network.buffers[key])
+    if not batch_norm:
+        assert isinstance(resumed[2], Dropped) and resumed[2].step < 20
+    with pytest.raises(ValueError, match="belongs to other configs"):
+        train_population([configs[0].replace(lam=0.3), *configs[1:]], data,
+                         checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        train_population(configs, data, resume=True)
