@@ -131,12 +131,12 @@ class Population(Network):
         nothing). Empty when no member uses dropout."""
         if not self.dropout.any():
             return {}
-        per_member = [L.dropout_mask((n, self.sizes[l]), p, rng, self.dtype)
-                      if p else np.ones((n, self.sizes[l]), self.dtype)
-                      for p, rng in zip(self.dropout, rngs)
-                      for l in range(1, self.num_layers)]
-        hidden = self.num_layers - 1
-        return {l: np.stack(per_member[l - 1::hidden]) for l in range(1, self.num_layers)}
+        # Layer by layer, member by member: each member's generator still draws its
+        # layers in order, and the members' generators are independent.
+        return {l: np.stack([L.dropout_mask((n, self.sizes[l]), p, rng, self.dtype) if p
+                             else np.ones((n, self.sizes[l]), self.dtype)
+                             for p, rng in zip(self.dropout, rngs)])
+                for l in range(1, self.num_layers)}
 
     def l2_penalty(self) -> np.ndarray:
         """Σ_l ||W_l||² of each member: (K,)."""
