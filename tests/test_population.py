@@ -317,3 +317,14 @@ def test_resumed_population_ends_bit_identical_to_an_uninterrupted_one(data, tmp
                          checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         train_population(configs, data, resume=True)
+
+
+def test_float32_population_computes_in_float32_and_tracks_the_solo_runs(data):
+    base = BASE.replace(dtype="float32")
+    configs = [base, base.replace(lam=0.05, eta_max=0.05)]
+    for config, result in zip(configs, train_population(configs, data)):
+        assert all(a.dtype == np.float32 for a in result.network.params.values())
+        alone = train(config, data)
+        for key, want in alone.network.params.items():  # rounding differs, not the maths
+            np.testing.assert_allclose(result.network.params[key], want, rtol=0, atol=1e-5)
+        assert result.final["val_cost"] == pytest.approx(alone.final["val_cost"], rel=1e-5)
