@@ -22,14 +22,16 @@ per-member options. Its data order differs from K separate runs: a solo run shuf
 member. Each member's dropout masks come from its own seed, as in a solo run. So a member
 whose seed equals the first member's follows exactly the run ``train(config)`` would
 make. A member whose cost becomes non-finite is dropped (with the step and the reason)
-and the others go on as if it had never been there.
+and the others go on as if it had never been there. With ``checkpoint_dir``, the
+population's state (stacked arrays, optimizer state, every generator, histories, dropped
+members) is checkpointed after every epoch and a resumed run ends bit-identical.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -386,8 +388,6 @@ class _PopulationRun:
         """checkpoint.npz in ``folder`` through :func:`klayer.runs.save_checkpoint`:
         the stacked arrays of the active members, and per config its history and, once
         dropped, why."""
-        from pathlib import Path
-
         Path(folder).mkdir(parents=True, exist_ok=True)
         members = [{"history": history,
                     "dropped": None if dropped is None else
@@ -486,8 +486,6 @@ def write_run(run_dir, result, data=None) -> None:
     """Write a member's result as a run folder, as ``klayer train`` leaves one: config,
     model, history and summary (a dropped member: config, history and a summary with
     its reason)."""
-    from pathlib import Path
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_config(run_dir, result.config.replace(out=str(run_dir)))
