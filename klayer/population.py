@@ -265,6 +265,10 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None,
                          f"values per row), but the data has {d} columns")
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs the population's checkpoint folder (checkpoint_dir)")
+    if not resume and checkpoint_dir is not None \
+            and (Path(checkpoint_dir) / runs.CHECKPOINT_FILE).exists():
+        raise ValueError(f"{checkpoint_dir} already holds a checkpoint: resume it "
+                         "(resume=True) or choose another folder")
     run = _PopulationRun(configs, d, num_classes)
     start = 0
     if resume:

@@ -317,6 +317,8 @@ def test_resumed_population_ends_bit_identical_to_an_uninterrupted_one(data, tmp
                          checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         train_population(configs, data, resume=True)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train_population(configs, data, checkpoint_dir=tmp_path)
 
 
 def test_float32_population_computes_in_float32_and_tracks_the_solo_runs(data):
