@@ -14,7 +14,12 @@ column is the fraction of klayer's step spent in those bare products.
 Flops of one step: 2·n·d·m per matrix product; the forward pass has one product per
 layer, the backward pass two (dW and dx) except the first layer's dx (never computed).
 
+With ``--population K``, a second table: one step of K networks trained as a population
+(:class:`klayer.population.Population`: parameters stacked (K, ...), one first-layer
+product for all members, per-member λ and η) against one network's step, same batches.
+
 Run:  python benchmarks/bench_step.py [--reps 7] [--steps N] [--cases 0 1 2]
+                                      [--population 8]
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import numpy as np
 import torch
 
 from klayer.network import Network
+from klayer.optim import SGD
+from klayer.population import Population
 
 INPUT, CLASSES, LAM, LR = 3072, 10, 0.005, 0.01
 CASES = [  # (name, hidden sizes, batch size, steps per repetition)
@@ -70,6 +77,21 @@ def klayer_step_fn(sizes, batches):
         for name, g in res.grads.items():  # SGD as klayer.optim.SGD: no allocation
             np.multiply(g, LR, out=scratch[name])
             params[name] -= scratch[name]
+    return step
+
+
+def population_step_fn(sizes, batches, k):
+    """One step of K members differing in seed, λ and η (a λ grid, as a search runs)."""
+    pop = Population.build(k, sizes[0], sizes[1:-1], sizes[-1], batch_norm=True,
+                           dtype="float32", seed=list(range(k)))
+    lam, lr = np.geomspace(1e-4, 1e-1, k), np.full(k, LR)
+    optimizer = SGD()
+
+    def step(i):
+        X, y = batches[i % len(batches)]
+        res = pop.loss(X, y, lam, mode="train", check=False)
+        pop.update_running_stats(res.batch_stats)
+        optimizer.step(pop.params, res.grads, lr)
     return step
 
 
@@ -125,6 +147,8 @@ def main():
     parser.add_argument("--cases", type=int, nargs="*", help="case indices to run (default all)")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                         help="torch.set_num_threads (default: the core count)")
+    parser.add_argument("--population", type=int, metavar="K",
+                        help="also time a population of K members against one network")
     args = parser.parse_args()
 
     torch.set_num_threads(args.torch_threads)
@@ -166,6 +190,33 @@ def main():
               f"{gf / t['klayer']:.1f} | {gf / t['torch']:.1f} | "
               f"{gf / t['np_products']:.1f} | {gf / t['torch_products']:.1f} | "
               f"{t['np_products'] / t['klayer']:.0%} |", flush=True)
+    if args.population:
+        population_table(args, selected, rng)
+
+
+def population_table(args, selected, rng):
+    k = args.population
+    print(f"\n| case | batch | one network ms/step | population of {k} ms/step "
+          "| per member ms | population / one network |")
+    print("|---|---|---|---|---|---|")
+    for c in selected:
+        name, hidden, n, steps = CASES[c]
+        steps = args.steps or steps
+        sizes = [INPUT, *hidden, CLASSES]
+        batches = [(rng.standard_normal((n, INPUT), dtype=np.float32),
+                    rng.integers(0, CLASSES, n)) for _ in range(N_BATCHES)]
+        fns = {"one": klayer_step_fn(sizes, batches),
+               "population": population_step_fn(sizes, batches, k)}
+        for f in fns.values():
+            time_per_step(f, 5)
+        samples = {key: [] for key in fns}
+        for _ in range(args.reps):
+            for key, f in fns.items():
+                samples[key].append(time_per_step(f, steps))
+        t = {key: statistics.median(v) for key, v in samples.items()}
+        print(f"| {name} | {n} | {t['one'] * 1e3:.3f} | {t['population'] * 1e3:.3f} | "
+              f"{t['population'] / k * 1e3:.3f} | {t['population'] / t['one']:.2f} |",
+              flush=True)
 
 if __name__ == "__main__":
     main()

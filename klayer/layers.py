@@ -6,6 +6,13 @@ parameters. The cache holds exactly what backward needs. Shapes use n for the ba
 size, d for the input width and m for the output width; a mini-batch is stored one
 example per row, so the assignment's column equations ``s = W x + b`` become
 ``S = X W^T + b``.
+
+A population of K networks trained in lockstep (:mod:`klayer.population`) gives every
+array a leading member axis: x (K, n, d), W (K, m, d), per-feature vectors such as b, γ,
+μ of shape (K, m). The same functions serve both: statistics are taken over the n axis
+(``axis=-2``) per member, products are batched over K (``np.matmul`` on stacks), and
+``v[..., None, :]`` lines a per-feature vector, (m,) or (K, m), up with the rows of
+(n, m) or (K, n, m).
 """
 
 from __future__ import annotations
@@ -17,9 +24,17 @@ import numpy as np
 
 
 def affine_forward(x, W, b):
-    """s = W x + b for every row x. x: (n, d), W: (m, d), b: (m,) -> s: (n, m)."""
-    out = x @ W.T
-    out += b
+    """s = W x + b for every row x. x: (n, d), W: (m, d), b: (m,) -> s: (n, m).
+
+    Population: W (K, m, d), b (K, m) -> s (K, n, m), from x (K, n, d) (one product per
+    member) or from the same x (n, d) for every member: then one (n, d)·(d, K·m) product.
+    """
+    if x.ndim < W.ndim:  # x shared by the K members
+        K, m, d = W.shape
+        out = (x @ W.reshape(K * m, d).T).reshape(len(x), K, m).transpose(1, 0, 2)
+    else:
+        out = x @ W.mT
+    out += b[..., None, :]
     return out, (x, W)
 
 
@@ -28,10 +43,17 @@ def affine_backward(dout, cache, need_dx=True):
 
     ``need_dx=False`` skips dx for the first layer, whose input is the data: that
     product is as large as the forward one and nothing uses it.
+    Population: dout (K, n, m) -> dW (K, m, d), db (K, m); for an x (n, d) shared by the
+    members, dW is one (K·m, n)·(n, d) product.
     """
     x, W = cache
     dx = dout @ W if need_dx else None
-    return dx, dout.T @ x, dout.sum(axis=0)
+    if x.ndim < dout.ndim:  # x shared by the K members
+        K, n, m = dout.shape
+        dW = (dout.transpose(1, 0, 2).reshape(n, K * m).T @ x).reshape(K, m, -1)
+    else:
+        dW = dout.mT @ x
+    return dx, dW, dout.sum(axis=-2)
 
 
 # --- ReLU -----------------------------------------------------------------------------
@@ -55,7 +77,8 @@ def relu_backward(dout, cache):
 
 
 def batchnorm_forward(s, gamma, beta, eps, mean=None, var=None):
-    """Batch normalization of s: (n, m) per column, then scale and shift.
+    """Batch normalization of s: (n, m) per column (population: (K, n, m), per member),
+    then scale and shift.
 
     ŝ = (s - μ) / sqrt(v + ε),  s̃ = γ ⊙ ŝ + β.
 
@@ -66,22 +89,23 @@ def batchnorm_forward(s, gamma, beta, eps, mean=None, var=None):
     """
     train = mean is None
     if train:
-        n = s.shape[0]
+        n = s.shape[-2]
         if n < 2:
             raise ValueError(
                 "batch norm in train mode needs a batch of at least 2 examples "
                 f"(got {n}); use eval mode or a larger batch"
             )
-        mean = s.sum(axis=0) / n  # not s.mean(): 4 µs instead of 8 µs on (100, 50)
-        centred = s - mean
-        var = np.einsum("ij,ij->j", centred, centred) / n  # biased: 1/n; no (n, m) temporary
+        mean = s.sum(axis=-2) / n  # not s.mean(): 4 µs instead of 8 µs on (100, 50)
+        centred = s - mean[..., None, :]
+        # biased: 1/n; no (n, m) temporary
+        var = np.einsum("...ij,...ij->...j", centred, centred) / n
     else:
-        centred = s - mean
+        centred = s - mean[..., None, :]
     inv_std = 1.0 / np.sqrt(var + eps)
     s_hat = centred  # normalised in place: ``centred`` is our own array
-    s_hat *= inv_std
-    out = s_hat * gamma
-    out += beta
+    s_hat *= inv_std[..., None, :]
+    out = s_hat * gamma[..., None, :]
+    out += beta[..., None, :]
     return out, (s_hat, gamma, inv_std, train), (mean, var)
 
 
@@ -96,16 +120,18 @@ def batchnorm_backward(dout, cache):
     In eval mode μ and v are constants: ds = dout ⊙ γ / sqrt(v + ε).
     """
     s_hat, gamma, inv_std, train = cache
-    dbeta = dout.sum(axis=0)
-    dgamma = np.einsum("ij,ij->j", dout, s_hat)  # Σ_i dout ⊙ ŝ without an (n, m) temporary
+    dbeta = dout.sum(axis=-2)
+    # Σ_i dout ⊙ ŝ without an (n, m) temporary
+    dgamma = np.einsum("...ij,...ij->...j", dout, s_hat)
+    scale = (gamma * inv_std)[..., None, :]
     if train:
-        n = dout.shape[0]
-        ds = s_hat * (dgamma / -n)
+        n = dout.shape[-2]
+        ds = s_hat * (dgamma / -n)[..., None, :]
         ds += dout
-        ds -= dbeta / n
-        ds *= gamma * inv_std
+        ds -= (dbeta / n)[..., None, :]
+        ds *= scale
     else:
-        ds = dout * (gamma * inv_std)
+        ds = dout * scale
     return ds, dgamma, dbeta
 
 
@@ -120,14 +146,14 @@ def layernorm_forward(s, gamma, beta, eps):
     compute the same thing and nothing is averaged over the batch.
     Returns ``(out, cache)``.
     """
-    m = s.shape[1]
-    mean = s.sum(axis=1, keepdims=True) / m
+    m = s.shape[-1]
+    mean = s.sum(axis=-1, keepdims=True) / m
     s_hat = s - mean
-    var = np.einsum("ij,ij->i", s_hat, s_hat)[:, None] / m
+    var = np.einsum("...ij,...ij->...i", s_hat, s_hat)[..., None] / m
     inv_std = 1.0 / np.sqrt(var + eps)
     s_hat *= inv_std
-    out = s_hat * gamma
-    out += beta
+    out = s_hat * gamma[..., None, :]
+    out += beta[..., None, :]
     return out, (s_hat, gamma, inv_std)
 
 
@@ -139,13 +165,13 @@ def layernorm_backward(dout, cache):
     the means taken over the features of row i; dγ = Σ_i dout ⊙ ŝ, dβ = Σ_i dout.
     """
     s_hat, gamma, inv_std = cache
-    m = dout.shape[1]
-    dbeta = dout.sum(axis=0)
-    dgamma = np.einsum("ij,ij->j", dout, s_hat)
-    g = dout * gamma
-    ds = s_hat * (np.einsum("ij,ij->i", g, s_hat)[:, None] / -m)
+    m = dout.shape[-1]
+    dbeta = dout.sum(axis=-2)
+    dgamma = np.einsum("...ij,...ij->...j", dout, s_hat)
+    g = dout * gamma[..., None, :]
+    ds = s_hat * (np.einsum("...ij,...ij->...i", g, s_hat)[..., None] / -m)
     ds += g
-    ds -= g.sum(axis=1, keepdims=True) / m
+    ds -= g.sum(axis=-1, keepdims=True) / m
     ds *= inv_std
     return ds, dgamma, dbeta
 
@@ -179,10 +205,10 @@ def dropout_backward(dout, cache):
 
 
 def softmax(scores):
-    """Row-wise softmax of scores: (n, C), computed stably."""
-    z = scores - scores.max(axis=1, keepdims=True)
+    """Row-wise softmax of scores: (n, C) or (K, n, C), computed stably."""
+    z = scores - scores.max(axis=-1, keepdims=True)
     np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
+    z /= z.sum(axis=-1, keepdims=True)
     return z
 
 
@@ -193,22 +219,24 @@ def softmax_cross_entropy(scores, y, smoothing: float = 0.0):
     loss = -(1/n) Σ_i Σ_c t_{i,c} log p_{i,c} and dscores = (P - T) / n, where the target
     T is one-hot, or with label smoothing ε: t_{i,c} = (1 - ε) [c = y_i] + ε / C.
     With z = scores - max_c scores (for stability), log p_{i,c} = z_{i,c} - log Σ_c e^z.
+    Population: scores (K, n, C), ε a number or one per member (K,) -> loss (K,).
     """
-    n, C = scores.shape
+    n, C = scores.shape[-2:]
     rows = np.arange(n)
-    z = scores - scores.max(axis=1, keepdims=True)
+    z = scores - scores.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    total = e.sum(axis=1, keepdims=True)
-    log_total = np.log(total).sum()
-    loss = (log_total - z[rows, y].sum()) / n
+    total = e.sum(axis=-1, keepdims=True)
+    log_total = np.log(total).sum(axis=(-2, -1))
+    loss = (log_total - z[..., rows, y].sum(axis=-1)) / n
     dscores = e
     dscores /= total * n  # P / n, in place
-    if smoothing:
+    if isinstance(smoothing, np.ndarray) or smoothing:  # (not np.any: 3 µs a call)
+        eps = np.asarray(smoothing)  # (), or (K,) lined up with (K, n, C) below
         # -Σ_c (ε/C) log p_{i,c} = (ε/C) (C log Σ e^z - Σ_c z_{i,c})
-        uniform = (log_total - z.sum() / C) / n
-        loss = (1 - smoothing) * loss + smoothing * uniform
-        dscores -= smoothing / (C * n)
-        dscores[rows, y] -= (1 - smoothing) / n
+        uniform = (log_total - z.sum(axis=(-2, -1)) / C) / n
+        loss = (1 - eps) * loss + eps * uniform
+        dscores -= np.asarray(eps / (C * n), e.dtype)[..., None, None]
+        dscores[..., rows, y] -= np.asarray((1 - eps) / n, e.dtype)[..., None]
     else:
-        dscores[rows, y] -= 1 / n
-    return float(loss), dscores
+        dscores[..., rows, y] -= 1 / n
+    return (float(loss) if loss.ndim == 0 else loss), dscores

@@ -12,7 +12,9 @@ Options beyond this (each off by default, each gradient-checked):
   label_smoothing ε                 targets (1 - ε) one-hot + ε / C
 
 The same :meth:`Network.forward` serves training, evaluation and the gradient check;
-only ``mode`` differs ("train": batch statistics, "eval": moving averages).
+only ``mode`` differs ("train": batch statistics, "eval": moving averages). It also
+serves :class:`klayer.population.Population`, K networks whose parameters are stacked
+along a leading member axis: the layer functions accept that axis.
 """
 
 from __future__ import annotations
@@ -336,7 +338,9 @@ class Network:
         """Class scores for X: (n, input_size) -> (n, C), in chunks of ``chunk`` rows."""
         X = self._checked_input(X, mode)
         parts = [self.forward(X[i:i + chunk], mode).scores for i in range(0, len(X), chunk)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), self.dtype)
+        if not parts:
+            return np.zeros((0, self.num_classes), self.dtype)
+        return np.concatenate(parts, axis=-2)  # along the rows (population: (K, n, C))
 
     def predict(self, X, chunk: int = 10000) -> np.ndarray:
         """Predicted labels (n,) in eval mode."""

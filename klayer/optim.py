@@ -6,11 +6,24 @@ steps (velocities, moment estimates, a step counter) goes through ``state_dict()
 ``load_state_dict()`` as a flat mapping of names to arrays and numbers, so a checkpoint
 can store it with ``np.savez`` and a resumed run continues exactly. Momentum or Adam is
 one more class with these three methods and an entry in :data:`OPTIMIZERS`.
+
+Populations (:mod:`klayer.population`): parameters stacked as (K, ...), the learning rate
+and every constant (μ, β1, β2, ε) may be one value per member, a (K,) vector, broadcast
+over each parameter's trailing axes by :func:`per_member`. ``hyperparameters()`` returns
+the constants, so that a population's optimizer can be rebuilt for fewer members.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def per_member(value, theta):
+    """``value`` lined up with the parameter ``theta``: a number stays as it is; one value
+    per population member, a (K,) array, becomes (K, 1, ..., 1) in theta's dtype."""
+    if not isinstance(value, np.ndarray):  # isinstance: 20× cheaper than np.ndim
+        return value
+    return np.asarray(value, theta.dtype).reshape((-1,) + (1,) * (theta.ndim - 1))
 
 
 class SGD:
@@ -32,8 +45,12 @@ class SGD:
             buf = self._scratch.get(name)
             if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
                 buf = self._scratch[name] = np.empty_like(g)
-            np.multiply(g, lr, out=buf)
+            np.multiply(g, per_member(lr, theta), out=buf)
             theta -= buf
+
+    def hyperparameters(self) -> dict:
+        """The constructor's arguments; none for SGD."""
+        return {}
 
     def state_dict(self) -> dict:
         """Names -> arrays or numbers needed to continue; empty for SGD."""
@@ -56,7 +73,7 @@ class Momentum:
     name = "momentum"
 
     def __init__(self, momentum: float = 0.9):
-        if not 0 <= momentum < 1:
+        if not np.all((0 <= np.asarray(momentum)) & (np.asarray(momentum) < 1)):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
         self.velocity: dict[str, np.ndarray] = {}
@@ -70,10 +87,13 @@ class Momentum:
                 v = self.velocity[name] = g.copy()
                 self._scratch[name] = np.empty_like(g)
             else:
-                v *= self.momentum
+                v *= per_member(self.momentum, theta)
                 v += g
-            np.multiply(v, lr, out=self._scratch[name])
+            np.multiply(v, per_member(lr, theta), out=self._scratch[name])
             theta -= self._scratch[name]
+
+    def hyperparameters(self) -> dict:
+        return {"momentum": self.momentum}
 
     def state_dict(self) -> dict:
         return {f"velocity/{name}": v for name, v in self.velocity.items()}
@@ -107,18 +127,27 @@ class Adam:
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         correction1, correction2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        constants = (b1, 1 - b1, b2, 1 - b2, correction2, self.eps, lr / correction1)
+        lined_up = {}  # parameter rank -> the constants lined up with such a parameter
         for name, theta in params.items():
             g = grads[name]
             if name not in self.m:
                 self.m[name], self.v[name] = np.zeros_like(g), np.zeros_like(g)
+            if theta.ndim not in lined_up:
+                lined_up[theta.ndim] = [per_member(c, theta) for c in constants]
+            beta1, one_minus_beta1, beta2, one_minus_beta2, c2, eps, step_size = \
+                lined_up[theta.ndim]
             m, v = self.m[name], self.v[name]
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * (g * g)
-            denom = np.sqrt(v / correction2)
-            denom += self.eps
-            theta -= (lr / correction1) * m / denom
+            m *= beta1
+            m += one_minus_beta1 * g
+            v *= beta2
+            v += one_minus_beta2 * (g * g)
+            denom = np.sqrt(v / c2)
+            denom += eps
+            theta -= step_size * m / denom
+
+    def hyperparameters(self) -> dict:
+        return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
 
     def state_dict(self) -> dict:
         state = {"t": self.t}

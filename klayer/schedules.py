@@ -3,12 +3,16 @@
 A schedule knows nothing about the optimizer or the model; the training loop asks it
 for η_t before update t and passes that to the optimizer. A new schedule is one more
 small class with ``__call__(step) -> float`` and an entry in :data:`SCHEDULES`.
+A population of networks (:mod:`klayer.population`) gives each member its own schedule:
+:class:`PerMember` evaluates them all and returns η_t as a vector.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,21 @@ class WarmUp:
         if step < self.steps:
             return self.after(0) * (step + 1) / self.steps
         return self.after(step - self.steps)
+
+
+@dataclass(frozen=True)
+class PerMember:
+    """One schedule per population member: η_t = (η_t^1, ..., η_t^K), a (K,) vector that
+    the optimizers broadcast over each member's parameters."""
+
+    schedules: tuple
+
+    def __call__(self, step: int) -> np.ndarray:
+        return np.array([schedule(step) for schedule in self.schedules])
+
+    def select(self, keep) -> "PerMember":
+        """The schedules of members ``keep`` (indices), in that order."""
+        return PerMember(tuple(self.schedules[i] for i in keep))
 
 
 SCHEDULES = ("cyclic", "constant", "step", "cosine")

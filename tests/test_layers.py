@@ -283,3 +283,69 @@ def test_label_smoothing_gradient_matches_numerical_and_is_stable():
     # -Σ t log p with t = (0.9 + 0.1/3, 0.1/3, 0.1/3): log p = (0, -1000, -2000)
     assert loss == pytest.approx(0.1 / 3 * 3000, rel=1e-12)
     assert np.all(np.isfinite(d))
+
+
+# --- a leading population axis K --------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared_x", [True, False], ids=["shared x", "per-member x"])
+def test_affine_pair_with_population_axis_is_each_members_pair(shared_x):
+    rng = np.random.default_rng(11)
+    K, n, d, m = 3, 6, 5, 4
+    x = rng.standard_normal((n, d) if shared_x else (K, n, d))
+    W, b, dout = rng.standard_normal((K, m, d)), rng.standard_normal((K, m)), \
+        rng.standard_normal((K, n, m))
+    out, cache = L.affine_forward(x, W, b)
+    dx, dW, db = L.affine_backward(dout, cache)
+    assert out.shape == (K, n, m) and dW.shape == W.shape and db.shape == b.shape
+    assert L.affine_backward(dout, cache, need_dx=False)[0] is None
+    for k in range(K):
+        xk = x if shared_x else x[k]
+        out_k, cache_k = L.affine_forward(xk, W[k], b[k])
+        np.testing.assert_allclose(out[k], out_k, rtol=1e-14, atol=1e-14)
+        for got, want in zip((dx[k], dW[k], db[k]), L.affine_backward(dout[k], cache_k)):
+            np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("layer", ["batch norm train", "batch norm eval", "layer norm"])
+def test_norm_pairs_with_population_axis_are_each_members_pair(layer):
+    rng = np.random.default_rng(12)
+    K, n, m = 3, 7, 5
+    s, dout = rng.standard_normal((K, n, m)) * 2 + 1, rng.standard_normal((K, n, m))
+    gamma, beta = rng.standard_normal((K, m)), rng.standard_normal((K, m))
+    mean, var = rng.standard_normal((K, m)), rng.random((K, m)) + 0.5
+
+    def pair(k=slice(None)):
+        if layer == "layer norm":
+            out, cache = L.layernorm_forward(s[k], gamma[k], beta[k], 1e-5)
+            return out, L.layernorm_backward(dout[k], cache), None
+        given = (None, None) if layer == "batch norm train" else (mean[k], var[k])
+        out, cache, stats = L.batchnorm_forward(s[k], gamma[k], beta[k], 1e-5, *given)
+        return out, L.batchnorm_backward(dout[k], cache), stats
+
+    out, grads, stats = pair()
+    assert out.shape == (K, n, m) and [g.shape for g in grads] == [(K, n, m), (K, m), (K, m)]
+    for k in range(K):
+        out_k, grads_k, stats_k = pair(k)
+        np.testing.assert_allclose(out[k], out_k, rtol=1e-13, atol=1e-13)
+        for got, want in zip(grads, grads_k):
+            np.testing.assert_allclose(got[k], want, rtol=1e-13, atol=1e-13)
+        if layer == "batch norm train":  # statistics over the n axis of each member
+            np.testing.assert_allclose(stats[0][k], s[k].mean(axis=0), rtol=1e-13)
+            np.testing.assert_allclose(stats[1][k], s[k].var(axis=0), rtol=1e-13)
+
+
+def test_cross_entropy_with_population_axis_and_per_member_smoothing():
+    rng = np.random.default_rng(13)
+    K, n, C = 3, 6, 4
+    scores, y = rng.standard_normal((K, n, C)) * 3, rng.integers(0, C, n)
+    eps = np.array([0.0, 0.1, 0.3])
+    for smoothing in (eps, 0.2, 0.0):
+        loss, d = L.softmax_cross_entropy(scores, y, smoothing)
+        assert loss.shape == (K,) and d.shape == (K, n, C)
+        for k in range(K):
+            eps_k = float(np.broadcast_to(smoothing, (K,))[k])
+            loss_k, d_k = L.softmax_cross_entropy(scores[k], y, eps_k)
+            assert loss[k] == pytest.approx(loss_k, rel=1e-14)
+            np.testing.assert_allclose(d[k], d_k, rtol=1e-14, atol=1e-16)
+    np.testing.assert_allclose(L.softmax(scores)[1], L.softmax(scores[1]), rtol=1e-15)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from klayer.optim import SGD, make_optimizer
+from klayer.optim import OPTIMIZERS, SGD, make_optimizer, per_member
 
 
 def _params(dtype):
@@ -93,3 +93,46 @@ def test_stateful_optimizer_state_round_trip(name):
     np.testing.assert_array_equal(pa["W1"], pb["W1"])
     with pytest.raises(ValueError, match="another optimizer"):
         make_optimizer("sgd").load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+def test_per_member_rates_and_constants_equal_one_optimizer_per_member(name, dtype):
+    # A population of K = 3: parameters (K, ...), η and the constants (K,) vectors.
+    rng = np.random.default_rng(2)
+    params = {"W1": rng.standard_normal((3, 4, 2)).astype(dtype),
+              "b1": rng.standard_normal((3, 4)).astype(dtype)}
+    steps = [{k: rng.standard_normal(v.shape).astype(dtype) for k, v in params.items()}
+             for _ in range(4)]
+    lrs = np.array([[0.1, 0.01, 0.3], [0.05, 0.02, 0.1], [0.2, 0.0, 0.1], [0.1, 0.1, 0.1]])
+    constants = {"sgd": [{}, {}, {}],
+                 "momentum": [{"momentum": 0.9}, {"momentum": 0.0}, {"momentum": 0.5}],
+                 "adam": [{"beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+                          {"beta1": 0.5, "beta2": 0.9, "eps": 1e-3},
+                          {"beta1": 0.0, "beta2": 0.99, "eps": 1e-6}]}[name]
+    stacked = {key: np.array([c[key] for c in constants]) for key in constants[0]}
+    together = {k: v.copy() for k, v in params.items()}
+    opt = OPTIMIZERS[name](**stacked)
+    assert opt.hyperparameters().keys() == stacked.keys()
+    for grads, lr in zip(steps, lrs):
+        opt.step(together, grads, lr)
+    for k in range(3):
+        alone = {name_: v[k].copy() for name_, v in params.items()}
+        member = OPTIMIZERS[name](**constants[k])
+        for grads, lr in zip(steps, lrs):
+            member.step(alone, {n_: g[k] for n_, g in grads.items()}, float(lr[k]))
+        for key in alone:
+            assert together[key].dtype == dtype
+            if name == "adam":  # β^t: NumPy's power of a vector, Python's of a number
+                np.testing.assert_allclose(together[key][k], alone[key], rtol=1e-14)
+            else:
+                np.testing.assert_array_equal(together[key][k], alone[key])
+
+
+def test_per_member_lines_a_vector_up_with_the_leading_axis():
+    theta = np.zeros((3, 4, 2), np.float32)
+    assert per_member(0.5, theta) == 0.5
+    lined_up = per_member(np.array([1.0, 2.0, 3.0]), theta)
+    assert lined_up.shape == (3, 1, 1) and lined_up.dtype == np.float32
+    with pytest.raises(ValueError, match="momentum must be in"):
+        OPTIMIZERS["momentum"](np.array([0.9, 1.0]))

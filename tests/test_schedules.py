@@ -1,11 +1,14 @@
 """Learning-rate schedules: the triangular cycle's corners, slopes and period."""
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from klayer.config import TrainConfig
-from klayer.schedules import ConstantLR, CosineLR, CyclicLR, StepLR, WarmUp, make_schedule
+from klayer.schedules import (
+    ConstantLR, CosineLR, CyclicLR, PerMember, StepLR, WarmUp, make_schedule,
+)
 
 ETA_MIN, ETA_MAX, N_S = 1e-5, 1e-1, 2250
 
@@ -126,3 +129,11 @@ def test_warmup_with_cyclic_schedule_is_refused():
         TrainConfig(schedule="cyclic", warmup_steps=10)
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainConfig(schedule="cosine", warmup_steps=2 * 2 * N_S)  # not fewer than the steps
+
+
+def test_per_member_schedules_give_a_vector_of_rates():
+    schedules = (CyclicLR(ETA_MIN, ETA_MAX, 10), ConstantLR(0.3), CosineLR(0.0, 0.2, 40))
+    eta = PerMember(schedules)
+    for step in (0, 5, 10, 17, 40):
+        np.testing.assert_array_equal(eta(step), [s(step) for s in schedules])
+    assert eta.select([2, 0]) == PerMember((schedules[2], schedules[0]))

@@ -1,0 +1,332 @@
+"""Population training: K networks in lockstep equal K networks trained alone."""
+
+import re
+
+import numpy as np
+import pytest
+
+from klayer import runs
+from klayer.config import TrainConfig
+from klayer.gradcheck import absolute_error, numerical_gradients, relative_error
+from klayer.network import Network
+from klayer.optim import SGD, Adam, Momentum
+from klayer.population import (
+    Dropped, Population, check_population, select_optimizer, train_population, write_run,
+)
+from klayer.schedules import CyclicLR, PerMember
+from klayer.train import TrainResult, train
+
+D, HIDDEN, C = 12, [8, 8], 4
+
+
+def _batches(steps, n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((n, D)), rng.integers(0, C, n)) for _ in range(steps)]
+
+
+# Three members differing in initialisation (seed and σ), λ, η_max, dropout p and label
+# smoothing ε; the optimizers differ in their constants too.
+MEMBERS = [dict(seed=0, init="he", dropout=0.0, label_smoothing=0.0),
+           dict(seed=1, init=0.3, dropout=0.2, label_smoothing=0.1),
+           dict(seed=2, init="xavier", dropout=0.4, label_smoothing=0.0)]
+LAMS = np.array([0.0, 0.01, 0.1])
+SCHEDULES = [CyclicLR(1e-4, 0.1, 20), CyclicLR(1e-3, 0.05, 20), CyclicLR(1e-5, 0.2, 20)]
+OPTIMIZERS = {  # name: (population optimizer, member k's own)
+    "sgd": (lambda: SGD(), lambda k: SGD()),
+    "momentum": (lambda: Momentum(np.array([0.9, 0.5, 0.8])),
+                 lambda k: Momentum([0.9, 0.5, 0.8][k])),
+    "adam": (lambda: Adam(np.array([0.9, 0.8, 0.85]), np.array([0.999, 0.99, 0.995]),
+                          np.array([1e-8, 1e-6, 1e-7])),
+             lambda k: Adam([0.9, 0.8, 0.85][k], [0.999, 0.99, 0.995][k],
+                            [1e-8, 1e-6, 1e-7][k])),
+}
+OPTIONS = {"batch norm": dict(batch_norm=True),
+           "layer norm, residual": dict(batch_norm=False, layer_norm=True, residual=True),
+           "BN after ReLU": dict(batch_norm=True, norm_position="after")}
+
+
+def _train_alone(k, options, optimizer, batches):
+    net = Network(D, HIDDEN, C, **options, **MEMBERS[k])
+    rng = np.random.default_rng([MEMBERS[k]["seed"], 3])
+    for step, (X, y) in enumerate(batches):
+        masks = net.dropout_masks(len(X), rng) or None
+        res = net.loss(X, y, LAMS[k], masks=masks)
+        optimizer.step(net.params, res.grads, SCHEDULES[k](step))
+        net.update_running_stats(res.batch_stats)
+    return net
+
+
+def _train_together(options, optimizer, batches, members=(0, 1, 2)):
+    pop = Population(Network(D, HIDDEN, C, **options, **MEMBERS[k]) for k in members)
+    rngs = [np.random.default_rng([MEMBERS[k]["seed"], 3]) for k in members]
+    schedule = PerMember(tuple(SCHEDULES[k] for k in members))
+    for step, (X, y) in enumerate(batches):
+        masks = pop.dropout_masks(len(X), rngs) or None
+        res = pop.loss(X, y, LAMS[list(members)], masks=masks)
+        optimizer.step(pop.params, res.grads, schedule(step))
+        pop.update_running_stats(res.batch_stats)
+    return pop
+
+
+def _tolerance(optimizer, net, key):
+    """1e-10, except for Adam on a bias feeding batch norm (and the moving mean it
+    shifts): its true gradient is 0, so Adam moves it by η·g/(sqrt(v) + ε) with g pure
+    rounding noise (|g| ~ 1e-17), up to 0.2 · 1e-17 / 1e-8 = 2e-10 per step in a direction
+    rounding decides: at most 2e-8 in 100 steps. Such a bias changes no output."""
+    shifted = re.fullmatch(r"(b|running_mean)(\d+)", key)
+    if optimizer == "adam" and shifted and net.bias_cancelled(int(shifted[2])):
+        return 2e-8
+    return 1e-10
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_member_follows_its_own_trajectory(name, options):
+    batches = _batches(100)
+    make_population_optimizer, make_member_optimizer = OPTIMIZERS[name]
+    pop = _train_together(options, make_population_optimizer(), batches)
+    for k, member in enumerate(pop.members()):
+        alone = _train_alone(k, options, make_member_optimizer(k), batches)
+        assert member.hyperparameters() == alone.hyperparameters()
+        for arrays, expected in ((member.params, alone.params),
+                                 (member.buffers, alone.buffers)):
+            assert arrays.keys() == expected.keys()
+            for key in arrays:
+                np.testing.assert_allclose(arrays[key], expected[key], rtol=0,
+                                           atol=_tolerance(name, member, key),
+                                           err_msg=f"member {k}, {key}")
+    # and the members really went different ways
+    W = pop.params["W1"]
+    assert not np.allclose(W[0], W[1]) and not np.allclose(W[1], W[2])
+
+
+@pytest.mark.parametrize("options", [
+    dict(batch_norm=True), dict(batch_norm=False),
+    dict(batch_norm=False, layer_norm=True, residual=True),
+    dict(batch_norm=True, norm_position="after", residual=True),
+], ids=["BN", "plain", "LN residual", "BN after residual"])
+def test_gradients_of_every_member_match_centred_differences(options):
+    hidden = [6, 6]
+    pop = Population.build(3, 5, hidden, 3, seed=[0, 1, 2], init=["he", 0.5, "xavier"],
+                           dropout=[0.0, 0.3, 0.5], label_smoothing=[0.0, 0.2, 0.1],
+                           dtype="float64", **options)
+    rng = np.random.default_rng(7)
+    for name in pop.params:  # non-trivial γ, β and biases
+        if not name.startswith("W"):
+            pop.params[name] += 0.3 * rng.standard_normal(pop.params[name].shape)
+    X, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
+    masks = pop.dropout_masks(8, [np.random.default_rng(s) for s in range(3)])
+    lam = np.array([0.0, 0.05, 0.2])
+    analytic = pop.loss(X, y, lam, masks=masks).grads
+
+    # The members are independent, so d(Σ_k J_k)/dθ_k = dJ_k/dθ_k.
+    def cost():
+        return float(pop.loss(X, y, lam, grads=False, masks=masks).cost.sum())
+
+    numeric = numerical_gradients(cost, pop.params)
+    for name in pop.params:
+        layer = int(name.lstrip("Wbgametb"))
+        for k in range(3):
+            if name.startswith("b") and pop.bias_cancelled(layer):
+                assert absolute_error(analytic[name][k], numeric[name][k]) < 1e-8, (name, k)
+            else:
+                assert relative_error(analytic[name][k], numeric[name][k]) < 1e-7, (name, k)
+
+
+def test_members_round_trip_and_select():
+    nets = [Network(D, HIDDEN, C, **m) for m in MEMBERS]
+    pop = Population(nets)
+    assert pop.size == 3 and pop.params["W1"].shape == (3, 8, D)
+    assert pop.params["b2"].shape == (3, 8)
+    np.testing.assert_array_equal(pop.dropout, [0.0, 0.2, 0.4])
+    for net, member in zip(nets, pop.members()):
+        assert member.hyperparameters() == net.hyperparameters()
+        for key in net.params:
+            np.testing.assert_array_equal(member.params[key], net.params[key])
+    two = pop.select([2, 0])
+    assert [hp["seed"] for hp in two.hyperparameters()] == [2, 0]
+    np.testing.assert_array_equal(two.params["W3"][0], nets[2].params["W3"])
+    with pytest.raises(ValueError, match="must share hidden_sizes"):
+        Population([Network(D, [8, 8], C), Network(D, [8, 7], C)])
+    with pytest.raises(ValueError, match="must share batch_norm"):
+        Population([Network(D, [8], C), Network(D, [8], C, batch_norm=False)])
+
+
+def test_population_evaluation_is_each_members_evaluation():
+    pop = _train_together(dict(batch_norm=True), SGD(), _batches(5))
+    X, y = _batches(1, n=40, seed=9)[0]
+    together = pop.evaluate(X, y, LAMS)
+    assert pop.scores(X).shape == (3, 40, C)
+    for k, net in enumerate(pop.members()):
+        alone = net.evaluate(X, y, LAMS[k])
+        for key in alone:
+            assert together[key][k] == pytest.approx(alone[key], rel=1e-12, abs=1e-15)
+
+
+def test_select_optimizer_slices_constants_and_state():
+    opt = Adam(np.array([0.9, 0.8, 0.7]), 0.999, np.array([1e-8, 1e-7, 1e-6]))
+    params = {"W": np.ones((3, 2, 2))}
+    opt.step(params, {"W": np.arange(12.0).reshape(3, 2, 2)}, np.array([0.1, 0.2, 0.3]))
+    kept = select_optimizer(opt, np.array([0, 2]))
+    assert kept.t == 1 and kept.beta2 == 0.999
+    np.testing.assert_array_equal(kept.beta1, [0.9, 0.7])
+    np.testing.assert_array_equal(kept.m["W"], opt.m["W"][[0, 2]])
+    np.testing.assert_array_equal(kept.v["W"], opt.v["W"][[0, 2]])
+    momentum = select_optimizer(Momentum(np.array([0.9, 0.5])), [1])
+    np.testing.assert_array_equal(momentum.momentum, [0.5])
+
+
+# --- train_population ---------------------------------------------------------------
+
+BASE = TrainConfig(hidden_sizes=(16, 16), n_s=25, cycles=2, batch_size=20, evals_per_cycle=4)
+
+
+def _same(result, expected):
+    """A population member's TrainResult equals the solo run's (1e-10)."""
+    assert [set(row) for row in result.history] == [set(row) for row in expected.history]
+    for got, want in zip(result.history, expected.history):
+        assert got["step"] == want["step"]
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-10, abs=1e-12), key
+    for key in expected.final:
+        assert result.final[key] == pytest.approx(expected.final[key], rel=1e-10, abs=1e-12)
+    for arrays, want in ((result.network.params, expected.network.params),
+                         (result.network.buffers, expected.network.buffers)):
+        for key in want:
+            np.testing.assert_allclose(arrays[key], want[key], rtol=0, atol=1e-10)
+    assert result.best_step == expected.best_step and result.steps == expected.steps
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_train_population_equals_one_run_per_config(data, optimizer):
+    # Same seed: same shuffles as the solo runs, so each member is exactly its run.
+    base = BASE.replace(optimizer=optimizer, eta_max=0.1 if optimizer == "sgd" else 0.01)
+    configs = [base.replace(dropout=0.1),
+               base.replace(lam=0.05, eta_max=base.eta_max / 2, dropout=0.3, init=0.2),
+               base.replace(lam=0.0, schedule="cosine", warmup_steps=5, evals_per_cycle=5,
+                            label_smoothing=0.1)]
+    results = train_population(configs, data)
+    assert all(isinstance(r, TrainResult) for r in results)
+    for config, result in zip(configs, results):
+        assert result.config == config
+        _same(result, train(config, data))
+    assert len(results[2].history) != len(results[0].history)  # its own eval steps
+
+
+def test_population_data_order_comes_from_the_first_members_seed(data):
+    plain = BASE.replace(batch_norm=False)
+    configs = [plain, plain.replace(seed=1)]
+    alone = train(configs[1], data)
+    _same(train_population(configs[1:], data)[0], alone)  # a population of one: the run
+    second = train_population(configs, data)[1]
+    # Member 1 starts from its own seed's weights but sees member 0's mini-batches,
+    # whereas train(configs[1]) shuffles with seed 1.
+    assert second.history[0]["train_cost"] == pytest.approx(alone.history[0]["train_cost"],
+                                                             rel=1e-12)
+    assert second.history[-1]["train_cost"] != pytest.approx(alone.history[-1]["train_cost"])
+
+
+def test_diverging_member_is_dropped_and_the_others_go_on(data):
+    base = BASE.replace(batch_norm=False, schedule="constant", eta_max=0.05)
+    configs = [base, base.replace(eta_max=1e8), base.replace(lam=0.02)]
+    results = train_population(configs, data)
+    dropped = results[1]
+    assert isinstance(dropped, Dropped)
+    assert "not finite" in dropped.reason and f"step {dropped.step}" in dropped.reason
+    assert 0 < dropped.step < base.total_steps and dropped.eta == 1e8
+    assert dropped.history and dropped.history[0]["step"] == 0
+    without = train_population([configs[0], configs[2]], data)
+    _same(results[0], without[0])
+    _same(results[2], without[1])
+
+
+def test_all_members_diverging_leaves_only_dropped(data):
+    base = BASE.replace(batch_norm=False, schedule="constant", eta_max=1e8)
+    results = train_population([base, base.replace(eta_max=1e9)], data)
+    assert all(isinstance(r, Dropped) for r in results)
+
+
+@pytest.mark.parametrize("change,option", [
+    (dict(hidden_sizes=(16, 8)), "hidden_sizes"), (dict(batch_size=10), "batch_size"),
+    (dict(n_s=50), "total_steps"), (dict(dtype="float32"), "dtype"),
+    (dict(flip=True), "flip"), (dict(optimizer="adam"), "optimizer"),
+    (dict(subset=100), "subset"),
+])
+def test_configs_must_share_the_architecture_and_the_stream(change, option):
+    with pytest.raises(ValueError, match=f"^population configs must share {option}: "):
+        check_population([BASE, BASE.replace(lam=0.1), BASE.replace(**change)])
+    check_population([BASE, BASE.replace(n_s=50, cycles=1, lam=0.1, seed=3, eta_max=0.2)])
+
+
+def test_write_run_leaves_a_normal_run_folder(data, tmp_path):
+    plain = BASE.replace(batch_norm=False, schedule="constant", eta_max=0.05)
+    configs = [plain, plain.replace(eta_max=1e8)]
+    results = train_population(configs, data)
+    write_run(tmp_path / "a", results[0], data)
+    net, _standardizer, _classes = runs.load_model(tmp_path / "a")
+    np.testing.assert_array_equal(net.params["W1"], results[0].network.params["W1"])
+    assert runs.read_config(tmp_path / "a").replace(out=None) == configs[0]
+    assert len(runs.read_history(tmp_path / "a" / runs.HISTORY_FILE)) == len(results[0].history)
+    assert runs.read_summary(tmp_path / "a")["final"] == results[0].final
+    write_run(tmp_path / "b", results[1], data)  # dropped: config, history and the reason
+    assert runs.read_summary(tmp_path / "b")["diverged"] == results[1].reason
+    assert not (tmp_path / "b" / runs.MODEL_FILE).exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step):
+    def callback(done, active):
+        if done == step:
+            raise _Stop
+    return callback
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_resumed_population_ends_bit_identical_to_an_uninterrupted_one(data, tmp_path,
+                                                                       batch_norm):
+    # 10 steps an epoch: checkpoints at 10, 20, ...; stopped at 25, resumed from 20.
+    base = BASE.replace(batch_norm=batch_norm, dropout=0.2, optimizer="momentum")
+    configs = [base, base.replace(lam=0.02, seed=3, eta_max=0.05)]
+    if not batch_norm:  # and a member dropped before the interruption
+        configs.append(base.replace(schedule="constant", eta_max=1e8))
+    uninterrupted = train_population(configs, data)
+    with pytest.raises(_Stop):
+        train_population(configs, data, callbacks=[_stop_at(25)], checkpoint_dir=tmp_path)
+    assert runs.load_checkpoint(tmp_path).step == 20
+    seen = []
+    resumed = train_population(configs, data, callbacks=[lambda done, active: seen.append(done)],
+                               checkpoint_dir=tmp_path, resume=True)
+    assert seen[0] == 21 and seen[-1] == base.total_steps  # it went on from step 20
+    for got, want in zip(resumed, uninterrupted):
+        assert type(got) is type(want) and got.history == want.history
+        if isinstance(want, Dropped):
+            assert (got.step, got.eta, got.reason) == (want.step, want.eta, want.reason)
+            continue
+        assert got.final == want.final
+        for key in want.network.params:
+            np.testing.assert_array_equal(got.network.params[key], want.network.params[key])
+        for key in want.network.buffers:
+            np.testing.assert_array_equal(got.network.buffers[key], want.network.buffers[key])
+    if not batch_norm:
+        assert isinstance(resumed[2], Dropped) and resumed[2].step < 20
+    with pytest.raises(ValueError, match="belongs to other configs"):
+        train_population([configs[0].replace(lam=0.3), *configs[1:]], data,
+                         checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        train_population(configs, data, resume=True)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train_population(configs, data, checkpoint_dir=tmp_path)
+
+
+def test_float32_population_computes_in_float32_and_tracks_the_solo_runs(data):
+    base = BASE.replace(dtype="float32")
+    configs = [base, base.replace(lam=0.05, eta_max=0.05)]
+    for config, result in zip(configs, train_population(configs, data)):
+        assert all(a.dtype == np.float32 for a in result.network.params.values())
+        alone = train(config, data)
+        for key, want in alone.network.params.items():  # rounding differs, not the maths
+            np.testing.assert_allclose(result.network.params[key], want, rtol=0, atol=1e-5)
+        assert result.final["val_cost"] == pytest.approx(alone.final["val_cost"], rel=1e-5)
