@@ -36,6 +36,11 @@ from klayer.network import Network
 from klayer.optim import SGD
 from klayer.population import Population
 
+try:  # the JAX peer is optional: pip install -e ".[bench]"
+    import peer_jax
+except ImportError:
+    peer_jax = None
+
 INPUT, CLASSES, LAM, LR = 3072, 10, 0.005, 0.01
 CASES = [  # (name, hidden sizes, batch size, steps per repetition)
     ("3-layer [50, 50] BN", [50, 50], 100, 100),
@@ -160,8 +165,9 @@ def main():
           f"float32; median of {args.reps} repetitions; load average {load:.1f} at start\n")
     print("| case | batch | klayer ms/step | torch ms/step | klayer/torch | (best reps) "
           "| klayer GFLOP/s | torch GFLOP/s | bare products NumPy GFLOP/s "
-          "| bare products torch GFLOP/s | klayer / NumPy products |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| bare products torch GFLOP/s | klayer / NumPy products |"
+          + (" jax ms/step | klayer/jax |" if peer_jax else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if peer_jax else ""))
     selected = args.cases if args.cases is not None else range(len(CASES))
     for c in selected:
         name, hidden, n, steps = CASES[c]
@@ -172,6 +178,7 @@ def main():
         fns = {
             "klayer": klayer_step_fn(sizes, batches),
             "torch": torch_step_fn(sizes, batches),
+            **({"jax": peer_jax.step_fn(sizes, batches, LAM, LR)} if peer_jax else {}),
             "np_products": products_fn(sizes, n,
                                        lambda shape: rng.standard_normal(shape, np.float32)),
             "torch_products": products_fn(sizes, n, lambda shape: torch.randn(*shape)),
@@ -189,7 +196,9 @@ def main():
               f"{t['klayer'] / t['torch']:.2f} | {best['klayer'] / best['torch']:.2f} | "
               f"{gf / t['klayer']:.1f} | {gf / t['torch']:.1f} | "
               f"{gf / t['np_products']:.1f} | {gf / t['torch_products']:.1f} | "
-              f"{t['np_products'] / t['klayer']:.0%} |", flush=True)
+              f"{t['np_products'] / t['klayer']:.0%} |"
+              + (f" {t['jax'] * 1e3:.3f} | {t['klayer'] / t['jax']:.2f} |" if peer_jax else ""),
+              flush=True)
     if args.population:
         population_table(args, selected, rng)
 

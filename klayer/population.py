@@ -43,7 +43,7 @@ from klayer.network import LossResult, Network
 from klayer.optim import make_optimizer
 from klayer.schedules import PerMember, make_schedule
 from klayer.train import (
-    AUGMENT_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM, TrainResult, _checked_splits,
+    AUGMENT_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM, TrainResult, checked_splits,
     build_network, evaluate,
 )
 
@@ -251,7 +251,7 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None,
     check_population(configs)
     first = configs[0]
     num_classes = len(data.class_names) if getattr(data, "class_names", None) else 10
-    splits = _checked_splits(data, first.dtype, num_classes)
+    splits = checked_splits(data, first.dtype, num_classes)
     X_train, y_train = splits["train"]
     n, d = X_train.shape
     B = first.batch_size

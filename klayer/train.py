@@ -162,7 +162,7 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     Raises :class:`DivergenceError` when the cost or a parameter becomes non-finite.
     """
     num_classes = len(data.class_names) if getattr(data, "class_names", None) else 10
-    splits = _checked_splits(data, config.dtype, num_classes)
+    splits = checked_splits(data, config.dtype, num_classes)
     X_train, y_train = splits["train"]
     n, d = X_train.shape
     B, total, eval_steps = config.batch_size, config.total_steps, set(config.eval_steps())
@@ -310,7 +310,7 @@ class TrainState:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _checked_splits(data, dtype, num_classes) -> dict:
+def checked_splits(data, dtype, num_classes) -> dict:
     """{"train": (X, y), "val": (X, y)[, "test": (X, y)]} as ``dtype``, checked once."""
     splits = {}
     for name in ("train", "val", "test"):
