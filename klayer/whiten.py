@@ -13,13 +13,15 @@ above ε. Of all whitenings (M^T C M = I), ZCA's is the one whose output stays c
 to its input in mean squared distance: whitened images still look like images.
 
 ε, in the units of the standardised data (every pixel has variance 1, so the λ sum to
-d = 3072): the spectrum of CIFAR-10 falls steeply, and its smallest eigenvalues
-(≲ 1e-4) are at the level of the 8-bit quantisation noise ((1/255)² / 12 / σ² ≈ 2e-5
-to 1e-4 per pixel with σ ≈ 0.25 of [0, 1] intensities). Dividing by sqrt(λ) would
-blow that noise up a hundredfold. ε = 1e-2 (a hundredth of one pixel's variance)
-leaves the few hundred directions that carry the images' structure whitened and damps
-the rest smoothly: a direction with λ = ε comes out with variance 1/2, one with
-λ = ε/100 with variance 1/100.
+d = 3072): the spectrum of CIFAR-10 falls steeply. For the 45,000 training rows of the
+full protocol, λ_1 = 828, λ_100 = 2.4, λ_1000 = 0.033, λ_2000 = 1.7e-3 and
+λ_3072 = 2.2e-5, the level of the 8-bit quantisation noise ((1/255)² / 12 / σ² ≈ 2e-5
+to 1e-4 per pixel for pixel standard deviations σ ≈ 0.25 of [0, 1] intensities).
+Dividing by sqrt(λ) would blow that noise up two hundredfold. ε = 1e-2 (a hundredth of
+one pixel's variance) whitens the 1,405 directions above it, which carry 99.89% of the
+variance, and damps the rest smoothly: a direction with λ = ε comes out with variance
+1/2, one with λ = ε/100 with variance 1/100. (ε = 1e-1: 644 directions, 98.9%;
+ε = 1e-3: 2,176, 99.99%.)
 
 Covariance and eigendecomposition are computed in float64 (the covariance accumulated
 as X^T X over chunks of rows, so 45,000 × 3,072 float32 rows never need a float64
@@ -28,7 +30,16 @@ dtype.
 
 With augmentation, flips and translations act on pixels, so they come first: per
 mini-batch, augment the standardised rows, then whiten them (one (n, 3072) · (3072,
-3072) product for ZCA). Test and validation rows are whitened once.
+3072) product for ZCA, 4.8 GFLOP for a batch of 256: more than the training step of
+the best MLP itself). Test and validation rows are whitened once.
+
+The cheaper order, for ZCA: whiten every image once and augment the whitened images.
+``symmetry`` (a permutation of the d columns under which the data's distribution is
+taken to be invariant, e.g. the left-right mirror) averages the covariance with its
+permuted copy (the mean and covariance of X together with its mirror images), so the ZCA matrix commutes with P: whitening a mirrored image gives the
+mirrored whitened image, exactly, and flips may come after whitening. ZCA filters are
+local (nearly a convolution), so translations commute with it up to the border
+pixels; that approximation is worth measuring before relying on it.
 """
 
 from __future__ import annotations
@@ -91,11 +102,15 @@ class Whitening:
 
     @classmethod
     def fit(cls, X, method: str = "zca", eps: float = 1e-2,
-            components: int | None = None) -> "Whitening":
+            components: int | None = None, symmetry=None) -> "Whitening":
         """Fit on the training rows X: (n, d), n >= 2 (float32 or float64).
 
         method "zca" or "pca"; eps: ε > 0 (see the module docstring); components: for
         PCA, keep the k largest components (1 <= k <= d; None keeps all d).
+        symmetry: None, or a permutation p of range(d) (X[:, p] is the transformed
+        data); μ and C are averaged with their permuted copies, as if X's permuted rows
+        were part of the training set. ZCA then commutes with it:
+        transform(X[:, p]) = transform(X)[:, p].
         """
         method, eps = _check_method(method), _check_eps(eps)
         X = np.asarray(X)
@@ -111,6 +126,15 @@ class Whitening:
                                  f"got {components!r}")
             components = int(components)
         mean, cov = _mean_and_covariance(X)
+        if symmetry is not None:
+            p = np.asarray(symmetry)
+            if p.shape != (d,) or not np.array_equal(np.sort(p), np.arange(d)):
+                raise ValueError(f"symmetry must be a permutation of range({d}) (the columns "
+                                 f"of X), got an array of shape {p.shape}")
+            second = cov + np.outer(mean, mean)  # E[x x^T], then that of X and X[:, p]
+            second = (second + second[np.ix_(p, p)]) / 2
+            mean = (mean + mean[p]) / 2
+            cov = second - np.outer(mean, mean)
         eigenvalues, U = np.linalg.eigh(cov)  # ascending
         eigenvalues, U = np.maximum(eigenvalues[::-1], 0.0), U[:, ::-1]  # largest first
         scale = 1.0 / np.sqrt(eigenvalues + eps)

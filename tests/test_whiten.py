@@ -153,3 +153,26 @@ def test_bad_arguments_are_one_line_errors():
         with pytest.raises(ValueError, match=match) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def test_symmetry_makes_zca_commute_with_the_mirror():
+    from klayer.augment import mirror
+
+    shape = (3, 4, 5)
+    d = 60
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((400, d)) @ rng.standard_normal((d, d)) * 0.3 + rng.uniform(-1, 1, d)
+    p = mirror(np.arange(d)[None], shape)[0]  # mirror(x) = x[p]
+    np.testing.assert_array_equal(mirror(X, shape), X[:, p])
+    plain = Whitening.fit(X, "zca", eps=1e-3)
+    sym = Whitening.fit(X, "zca", eps=1e-3, symmetry=p)
+    Z = sym.transform(X, "float64")
+    np.testing.assert_allclose(sym.transform(mirror(X, shape), "float64"), mirror(Z, shape),
+                               rtol=1e-9, atol=1e-9)
+    assert not np.allclose(plain.transform(mirror(X, shape), "float64"),
+                           mirror(plain.transform(X, "float64"), shape), atol=1e-3)
+    # the same as fitting on the data together with its mirror images
+    both = Whitening.fit(np.concatenate([X, mirror(X, shape)]), "zca", eps=1e-3)
+    np.testing.assert_allclose(sym.matrix, both.matrix, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="permutation of range"):
+        Whitening.fit(X, symmetry=np.zeros(d, int))
