@@ -204,6 +204,13 @@ def main(argv=None):
     print(f"command: python {' '.join(sys.argv)}")
     print(f"numpy {np.__version__}, cpu_count {os.cpu_count()}, load average at start "
           f"{os.getloadavg()[0]:.1f}\n", flush=True)
+    whitened = [v for v in args.variants if v in ("zca", "zca-once", "pca")]
+    if whitened and len(data.X_train) <= data.X_train.shape[1]:
+        print(f"note: {', '.join(whitened)} fitted on {len(data.X_train)} rows of "
+              f"{data.X_train.shape[1]} values: the training rows do not span the input "
+              "space, so test rows carry directions training never saw, amplified by the "
+              "whitening; expect chance-level accuracy (a check of the script, not a "
+              "measurement)\n")
     rows = []
     for variant in args.variants:
         rows.append(run_variant(variant, data, cfg, args))
