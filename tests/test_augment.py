@@ -309,12 +309,19 @@ def test_mixup_is_the_convex_combination_with_the_partner(alpha):
     assert lam.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.2)
 
 
-def test_mixup_keeps_the_dtype_and_the_input():
-    X = _images(16, seed=23, dtype="float32")
-    before = X.copy()
-    out, *_ = Mixing(mixup=0.4)(X, np.arange(16) % 10, np.random.default_rng(2))
-    assert out.dtype == np.float32 and out.shape == X.shape
+@pytest.mark.parametrize("mixing", [Mixing(mixup=0.4), Mixing(cutmix=1.0)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mixing_keeps_the_dtype_and_the_input(mixing, dtype):
+    X = _images(16, seed=23, dtype=dtype)
+    y = np.arange(16) % 10
+    before, y_before = X.copy(), y.copy()
+    out, y_a, y_b, _ = mixing(X[::1], y, np.random.default_rng(2))
+    assert out.dtype == np.dtype(dtype) and out.shape == X.shape
+    assert not np.shares_memory(out, X) and not np.shares_memory(y_a, y)
+    out += 1.0
+    y_a += 1
     np.testing.assert_array_equal(X, before)
+    np.testing.assert_array_equal(y, y_before)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
