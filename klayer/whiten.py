@@ -40,6 +40,15 @@ permuted copy (the mean and covariance of X together with its mirror images), so
 mirrored whitened image, exactly, and flips may come after whitening. ZCA filters are
 local (nearly a convolution), so translations commute with it up to the border
 pixels; that approximation is worth measuring before relying on it.
+
+Fitted on fewer rows than inputs (n <= d) the training rows do not span the input
+space, and test rows carry directions training never saw, amplified: with ZCA fitted on
+2,000 training images, whitened test rows have mean squared norm 3,000 against the
+training rows' 1,109. On the 45,000 training images of the full protocol: 1,477 against
+1,407 (ε = 1e-2), 744 against 728 (ε = 1e-1).
+
+After training, :meth:`Whitening.fold_into` turns the whitening and the first layer into
+one affine layer on the standardised rows.
 """
 
 from __future__ import annotations
@@ -170,6 +179,20 @@ class Whitening:
                 raise ValueError("X contains NaN or infinite values; clean or re-standardise "
                                  "the data before whitening")
         return out
+
+    def fold_into(self, W, b) -> tuple[np.ndarray, np.ndarray]:
+        """A first layer on whitened rows, s = W z + b with z = M^T (x - μ), as one on
+        the unwhitened rows x: s = W' x + b' with W' = W M^T, b' = b - W' μ.
+        W: (m, k), b: (m,) -> W': (m, d), b': (m,), in W's dtype (computed in float64).
+        A trained network folded so needs no whitening to be stored or applied; its
+        batch-norm statistics stay valid, as s is unchanged."""
+        W, b = np.asarray(W), np.asarray(b)
+        if W.ndim != 2 or W.shape[1] != self.output_size or b.shape != (W.shape[0],):
+            raise ValueError(f"W must be (m, {self.output_size}) and b (m,) to fold this "
+                             f"whitening in, got {W.shape} and {b.shape}")
+        folded = W.astype(np.float64) @ self.matrix.T
+        shift = b - folded @ self.mean
+        return folded.astype(W.dtype), shift.astype(b.dtype)
 
     def to_arrays(self) -> tuple[dict, dict]:
         """``(arrays, meta)``: plain arrays (for ``np.savez``, loaded back with

@@ -176,3 +176,24 @@ def test_symmetry_makes_zca_commute_with_the_mirror():
     np.testing.assert_allclose(sym.matrix, both.matrix, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="permutation of range"):
         Whitening.fit(X, symmetry=np.zeros(d, int))
+
+
+@pytest.mark.parametrize("method,components", [("zca", None), ("pca", 5)])
+def test_folding_into_the_first_layer_gives_the_same_network(method, components):
+    from klayer.network import Network
+
+    X = _correlated(d=12)
+    w = Whitening.fit(X, method, eps=1e-3, components=components)
+    Z = w.transform(X, "float64")
+    net = Network(Z.shape[1], [7], 3, batch_norm=True, seed=2)
+    net.update_running_stats(net.forward(Z[:100], "train").batch_stats)
+    net.params["b1"] += 0.3  # a non-zero bias too
+    folded = Network(12, [7], 3, batch_norm=True, seed=2)
+    folded.params.update({k: v.copy() for k, v in net.params.items()})
+    folded.params["W1"], folded.params["b1"] = w.fold_into(net.params["W1"], net.params["b1"])
+    folded.update_running_stats({1: (net.buffers["running_mean1"], net.buffers["running_var1"])})
+    np.testing.assert_allclose(folded.scores(X), net.scores(Z), rtol=1e-9, atol=1e-9)
+    W32, b32 = w.fold_into(net.params["W1"].astype(np.float32), net.params["b1"].astype(np.float32))
+    assert W32.dtype == b32.dtype == np.float32 and W32.shape == (7, 12)
+    with pytest.raises(ValueError, match="fold"):
+        w.fold_into(np.zeros((7, 13)), np.zeros(7))
