@@ -16,7 +16,7 @@ to its input in mean squared distance: whitened images still look like images.
 d = 3072): the spectrum of CIFAR-10 falls steeply. For the 45,000 training rows of the
 full protocol, λ_1 = 828, λ_100 = 2.4, λ_1000 = 0.033, λ_2000 = 1.7e-3 and
 λ_3072 = 2.2e-5, the level of the 8-bit quantisation noise ((1/255)² / 12 / σ² ≈ 2e-5
-to 1e-4 per pixel for pixel standard deviations σ ≈ 0.25 of [0, 1] intensities).
+per pixel, for pixel standard deviations σ ≈ 0.25 of [0, 1] intensities).
 Dividing by sqrt(λ) would blow that noise up two hundredfold. ε = 1e-2 (a hundredth of
 one pixel's variance) whitens the 1,405 directions above it, which carry 99.89% of the
 variance, and damps the rest smoothly: a direction with λ = ε comes out with variance
@@ -34,12 +34,12 @@ mini-batch, augment the standardised rows, then whiten them (one (n, 3072) · (3
 the best MLP itself). Test and validation rows are whitened once.
 
 The cheaper order, for ZCA: whiten every image once and augment the whitened images.
-``symmetry`` (a permutation of the d columns under which the data's distribution is
-taken to be invariant, e.g. the left-right mirror) averages the covariance with its
-permuted copy (the mean and covariance of X together with its mirror images), so the ZCA matrix commutes with P: whitening a mirrored image gives the
-mirrored whitened image, exactly, and flips may come after whitening. ZCA filters are
-local (nearly a convolution), so translations commute with it up to the border
-pixels; that approximation is worth measuring before relying on it.
+``symmetry`` (a permutation P of the d columns under which the data's distribution is
+taken to be invariant, e.g. the left-right mirror) fits the mean and covariance of X
+together with its permuted rows, so the ZCA matrix commutes with P: whitening a
+mirrored image gives the mirrored whitened image, exactly, and flips may come after
+whitening. ZCA filters are local (nearly a convolution), so translations commute with
+it up to the border pixels; that approximation is worth measuring before relying on it.
 
 Fitted on fewer rows than inputs (n <= d) the training rows do not span the input
 space, and test rows carry directions training never saw, amplified: with ZCA fitted on
