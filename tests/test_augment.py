@@ -4,7 +4,7 @@ map per image, seeded draws, input untouched, dtype kept, arguments checked."""
 import numpy as np
 import pytest
 
-from klayer.augment import IMAGE_SHAPE, Augmentation
+from klayer.augment import IMAGE_SHAPE, Augmentation, Mixing, mirror, soft_targets
 
 C, H, W = IMAGE_SHAPE
 D = C * H * W
@@ -201,3 +201,238 @@ def test_non_contiguous_batches_match_the_loop(layout):
     got = aug(X, np.random.default_rng(2))
     np.testing.assert_array_equal(got, _reference(np.ascontiguousarray(X), True, 3,
                                                   np.random.default_rng(2)))
+
+
+# --- padding modes ----------------------------------------------------------------------
+
+
+def _border_index(k, size, mode):
+    """Where a padded coordinate k (may lie outside 0..size-1) reads from the image."""
+    if mode == "edge":
+        return np.clip(k, 0, size - 1)
+    k = np.where(k < 0, -k, k)  # reflect: mirror at the edge pixel, not repeating it
+    return np.where(k > size - 1, 2 * (size - 1) - k, k)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge"])
+@pytest.mark.parametrize("t", [1, 3, 8])
+def test_pad_modes_read_the_mirrored_or_repeated_border(mode, t):
+    """Each output pixel (c, y, x) is the input pixel at the border-mapped (y + dy - t,
+    x + dx - t), with (dy, dx) the draws of the default mode."""
+    n = 30
+    X = _images(n, seed=20 + t)
+    out = Augmentation(translate=t, pad_mode=mode)(X, np.random.default_rng(3))
+    dy, dx = np.random.default_rng(3).integers(0, 2 * t + 1, size=(2, n))
+    images, outs = X.reshape(n, C, H, W), out.reshape(n, C, H, W)
+    for i in range(n):
+        rows = _border_index(np.arange(H) + dy[i] - t, H, mode)
+        cols = _border_index(np.arange(W) + dx[i] - t, W, mode)
+        np.testing.assert_array_equal(outs[i], images[i][:, rows][:, :, cols])
+
+
+def test_pad_mode_draws_nothing_and_mean_is_the_default():
+    X = _images(20, seed=21)
+    states, outs = [], {}
+    for mode in ("mean", "reflect", "edge"):
+        rng = np.random.default_rng(8)
+        outs[mode] = Augmentation(flip=True, translate=2, jitter=0.1, pad_mode=mode)(X, rng)
+        states.append(rng.bit_generator.state)
+    assert states[0] == states[1] == states[2]
+    np.testing.assert_array_equal(
+        outs["mean"], Augmentation(flip=True, translate=2, jitter=0.1)(X, np.random.default_rng(8)))
+    assert not np.array_equal(outs["mean"], outs["reflect"])
+    # a shift-free crop is the same in every mode: same pixels wherever no border is read
+    inner = (slice(None), slice(None), slice(2, H - 2), slice(2, W - 2))
+    a, b = (outs[m].reshape(-1, C, H, W) for m in ("mean", "reflect"))
+    np.testing.assert_array_equal(a[inner], b[inner])
+
+
+@pytest.mark.parametrize("mode", ["zero", "constant", "wrap", None])
+def test_bad_pad_mode_raises(mode):
+    with pytest.raises(ValueError, match="pad_mode"):
+        Augmentation(translate=2, pad_mode=mode)
+
+
+def test_describe_names_the_padding():
+    assert Augmentation(flip=True, translate=3).describe() == "flips, translations ±3 px"
+    assert Augmentation(translate=3, pad_mode="reflect").describe() == \
+        "translations ±3 px (reflect padding)"
+
+
+def test_mirror_is_the_flip_of_the_augmentation():
+    X = _images(50, seed=22)
+    M = mirror(X)
+    assert M.shape == X.shape and not np.shares_memory(M, X)
+    np.testing.assert_array_equal(mirror(M), X)
+    np.testing.assert_array_equal(M.reshape(-1, C, H, W)[..., 0], X.reshape(-1, C, H, W)[..., -1])
+    out = Augmentation(flip=True)(X, np.random.default_rng(0))
+    assert all(np.array_equal(o, x) or np.array_equal(o, m) for o, x, m in zip(out, X, M))
+    with pytest.raises(ValueError, match=r"\(n, 3072\)"):
+        mirror(np.zeros((2, 10)))
+
+
+# --- MixUp and CutMix -------------------------------------------------------------------
+
+
+def _constant_images(n):
+    """Image i is the constant i (label i): a mixed pixel tells which images it came from."""
+    return np.repeat(np.arange(n, dtype=np.float64)[:, None], D, axis=1), np.arange(n)
+
+
+def test_inactive_mixing_draws_nothing_and_returns_copies():
+    X, y = _constant_images(6)
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    mixing = Mixing()
+    assert not mixing.active and mixing.describe() == "none"
+    out, y_a, y_b, lam = mixing(X, y, rng)
+    assert rng.bit_generator.state == before
+    np.testing.assert_array_equal(out, X)
+    assert not np.shares_memory(out, X)
+    np.testing.assert_array_equal(y_a, y)
+    np.testing.assert_array_equal(y_b, y)
+    np.testing.assert_array_equal(lam, np.ones(6))
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0])
+def test_mixup_is_the_convex_combination_with_the_partner(alpha):
+    n = 400
+    X, y = _constant_images(n)
+    out, y_a, y_b, lam = Mixing(mixup=alpha)(X, y, np.random.default_rng(1))
+    np.testing.assert_array_equal(y_a, y)
+    assert sorted(y_b) == list(range(n))  # a permutation of the batch
+    np.testing.assert_allclose(out, (lam * y_a + (1 - lam) * y_b)[:, None] * np.ones(D),
+                               rtol=1e-12, atol=1e-9)
+    assert np.all((lam >= 0) & (lam <= 1)) and lam.dtype == np.float64
+    # Beta(α, α): mean 1/2, variance 1 / (4 (2α + 1)), drawn per example
+    assert lam.mean() == pytest.approx(0.5, abs=0.05)
+    assert lam.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.2)
+
+
+@pytest.mark.parametrize("mixing", [Mixing(mixup=0.4), Mixing(cutmix=1.0)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mixing_keeps_the_dtype_and_the_input(mixing, dtype):
+    X = _images(16, seed=23, dtype=dtype)
+    y = np.arange(16) % 10
+    before, y_before = X.copy(), y.copy()
+    out, y_a, y_b, _ = mixing(X[::1], y, np.random.default_rng(2))
+    assert out.dtype == np.dtype(dtype) and out.shape == X.shape
+    assert not np.shares_memory(out, X) and not np.shares_memory(y_a, y)
+    out += 1.0
+    y_a += 1
+    np.testing.assert_array_equal(X, before)
+    np.testing.assert_array_equal(y, y_before)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_cutmix_pastes_one_box_of_the_partner_and_lam_is_the_share_kept(alpha):
+    n = 300
+    X, y = _constant_images(n)
+    out, y_a, y_b, lam = Mixing(cutmix=alpha)(X, y, np.random.default_rng(4))
+    images = out.reshape(n, C, H, W)
+    for i in range(n):
+        image = images[i]
+        assert set(np.unique(image)) <= {y_a[i], y_b[i]}
+        if y_b[i] == y_a[i]:
+            continue
+        pasted = image == y_b[i]
+        assert np.all(pasted == pasted[0])  # the same box in every channel
+        rows, cols = np.flatnonzero(pasted[0].any(axis=1)), np.flatnonzero(pasted[0].any(axis=0))
+        if len(rows):  # one filled rectangle
+            assert pasted[0].sum() == len(rows) * len(cols)
+            assert np.all(np.diff(rows) == 1) and np.all(np.diff(cols) == 1)
+        assert lam[i] == pytest.approx(1 - pasted[0].mean(), abs=1e-12)
+    # the λ drawn (after the permutation) gives the box size; clipping only shrinks it
+    rng = np.random.default_rng(4)
+    rng.permutation(n)
+    drawn = rng.beta(alpha, alpha, size=n)
+    cut = np.sqrt(1 - drawn)
+    unclipped = 1 - np.floor(H * cut) * np.floor(W * cut) / (H * W)
+    assert np.all(lam >= unclipped - 1e-12)
+    assert np.mean(np.abs(lam - unclipped) < 1e-12) > 0.1  # boxes inside the image
+    assert lam.min() < 0.2 and lam.max() > 0.8
+
+
+def test_mixup_and_cutmix_together_pick_one_per_batch():
+    X, y = _constant_images(64)
+    mixing = Mixing(mixup=1.0, cutmix=1.0)
+    kinds = set()
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        out, y_a, y_b, lam = mixing(X, y, rng)
+        blended = np.any(out % 1 != 0)  # MixUp makes fractions; CutMix only copies
+        kinds.add("mixup" if blended else "cutmix")
+    assert kinds == {"mixup", "cutmix"}
+    assert mixing.describe() == "MixUp α=1, CutMix α=1"
+
+
+@pytest.mark.parametrize("mixing", [Mixing(mixup=0.2), Mixing(cutmix=1.0),
+                                    Mixing(mixup=0.3, cutmix=0.5)])
+def test_mixing_is_seeded(mixing):
+    X, y = _images(32, seed=24), np.arange(32) % 10
+    a = mixing(X, y, np.random.default_rng(6))
+    b = mixing(X, y, np.random.default_rng(6))
+    c = mixing(X, y, np.random.default_rng(7))
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    assert not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("kwargs", [{"mixup": -0.1}, {"cutmix": float("nan")},
+                                    {"mixup": True}, {"cutmix": "1"}])
+def test_bad_alpha_raises(kwargs):
+    with pytest.raises(ValueError, match="mixup|cutmix"):
+        Mixing(**kwargs)
+
+
+def test_mixing_checks_shapes():
+    with pytest.raises(ValueError, match=r"\(n, 3072\)"):
+        Mixing(mixup=1.0)(np.zeros((4, 10)), np.zeros(4, int), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="one label per row"):
+        Mixing(mixup=1.0)(np.zeros((4, D)), np.zeros(3, int), np.random.default_rng(0))
+
+
+# --- soft targets -------------------------------------------------------------------------
+
+
+def test_soft_targets_mix_one_hot_rows():
+    y_a, y_b = np.array([0, 3, 2, 2]), np.array([1, 3, 0, 2])
+    lam = np.array([0.25, 0.6, 1.0, 0.0])
+    T = soft_targets(y_a, y_b, lam, 4)
+    want = np.array([[0.25, 0.75, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0], [0, 0, 1, 0]])
+    np.testing.assert_allclose(T, want, rtol=0, atol=1e-15)
+    Ts = soft_targets(y_a, y_b, lam, 4, smoothing=0.2, dtype="float32")
+    assert Ts.dtype == np.float32
+    np.testing.assert_allclose(Ts, 0.8 * want + 0.05, rtol=1e-6)
+    np.testing.assert_allclose(Ts.sum(axis=1), 1, rtol=1e-6)
+    np.testing.assert_array_equal(soft_targets(y_a, y_b, 1.0, 4), np.eye(4)[y_a])
+
+
+def test_cross_entropy_of_soft_targets_is_the_mix_of_the_two_losses():
+    """-Σ_c t_c log p_c = λ CE(y_a) + (1 - λ) CE(y_b), row by row."""
+    from klayer.layers import softmax_cross_entropy
+
+    rng = np.random.default_rng(9)
+    scores = rng.standard_normal((20, 5))
+    y_a, y_b, lam = rng.integers(0, 5, 20), rng.integers(0, 5, 20), rng.random(20)
+    T = soft_targets(y_a, y_b, lam, 5)
+    z = scores - scores.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    for i in range(20):
+        ce_a, _ = softmax_cross_entropy(scores[i:i + 1], y_a[i:i + 1])
+        ce_b, _ = softmax_cross_entropy(scores[i:i + 1], y_b[i:i + 1])
+        assert -(T[i] * log_p[i]).sum() == pytest.approx(lam[i] * ce_a + (1 - lam[i]) * ce_b,
+                                                         rel=1e-12)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((np.array([0, 1]), np.array([0]), np.array([1.0, 1.0])), "one length"),
+    ((np.array([0, 4]), np.array([0, 1]), np.array([1.0, 1.0])), "y_a"),
+    ((np.array([0, 1]), np.array([0.0, 1.0]), np.array([1.0, 1.0])), "y_b"),
+    ((np.array([0, 1]), np.array([0, 1]), np.array([1.5, 1.0])), "lam"),
+])
+def test_soft_targets_check_their_inputs(args, match):
+    with pytest.raises(ValueError, match=match):
+        soft_targets(*args, num_classes=4)
+    with pytest.raises(ValueError, match="smoothing"):
+        soft_targets(np.array([0]), np.array([0]), 1.0, 4, smoothing=1.0)
