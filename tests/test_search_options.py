@@ -147,8 +147,8 @@ def test_option_is_a_search_dimension(searches, option):
         config = TrainConfig.from_toml(Path(row["run_dir"]) / "config.toml")
         assert getattr(config, option) == cell(row[option], values[0])
         assert int(row["seed"]) == config.seed
-        if option == "layer_norm":  # layer norm is used without batch norm
-            assert not config.batch_norm or not config.layer_norm
+        if option == "layer_norm" and config.layer_norm:  # trained without batch norm
+            assert row["batch_norm"] == "False" and not config.batch_norm
     if option == "residual":
         assert all(TrainConfig.from_toml(Path(r["run_dir"]) / "config.toml").hidden_sizes
                    == (10, 10) for r in complete)
