@@ -23,7 +23,9 @@ class names, the standardizer or ``bn_eps`` is caught like editing a weight.
 Test-only fault injection: with the environment variable ``KLAYER_FAULT=checkpoint:STEP``
 the process kills itself (SIGKILL) half-way through writing the checkpoint of step STEP,
 before the temporary file is moved into place; with ``KLAYER_FAULT=step:STEP`` it kills
-itself right after update step STEP. The tests use it to check what survives a crash.
+itself right after update step STEP; ``step:STEP@K`` waits for the K-th time this process
+reaches step STEP (the K-th trial of a search run in one process). The tests use it to
+check what survives a crash, deterministically.
 """
 
 from __future__ import annotations
@@ -313,21 +315,29 @@ def _read_checkpoint(path: Path) -> Checkpoint:
 
 
 def _fault(where: str) -> int | None:
-    """Test-only: the step of ``KLAYER_FAULT=where:STEP`` (see the module docstring)."""
+    """Test-only: the step of ``KLAYER_FAULT=where:STEP[@K]`` (see the module docstring)."""
     kind, _, step = os.environ.get("KLAYER_FAULT", "").partition(":")
+    step = step.partition("@")[0]
     return int(step) if kind == where and step.isdigit() else None
 
 
+_FAULT_STEPS_SEEN = [0]  # how often this process has reached the KLAYER_FAULT step
+
+
 def fault_callbacks() -> list:
-    """Test-only: with ``KLAYER_FAULT=step:STEP``, a training callback that kills the
-    process right after update step STEP; otherwise none."""
+    """Test-only: with ``KLAYER_FAULT=step:STEP[@K]``, a training callback that kills the
+    process right after update step STEP (the K-th time it gets there); otherwise none."""
     step = _fault("step")
     if step is None:
         return []
+    times = os.environ["KLAYER_FAULT"].partition("@")[2]
+    times = int(times) if times.isdigit() else 1
 
     def kill(event):
         if event.kind == "step" and event.step == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            _FAULT_STEPS_SEEN[0] += 1
+            if _FAULT_STEPS_SEEN[0] >= times:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     return [kill]
 

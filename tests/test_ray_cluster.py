@@ -168,7 +168,7 @@ def test_a_worker_killed_mid_trial_fails_the_trial_and_a_rerun_finishes(cluster,
                                                                        tmp_path):
     # every attempt of every trial kills its worker at step 3 (Ray's retries included)
     killed = search(cluster, cifar_dir, tmp_path, "out",
-                    extra_env={"KLAYER_TEST_KILL_AT_STEP": "3"})
+                    extra_env={"KLAYER_FAULT": "step:3"})
     assert killed.returncode == 1, killed.stderr  # no trial finished: no best configuration
     assert "2 trials (0 complete, 2 failed)" in killed.stdout
     assert [r["state"] for r in table(tmp_path / "out")] == ["FAIL", "FAIL"]

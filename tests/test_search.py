@@ -158,11 +158,11 @@ def test_a_worker_killed_mid_trial_fails_it_and_a_rerun_finishes(cifar_dir, tmp_
     """A worker process that dies (here: the test hook kills it at step 3, in every
     worker) fails its trial; the next run of the search runs it again."""
     spec = parse_search(tiny(cifar_dir, {"lam": {"choice": [0.01, 0.001]}}, save_runs=True))
-    monkeypatch.setenv("KLAYER_TEST_KILL_AT_STEP", "3")  # inherited by the spawned workers
+    monkeypatch.setenv("KLAYER_FAULT", "step:3")  # inherited by the spawned workers
     killed = run_search(spec, tmp_path, workers=2, blas_threads=1)
     assert killed.counts() == {"complete": 0, "failed": 2, "retried": 0, "other": 0}
     assert all(r["fail_reason"].startswith("BrokenProcessPool") for r in killed.rows)
-    monkeypatch.delenv("KLAYER_TEST_KILL_AT_STEP")
+    monkeypatch.delenv("KLAYER_FAULT")
     again = run_search(spec, tmp_path, workers=2, blas_threads=1)
     assert again.counts() == {"complete": 2, "failed": 0, "retried": 2, "other": 0}
     for row in again.rows[2:]:
@@ -224,29 +224,21 @@ def test_command_line(cifar_dir, tmp_path, capsys):
 
 
 def test_resume_after_sigkill_keeps_finished_trials(cifar_dir, tmp_path):
+    """The search process is killed (SIGKILL, by the test-only KLAYER_FAULT hook) in the
+    middle of its 4th trial, after step 5 of 20: exactly three trials are finished and
+    one is RUNNING in the study when it dies. A rerun keeps the three, records the
+    interrupted one as FAIL and runs its grid point again."""
     command = [sys.executable, "-m", "klayer.cli", "search", "--out", str(tmp_path),
                "--lambda-range", "1e-5,1e-1", "--grid", "8", "--batch-norm", "on",
-               "--hidden", "8", "--n-s", "20", "--cycles", "1", "--subset", "500",
+               "--hidden", "8", "--n-s", "10", "--cycles", "1", "--subset", "500",
                "--evals-per-cycle", "2", "--data-dir", str(cifar_dir), "--no-runs", "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            states = [t.state for t in _trials(tmp_path, polling=True)]
-            if states.count(optuna.trial.TrialState.COMPLETE) >= 3 and \
-                    optuna.trial.TrialState.RUNNING in states:
-                break
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)  # also when the test fails: never leave it running
-        process.wait(timeout=30)
-        stderr = process.stderr.read().decode()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL, f"ended before it was killed:\n{stderr}"
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "KLAYER_FAULT": "step:5@4"})
+    assert killed.returncode == -signal.SIGKILL, f"not killed:\n{killed.stderr}"
     before = {t.number: t for t in _trials(tmp_path)}
     running = [n for n, t in before.items() if t.state == optuna.trial.TrialState.RUNNING]
     complete = {n: t for n, t in before.items() if t.state == optuna.trial.TrialState.COMPLETE}
-    assert len(running) == 1 and len(complete) >= 3
+    assert len(running) == 1 and len(complete) == 3
 
     subprocess.run(command, check=True, capture_output=True, timeout=120)
 

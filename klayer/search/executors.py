@@ -37,7 +37,7 @@ from klayer.search.space import check_int
 RAY_TASK_RETRIES = 2  # Ray reruns a trial whose worker process died this many times
 # Test-only: a trial SIGKILLs its own process when it reaches this step (a worker that
 # dies mid-trial, made deterministic). Ray trials see it when the driver has it set.
-KILL_HOOK = "KLAYER_TEST_KILL_AT_STEP"
+FAULT_HOOK = "KLAYER_FAULT"  # test-only fault injection (klayer.runs), passed on to Ray workers
 
 
 # --- one trial, in any process --------------------------------------------------------------
@@ -93,7 +93,7 @@ def _train(config: TrainConfig, data, run_dir) -> dict:
     resume = run_dir is not None and any(  # a kill between the two renames leaves only .prev
         (run_dir / name).exists() for name in (runs.CHECKPOINT_FILE, runs.PREVIOUS_CHECKPOINT_FILE))
     start = time.perf_counter()
-    result = train(config, data, run_dir, callbacks=_test_hooks(), resume=resume)
+    result = train(config, data, run_dir, resume=resume)
     return {
         "val_accuracy_final": float(result.final["val_accuracy"]),
         "val_accuracy_best": float(result.best_val_accuracy),
@@ -101,18 +101,6 @@ def _train(config: TrainConfig, data, run_dir) -> dict:
         "test_accuracy": result.final.get("test_accuracy"),
         "seconds": time.perf_counter() - start,
     }
-
-
-def _test_hooks() -> list:
-    step = os.environ.get(KILL_HOOK)
-    if not step:
-        return []
-
-    def kill(event):
-        if event.kind == "step" and event.step == int(step):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return [kill]
 
 
 def read_run_folder(run_dir: Path) -> dict:
@@ -270,8 +258,8 @@ class RayExecutor:
             import klayer
 
             env = {"py_modules": [klayer]}
-            if os.environ.get(KILL_HOOK):
-                env["env_vars"] = {KILL_HOOK: os.environ[KILL_HOOK]}
+            if os.environ.get(FAULT_HOOK):
+                env["env_vars"] = {FAULT_HOOK: os.environ[FAULT_HOOK]}
             _check_reachable(self.address)
             try:
                 self.ray.init(address=None if self.address == "local" else self.address,
