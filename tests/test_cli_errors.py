@@ -78,6 +78,18 @@ ROWS = [
     (["search", "--config", "grid.toml"], "more than --max-grid"),
     (["search", "--config", "folder"], "search file folder is a folder"),
     (["search", "--config", "search_latin1.toml"], "search_latin1.toml: not a TOML file"),
+    (["search", "--config", "missing.toml"], "search file missing.toml does not exist"),
+    (["evaluate", "missing_run"], "holds no saved klayer model"),
+    (["evaluate", "folder"], "folder holds no saved klayer model"),
+    (["predict", "folder", "keep.txt"], "folder holds no saved klayer model"),
+    (["predict"], "the following arguments are required: RUN, IMAGE"),
+    (["export", "folder"], "folder holds no saved klayer model"),
+    (["export", "folder", "--format", "tflite"], "argument --format: invalid choice"),
+    (["data", "--data-dir", "missing", "--no-download"], "missing (from --data-dir) does not exist"),
+    (["reproduce", "--workers", "0"], "--workers must be at least 1"),
+    (["reproduce", "--quick", "--data-dir", "missing"], "missing (from --data-dir) does not exist"),
+    (["gradcheck", "--cifar", "--data-dir", "missing"], "missing (from --data-dir) does not exist"),
+    (["train", "--data-dir", "missing", "--subset", "10"], "missing (from --data-dir) does not exist"),
 ]
 
 
