@@ -39,32 +39,30 @@ def data():
                            y_val=y[200:300], X_test=X[300:], y_test=y[300:])
 
 
-def torch_or_skip():
-    """PyTorch (the test-only oracle), or a skip with a printed reason on a developer
-    machine without it; under CI (CI=true) its absence is a failure."""
+def needed(modules: list[str], install: str, what: str):
+    """The imported ``modules``, or a skip with a printed reason on a developer machine
+    without them; under CI (CI=true) their absence is a failure."""
+    import importlib
+
     try:
-        import torch
+        return [importlib.import_module(name) for name in modules]
     except ImportError:
-        reason = "PyTorch not installed: pip install torch==2.13.0 (CPU build)"
+        reason = f"{' or '.join(modules)} not installed: {install}"
         if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail(f"CI must run the PyTorch oracle tests: {reason}")
-        print(f"\nskipping a PyTorch oracle test: {reason}")
+            pytest.fail(f"CI must run the {what}: {reason}")
+        print(f"\nskipping one of the {what}: {reason}")
         pytest.skip(reason)
-    return torch
+
+
+def torch_or_skip():
+    """PyTorch, the test-only oracle (see :func:`needed`)."""
+    return needed(["torch"], "pip install torch==2.13.0 (CPU build)", "PyTorch oracle tests")[0]
 
 
 def onnx_or_skip():
-    """(onnx, onnxruntime) for the export tests, or a skip with a printed reason on a
-    developer machine without them; under CI (CI=true) their absence is a failure."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError:
-        reason = 'onnx or onnxruntime not installed: pip install "klayer[onnx]"'
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail(f"CI must run the ONNX export tests: {reason}")
-        print(f"\nskipping an ONNX export test: {reason}")
-        pytest.skip(reason)
+    """(onnx, onnxruntime) for the export tests (see :func:`needed`)."""
+    onnx, onnxruntime = needed(["onnx", "onnxruntime"], 'pip install "klayer[onnx]"',
+                               "ONNX export tests")
     return onnx, onnxruntime
 
 
