@@ -29,7 +29,10 @@ def register(subparsers) -> None:
         "search", help="hyper-parameter search (grid, random, coarse-to-fine)",
         description="Search over training options with Optuna: a grid, random draws, or a "
                     "coarse grid followed by a fine random round around its best. Trials run "
-                    "in this process, in --workers processes or as Ray tasks; the study is "
+                    "in this process, in --workers processes or as Ray tasks, in populations "
+                    "of trials that differ only in per-member options (one mini-batch stream, "
+                    "ordered by the first member's seed; --no-population: one by one); the "
+                    "study is "
                     "kept in DIR/study.db, so running the same command again continues an "
                     "interrupted search. Writes trials.csv, trials.md, best.toml and "
                     "lambda_search.png to DIR.")
