@@ -241,3 +241,35 @@ def test_a_search_killed_in_a_population_runs_that_population_again(cifar_dir, t
         sorted(t.params["lam"] for t in before)
     for t in retries:
         assert (Path(t.user_attrs["run_dir"]) / runs.SUMMARY_FILE).is_file()
+
+
+def test_a_population_job_resumes_from_its_checkpoint_folder(data, tmp_path):
+    """The study's population jobs (run_trial with a checkpoint_dir): a job stopped after
+    its first checkpoints is continued from them, ends as an uninterrupted population,
+    and removes the checkpoint folder."""
+    from klayer.search import run_trial
+
+    base = TrainConfig(hidden_sizes=(16,), n_s=25, cycles=1, batch_size=20, evals_per_cycle=4,
+                       batch_norm=False)
+    configs = [base, base.replace(lam=0.05, eta_max=0.05)]
+    uninterrupted = train_population(configs, data)
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, active):
+        if done == 25:
+            raise Stop
+
+    checkpoint = tmp_path / ".population"
+    with pytest.raises(Stop):  # as a killed study would leave it (checkpoint at step 20)
+        train_population(configs, data, [stop], checkpoint_dir=checkpoint)
+    assert runs.load_checkpoint(checkpoint).step == 20
+    run_dirs = [tmp_path / "a", tmp_path / "b"]
+    job = {"configs": [c.to_dict() for c in configs], "run_dirs": [str(d) for d in run_dirs],
+           "checkpoint_dir": str(checkpoint), "blas_threads": 1}
+    numbers = run_trial(job, data)
+    assert not checkpoint.exists()
+    for member, run_dir, want in zip(numbers["members"], run_dirs, uninterrupted):
+        assert member["val_accuracy_final"] == want.final["val_accuracy"]
+        assert runs.read_history(run_dir / runs.HISTORY_FILE) == want.history
