@@ -152,6 +152,13 @@ def _search_base(base: TrainConfig, budget: Budget, searched) -> dict:
             if v is not None and k not in (*searched, "out")}
 
 
+def search_workers(trials: int, workers: int) -> int:
+    """Worker processes for a search of ``trials`` trials of one kind: no more than its
+    populations. One population runs in this process with every core's BLAS threads
+    rather than in a pool beside an idle worker."""
+    return max(1, min(workers, math.ceil(trials / search.POPULATION_SIZE)))
+
+
 # --- running, reusing, resuming --------------------------------------------------------
 
 
@@ -299,7 +306,7 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
         raise ValueError(f"no coarse trial with batch norm finished; see {out}/search/trials.md")
     fine = search.run_search(
         search.parse_search(fine_search_options(base, budget, best_bn["lam"])),
-        out / "search-fine", workers=workers)
+        out / "search-fine", workers=search_workers(budget.fine_trials, workers))
     best_row = search.best_row([best_bn, *fine.rows])
     best = TrainConfig(**{**base.to_dict(), "lam": best_row["lam"], "batch_norm": True})
     final = Run("final", f"final: λ = {best.lam:.3g}, {budget.cycles_final} cycles",
