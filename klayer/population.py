@@ -29,6 +29,7 @@ members) is checkpointed after every epoch and a resumed run ends bit-identical.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,11 +208,75 @@ SHARED_OPTIONS = ("hidden_sizes", "batch_norm", "layer_norm", "norm_position", "
                   "jitter", "data_dir", "protocol", "n_val", "subset")
 
 
+# TrainConfig options each member may set for itself (with the same total_steps); an
+# option in neither list is one population training does not implement: it must keep
+# its default value (see :func:`population_key`).
+MEMBER_CONFIG_OPTIONS = ("lam", "eta_min", "eta_max", "schedule", "n_s", "cycles",
+                         "decay_rate", "decay_every", "warmup_steps", "init", "seed",
+                         "dropout", "label_smoothing", "evals_per_cycle", "precise_bn", "out")
+
+
+def _unsupported(config) -> list[str]:
+    """Options of ``config`` set away from their default that population training does
+    not implement."""
+    default = type(config)()
+    return [f.name for f in dataclasses.fields(config)
+            if f.name not in MEMBER_CONFIG_OPTIONS and f.name not in SHARED_OPTIONS
+            and getattr(config, f.name) != getattr(default, f.name)]
+
+
+def population_key(config):
+    """What configs trained together must share: the shared options (the data, the
+    architecture, the mini-batch stream) and every option population training does not
+    implement. Configs with equal keys can be one population; None: ``config`` uses such
+    an option and trains alone."""
+    if _unsupported(config):
+        return None
+    return tuple(getattr(config, name) for name in SHARED_OPTIONS)
+
+
+def group_configs(configs, max_size: int, available: int | None = None) -> list[list[int]]:
+    """The indices of ``configs`` in populations: equal :func:`population_key`, in order
+    of first appearance, at most ``max_size`` members and (by
+    :func:`klayer.memory.estimate`: the data once, everything else per member) what fits
+    in ``available`` bytes (default: the memory free now). A config that cannot be part
+    of a population is a group of its own."""
+    from klayer import memory
+
+    if max_size < 1:
+        raise ValueError(f"max_size must be at least 1, got {max_size}")
+    available = memory.available_bytes() if available is None else available
+    keyed: dict = {}
+    groups: list[list[int]] = []
+    for i, config in enumerate(configs):
+        key = population_key(config)
+        if key is None:
+            groups.append([i])
+            continue
+        parts = memory.estimate(config)
+        need = sum(parts.values()) - parts["data"]
+        group = keyed.get(key)
+        if group is not None and len(group[0]) < max_size and \
+                (available is None or group[1] + need <= available):
+            group[0].append(i)
+            group[1] += need
+            continue
+        keyed[key] = [[i], parts["data"] + need]
+        groups.append(keyed[key][0])
+    return groups
+
+
 def check_population(configs) -> None:
     """Raise a one-line ValueError naming the first shared option on which the configs
-    differ (see :data:`SHARED_OPTIONS`)."""
+    differ (see :data:`SHARED_OPTIONS`), or an option population training does not
+    implement."""
     if not configs:
         raise ValueError("a population needs at least one config")
+    for k, config in enumerate(configs):
+        unsupported = _unsupported(config)
+        if unsupported:
+            raise ValueError(f"population training does not implement "
+                             f"{', '.join(unsupported)} (member {k}); train that config alone")
     for name in SHARED_OPTIONS:
         first = getattr(configs[0], name)
         for k, config in enumerate(configs[1:], 1):

@@ -68,11 +68,53 @@ def _header(r: StudyResult) -> str:
         "Mini-batches of 100, cyclical learning rate η ∈ [1e-5, 1e-1]. Every run is one seed; "
         "its configuration, history, model and curves are in `runs/<name>-<hash>/`.",
         "",
+        *_population_sentence(r),
         "Regenerate with `klayer reproduce" + (" --quick" if budget.name == "quick" else "")
         + (" --extended" if r.extended is not None else "")
         + f" --out {r.out}`; runs already finished are reused.",
     ]
     return "\n".join(lines)
+
+
+def _populations(r: StudyResult) -> list[tuple[str, list]]:
+    """(description, members' seeds) of every population the study trained: runs whose
+    summaries say they were trained in a population, search trials by the population
+    column of their rows."""
+    found = []
+    for bn in (True, False):
+        members = [run for run in r.init if run.config.batch_norm == bn
+                   and run.summary["timings"].get("population_size", 1) > 1]
+        if members:
+            found.append((f"the {len(members)} σ runs {'with' if bn else 'without'} batch "
+                          "norm", [run.config.seed for run in members]))
+    for what, rows in (("coarse λ grid", r.search.rows), ("fine λ search", r.fine.rows)):
+        groups: dict = {}
+        for row in rows:
+            if row.get("population") is not None:
+                groups.setdefault(row["population"], []).append(row)
+        for members in groups.values():
+            bn = {row.get("batch_norm", True) for row in members}
+            setting = "" if len(bn) > 1 else f" {'with' if bn.pop() else 'without'} batch norm"
+            found.append((f"{len(members)} trials of the {what}{setting}",
+                          [row["seed"] for row in members]))
+    return found
+
+
+def _population_sentence(r: StudyResult) -> list[str]:
+    """The header's lines on the runs trained together (none when every run was alone)."""
+    found = _populations(r)
+    if not found:
+        return []
+    same = [what for what, seeds in found if len(set(seeds)) == 1]
+    text = ("Trained together as populations, each member a network of its own (its own "
+            "initial weights from its own seed) trained in lockstep with the others on one "
+            "shared stream of mini-batches, whose order comes from the first member's seed: "
+            + "; ".join(what for what, _ in found) + ". Every other run was trained alone, "
+            "its mini-batches ordered by its own seed.")
+    if same:
+        text += (" Within " + " and within ".join(same) + ", every member has the same "
+                 "seed, so each saw exactly the mini-batches it would have seen alone.")
+    return [text, ""]
 
 
 def _gradcheck(r: StudyResult) -> str:
@@ -146,7 +188,8 @@ def _search(r: StudyResult, fig_dir: Path) -> str:
         f"norm, 2 cycles, n_s = {r.budget.n_s_search}; objective: validation accuracy of the "
         "final network. Then a random search with batch norm, log-uniform within one grid step "
         "of the best coarse λ with batch norm, then a final run with the best λ found. Every "
-        "trial's row, seed and run folder: `search/trials.md`, `search-fine/trials.md`.",
+        "trial's row, seed, population and run folder: `search/trials.md`, "
+        "`search-fine/trials.md`.",
         "",
         "| λ | validation accuracy, no BN | validation accuracy, BN |",
         "|---|---|---|",
@@ -236,16 +279,57 @@ def _timing(r: StudyResult) -> str:
     if r.extended is not None:
         all_runs += [run for rs in r.extended.techniques.values() for run in rs]
     reused = sum(run.reused for run in all_runs)
-    lines = ["## Time", "", "| section | seconds |", "|---|---|"]
+    lines = ["## Time", "",
+             "Update steps: of networks trained alone, and of populations (all their members "
+             "at once; in brackets, the networks' steps they stand for).", "",
+             "| section | seconds | steps alone | population steps |", "|---|---|---|---|"]
     names = {"gradcheck": "i) gradient checks", "runs": "ii, iii, v) training runs",
              "search": "iv) λ search and final run", "extended": "vi) beyond the study"}
+    steps = _steps(r)
     for key, secs in r.seconds.items():
-        lines.append(f"| {names.get(key, key)} | {secs:.1f} |")
-    lines.append(f"| **total** | **{total:.1f}** |")
+        alone, together, networks = steps.get(key, (0, 0, 0))
+        pop = f"{together:,} ({networks:,})" if together else "0"
+        lines.append(f"| {names.get(key, key)} | {secs:.1f} | {alone:,} | {pop} |")
+    lines.append(f"| **total** | **{total:.1f}** | | |")
     if reused:
         lines += ["", f"{reused} finished run(s) were reused from an earlier invocation; their "
                       "time is not included."]
     return "\n".join(lines)
+
+
+def _steps(r: StudyResult) -> dict:
+    """{section: (steps of runs alone, steps of populations, network steps of those
+    populations)}, counted from the runs and the search rows."""
+    def of_runs(study_runs):
+        alone = together = networks = 0
+        populations: dict = {}
+        for run in study_runs:
+            size = run.summary["timings"].get("population_size", 1)
+            if size > 1:
+                populations.setdefault((run.config.batch_norm, run.config.total_steps),
+                                       []).append(run)
+            else:
+                alone += run.config.total_steps
+        for (_, total), members in populations.items():
+            together += total
+            networks += total * len(members)
+        return alone, together, networks
+
+    def of_rows(rows, total):
+        trained = [row for row in rows if row["state"] in ("COMPLETE", "FAIL")
+                   and row.get("seed") is not None]
+        groups = {row["population"] for row in trained if row.get("population") is not None}
+        in_groups = sum(row.get("population") is not None for row in trained)
+        return ((len(trained) - in_groups) * total, len(groups) * total, in_groups * total)
+
+    search_total = 2 * 2 * r.budget.n_s_search  # 2 cycles of 2 n_s steps
+    coarse, fine = of_rows(r.search.rows, search_total), of_rows(r.fine.rows, search_total)
+    final = r.final.config.total_steps
+    steps = {"runs": of_runs([*r.depth3, *r.depth9, *r.init]),
+             "search": (coarse[0] + fine[0] + final, coarse[1] + fine[1], coarse[2] + fine[2])}
+    if r.extended is not None:
+        steps["extended"] = of_runs([run for rs in r.extended.techniques.values() for run in rs])
+    return steps
 
 
 # --- section vi ----------------------------------------------------------------------------

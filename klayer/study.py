@@ -6,6 +6,12 @@ study (:func:`run_study`) trains every run into ``<out>/runs/<name>-<config hash
 and reuses a finished run folder whose configuration matches, or resumes one that has a
 checkpoint; a killed reproduction therefore loses at most the runs in progress.
 
+Runs that differ only in per-member options are trained together as populations
+(:mod:`klayer.population`): section v's σ runs with batch norm are one population and
+those without another, and the λ search trains its trials in populations (the coarse
+grid with batch norm, the grid without, the fine search). The single runs of sections ii
+and iii and the final run are trained alone.
+
 Two budgets: "full" (the study's protocol: all 45,000 training images, the course
 assignment's cycle lengths) and "quick" (a 5,000-image subset and short cycles, the same
 sections, a few minutes in all: for smoke tests and CI).
@@ -16,6 +22,7 @@ composes the two.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from concurrent.futures import Future
@@ -105,6 +112,12 @@ def init_runs(base: TrainConfig, budget: Budget) -> list[Run]:
             for sigma in SIGMAS for bn in (True, False)]
 
 
+def init_populations(init: list[Run]) -> list[list[Run]]:
+    """Section v's runs as two populations: the σ runs with batch norm, and without
+    (a population's members share the architecture; σ is each member's own)."""
+    return [[r for r in init if r.config.batch_norm == bn] for bn in (True, False)]
+
+
 LAMBDA_RANGE = (1e-5, 1e-1)
 LAMBDA_GRID = 8
 
@@ -139,6 +152,13 @@ def _search_base(base: TrainConfig, budget: Budget, searched) -> dict:
             if v is not None and k not in (*searched, "out")}
 
 
+def search_workers(trials: int, workers: int) -> int:
+    """Worker processes for a search of ``trials`` trials of one kind: no more than its
+    populations. One population runs in this process with every core's BLAS threads
+    rather than in a pool beside an idle worker."""
+    return max(1, min(workers, math.ceil(trials / search.POPULATION_SIZE)))
+
+
 # --- running, reusing, resuming --------------------------------------------------------
 
 
@@ -147,29 +167,54 @@ def run_folder(root: Path, run: Run) -> Path:
 
 
 def finished(run_dir: Path) -> bool:
-    return (run_dir / runs.SUMMARY_FILE).exists() and (run_dir / runs.HISTORY_FILE).exists()
+    """A run folder with a history and the summary of a run that did not diverge."""
+    return (run_dir / runs.SUMMARY_FILE).exists() and (run_dir / runs.HISTORY_FILE).exists() \
+        and "diverged" not in runs.read_summary(run_dir)
 
 
-def run_all(study_runs: list[Run], root: Path, executor, emit=lambda msg: None) -> None:
+def run_all(study_runs: list, root: Path, executor, emit=lambda msg: None) -> None:
     """Train (or resume) every run not finished yet, in parallel on ``executor`` (see
-    :func:`klayer.search.run_trial`), then load each run's summary and history into it."""
+    :func:`klayer.search.run_trial`), then load each run's summary and history into it.
+
+    study_runs: Runs, or lists of Runs trained together as one population
+    (:func:`klayer.population.train_population`: one mini-batch stream, the first
+    unfinished member's seed ordering the data; checkpointed in a ``.population-*``
+    folder of ``root`` and resumed from it).
+    """
     root.mkdir(parents=True, exist_ok=True)
-    pending: list[tuple[Run, Future]] = []
-    for run in study_runs:
-        run.run_dir = run_folder(root, run)
-        run.reused = finished(run.run_dir)
-        if run.reused:
-            emit(f"reusing {run.name} ({run.run_dir.name})")
+    pending: list[tuple[list, Future]] = []
+    for item in study_runs:
+        todo = []
+        for run in item if isinstance(item, list) else [item]:
+            run.run_dir = run_folder(root, run)
+            run.reused = finished(run.run_dir)
+            if run.reused:
+                emit(f"reusing {run.name} ({run.run_dir.name})")
+            else:
+                todo.append(run)
+        if len(todo) == 1:
+            job = {"config": todo[0].config.to_dict(), "run_dir": str(todo[0].run_dir),
+                   "blas_threads": executor.blas_threads}
+        elif todo:
+            digest = hashlib.sha256("+".join(r.config.config_hash() for r in todo).encode())
+            job = {"configs": [r.config.to_dict() for r in todo],
+                   "run_dirs": [str(r.run_dir) for r in todo],
+                   "checkpoint_dir": str(root / f".population-{digest.hexdigest()[:16]}"),
+                   "blas_threads": executor.blas_threads}
+        else:
             continue
-        job = {"config": run.config.to_dict(), "run_dir": str(run.run_dir),
-               "blas_threads": executor.blas_threads}
-        pending.append((run, executor.submit(job)))
-    for run, future in pending:
-        future.result()  # re-raises a failure (DivergenceError, ...) of that run
-        emit(f"finished {run.name}")
-    for run in study_runs:
-        run.summary = runs.read_summary(run.run_dir)
-        run.history = runs.read_history(run.run_dir / runs.HISTORY_FILE)
+        pending.append((todo, executor.submit(job)))
+    for todo, future in pending:
+        numbers = future.result()  # re-raises a failure (DivergenceError, ...) of that job
+        for run, member in zip(todo, numbers.get("members", [numbers])):
+            if "fail_reason" in member:
+                raise ValueError(f"the study's run {run.name} failed: {member['fail_reason']}")
+        emit(f"finished {', '.join(run.name for run in todo)}"
+             + (" (one population)" if len(todo) > 1 else ""))
+    for item in study_runs:
+        for run in item if isinstance(item, list) else [item]:
+            run.summary = runs.read_summary(run.run_dir)
+            run.history = runs.read_history(run.run_dir / runs.HISTORY_FILE)
 
 
 # --- gradient check section ---------------------------------------------------------------
@@ -247,7 +292,7 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
         depth3 = depth_runs(base, HIDDEN_3, "3layer")
         depth9 = depth_runs(base, HIDDEN_9, "9layer")
         init = init_runs(base, budget)
-        run_all(depth3 + depth9 + init, root, executor, emit)
+        run_all(depth3 + depth9 + init_populations(init), root, executor, emit)
         seconds["runs"] = time.perf_counter() - t0
     finally:
         executor.close()
@@ -261,7 +306,7 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
         raise ValueError(f"no coarse trial with batch norm finished; see {out}/search/trials.md")
     fine = search.run_search(
         search.parse_search(fine_search_options(base, budget, best_bn["lam"])),
-        out / "search-fine", workers=workers)
+        out / "search-fine", workers=search_workers(budget.fine_trials, workers))
     best_row = search.best_row([best_bn, *fine.rows])
     best = TrainConfig(**{**base.to_dict(), "lam": best_row["lam"], "batch_norm": True})
     final = Run("final", f"final: λ = {best.lam:.3g}, {budget.cycles_final} cycles",

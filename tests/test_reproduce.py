@@ -119,3 +119,23 @@ def test_extended_statistics_table_labels_adaptive_bn_transductive(quick_report)
         cells = [c.strip() for c in row.split("|")[1:-1]]
         moving, precise, change = float(cells[1][:-1]), float(cells[2][:-1]), float(cells[3])
         assert abs((precise - moving) - change) < 0.011, row
+
+
+def test_populations_are_named_and_the_steps_counted(quick_report):
+    out, text = quick_report
+    header = text[:text.index(SECTIONS[0])]
+    assert ("whose order comes from the first member's seed: the 3 σ runs with batch norm; "
+            "the 3 σ runs without batch norm; 8 trials of the coarse λ grid with batch norm; "
+            "8 trials of the coarse λ grid without batch norm; 3 trials of the fine λ search "
+            "with batch norm.") in header
+    for summary in Path(out, "runs").glob("sigma*/summary.json"):
+        assert '"population_size": 3' in summary.read_text()
+    for name in ("3layer", "9layer", "final", "ext"):
+        for summary in Path(out, "runs").glob(f"{name}*/summary.json"):
+            assert "population_size" not in summary.read_text(), summary
+    # quick budget: n_s = 200 (ii, iii, vi, final: 800 steps), n_s = 100 (iv, v: 400)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:5]]
+            for line in text[text.index("## Time"):].splitlines() if line.startswith("| ")}
+    assert rows["ii, iii, v) training runs"] == ["3,200", "800 (2,400)"]
+    assert rows["iv) λ search and final run"] == ["800", "1,200 (7,600)"]
+    assert rows["vi) beyond the study"] == [f"{2 * len(TECHNIQUES) * 800:,}", "0"]

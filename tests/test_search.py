@@ -227,11 +227,13 @@ def test_resume_after_sigkill_keeps_finished_trials(cifar_dir, tmp_path):
     """The search process is killed (SIGKILL, by the test-only KLAYER_FAULT hook) in the
     middle of its 4th trial, after step 5 of 20: exactly three trials are finished and
     one is RUNNING in the study when it dies. A rerun keeps the three, records the
-    interrupted one as FAIL and runs its grid point again."""
+    interrupted one as FAIL and runs its grid point again. (Trials trained one at a time:
+    tests/test_search_population.py kills a population.)"""
     command = [sys.executable, "-m", "klayer.cli", "search", "--out", str(tmp_path),
                "--lambda-range", "1e-5,1e-1", "--grid", "8", "--batch-norm", "on",
                "--hidden", "8", "--n-s", "10", "--cycles", "1", "--subset", "500",
-               "--evals-per-cycle", "2", "--data-dir", str(cifar_dir), "--no-runs", "--quiet"]
+               "--evals-per-cycle", "2", "--data-dir", str(cifar_dir), "--no-runs", "--quiet",
+               "--no-population"]
     killed = subprocess.run(command, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "KLAYER_FAULT": "step:5@4"})
     assert killed.returncode == -signal.SIGKILL, f"not killed:\n{killed.stderr}"

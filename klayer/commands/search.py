@@ -29,7 +29,10 @@ def register(subparsers) -> None:
         "search", help="hyper-parameter search (grid, random, coarse-to-fine)",
         description="Search over training options with Optuna: a grid, random draws, or a "
                     "coarse grid followed by a fine random round around its best. Trials run "
-                    "in this process, in --workers processes or as Ray tasks; the study is "
+                    "in this process, in --workers processes or as Ray tasks, in populations "
+                    "of trials that differ only in per-member options (one mini-batch stream, "
+                    "ordered by the first member's seed; --no-population: one by one); the "
+                    "study is "
                     "kept in DIR/study.db, so running the same command again continues an "
                     "interrupted search. Writes trials.csv, trials.md, best.toml and "
                     "lambda_search.png to DIR.")
@@ -69,6 +72,12 @@ def register(subparsers) -> None:
                    help="search with and without batch norm (both), or fix it")
     s.add_argument("--no-runs", dest="save_runs", action="store_false", default=None,
                    help="keep no run folder per trial (only the tables)")
+    s.add_argument("--no-population", dest="population", action="store_false", default=None,
+                   help="train every trial alone instead of in populations of trials that "
+                        "differ only in per-member options (λ, η, init, seed, dropout, ...)")
+    s.add_argument("--population-size", type=_count("population-size"), metavar="K",
+                   help="members of a population at most (default 8; fewer when memory "
+                        "is short)")
     t = p.add_argument_group("training options (override the base configuration)")
     add_option_flags(t, skip=NOT_TRAINING_FLAGS, show_defaults=False)
     p.add_argument("--max-grid", type=_count("max-grid"),
@@ -142,6 +151,8 @@ def run(args) -> int:
     ensure_cifar10(spec.base.data_dir, progress=not args.quiet)
     names = ", ".join(f"{d.name} {_describe(d)}" for d in spec.space)
     where = f"Ray at {args.ray}" if args.ray else f"{args.workers} worker(s)"
+    if spec.population:
+        where += f", populations of up to {spec.population_size}"
     print(f"{spec.method} search over {names} in {out} ({where})", flush=True)
     log = _Log(args.quiet)
     start = time.perf_counter()
@@ -180,7 +191,8 @@ def _document(args, doc: dict) -> dict:
     space = dict(search.get("space") or {})
     settings = {"method": args.method, "n_trials": args.n_trials, "fine_trials": args.fine_trials,
                 "sampler": args.sampler, "seed": args.search_seed, "objective": args.objective,
-                "save_runs": args.save_runs}
+                "save_runs": args.save_runs, "population": args.population,
+                "population_size": args.population_size}
     search.update({k: v for k, v in settings.items() if v is not None})
     if args.lambda_range is not None:
         space["lam"] = {"log_uniform": list(args.lambda_range)}

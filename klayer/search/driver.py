@@ -8,6 +8,22 @@ trials are scheduled (bit for bit at equal BLAS threads per trial). The objectiv
 validation accuracy of the final network ("final", default) or the best one over the
 history points ("best"); both are kept as user attributes.
 
+Trials are trained in populations (:mod:`klayer.population`) unless the search says
+``population = false``: the trials asked together whose configurations differ only in
+options each member of a population may set for itself (λ, the learning rates and
+schedule, the initialisation, the seed, dropout, label smoothing, ...) and share the
+rest (architecture, data, batch size, number of steps, optimizer, augmentation) are one
+job of at most ``population_size`` members, trained in lockstep on one mini-batch
+stream. Each trial keeps its own Optuna trial, value, row, seed (still
+:func:`~klayer.search.space.trial_seed`: its weights and dropout masks) and run folder;
+a member that diverges is FAIL with its reason while the others complete. The data
+order (shuffles and augmentation) of a population is its first member's (the trial
+asked first): a trial's result therefore also depends on which trials it was trained
+with. The driver asks up to ``LOOKAHEAD`` populations' worth of trials at a time (one
+population's worth with TPE, which learns from told trials), so that trials of one
+kind come together; which trials form a population depends only on the search and
+``population_size``, not on the number of workers.
+
 Running the same search again continues it: finished trials are kept; trials left
 RUNNING by a killed process are marked FAIL ("interrupted"), their unfinished run
 folders removed, and queued again; FAILed trials (diverged, a worker that died, a bad
@@ -30,12 +46,15 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from klayer.config import TrainConfig
+from klayer.population import group_configs
 from klayer.search.executors import make_executor
 from klayer.search.results import best_row, config_of, trial_row, write_results, write_tables
 from klayer.search.space import Round, SearchSpec, trial_seed
 from klayer.search.studies import (best_trial, counts_towards_round, open_storage, open_study,
                                    requeue_failed, requeue_interrupted, retried_numbers,
                                    sampler_for, stored_trial, trials_to_ask)
+
+LOOKAHEAD = 8  # populations' worth of trials asked at a time (grid and random sampler)
 
 
 @dataclass
@@ -155,30 +174,46 @@ def _run_round(storage, study, rnd: Round, spec: SearchSpec, out: Path, executor
     total = done + todo
     emit(SearchEvent("round", rnd.name, done, total))
     draw = 1 + max((t.user_attrs.get("draw", -1) for t in trials), default=-1)
-    running: dict = {}
+    size = spec.population_size if spec.population else 1
+    ahead = size if rnd.method == "random" and spec.sampler == "tpe" else size * LOOKAHEAD
+    running: dict = {}  # future -> the trials of its job
+
+    def tell(future):
+        nonlocal done
+        members = running.pop(future)
+        for trial, outcome in zip(members, _outcomes(future, len(members))):
+            _tell(study, trial, outcome, spec.objective)
+            done += 1
+            emit(SearchEvent("trial", rnd.name, done, total,
+                             _finished_row(storage, study, trial.number, rnd, spec)))
+
     while todo or running:
         while todo and len(running) < executor.capacity:
-            todo -= 1
-            study.sampler = sampler_for(rnd, spec, draw)
-            trial = study.ask()
-            if rnd.method == "random" and "draw" not in trial.user_attrs:  # not a retry
-                trial.set_user_attr("draw", draw)
-                draw += 1
-            job = _job(trial, rnd, spec, out, executor.blas_threads)
-            if job is None:  # a bad parameter: recorded, nothing to run
-                done += 1
-                emit(SearchEvent("trial", rnd.name, done, total,
-                                 _finished_row(storage, study, trial.number, rnd, spec)))
-                continue
-            running[executor.submit(job)] = trial
+            asked = []  # (trial, config, job) of the trials to train
+            for _ in range(1 if size == 1 else min(todo, ahead)):
+                todo -= 1
+                study.sampler = sampler_for(rnd, spec, draw)
+                trial = study.ask()
+                if rnd.method == "random" and "draw" not in trial.user_attrs:  # not a retry
+                    trial.set_user_attr("draw", draw)
+                    draw += 1
+                job = _job(trial, rnd, spec, out, executor.blas_threads)
+                if job is None:  # a bad parameter: recorded, nothing to run
+                    done += 1
+                    emit(SearchEvent("trial", rnd.name, done, total,
+                                     _finished_row(storage, study, trial.number, rnd, spec)))
+                    continue
+                asked.append((trial, *job))
+            for group in group_configs([config for _, config, _ in asked], size):
+                members = [asked[i] for i in group]
+                future = executor.submit(_population_job(members))
+                running[future] = [trial for trial, _, _ in members]
+                if future.done():  # trained in this process: told before the next one
+                    tell(future)
         if running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                trial = running.pop(future)
-                _tell(study, trial, future, spec.objective)
-                done += 1
-                emit(SearchEvent("trial", rnd.name, done, total,
-                                 _finished_row(storage, study, trial.number, rnd, spec)))
+                tell(future)
 
 
 def _remove_unfinished_run(trial, out: Path) -> None:
@@ -188,8 +223,9 @@ def _remove_unfinished_run(trial, out: Path) -> None:
         shutil.rmtree(run_dir)
 
 
-def _job(trial, rnd: Round, spec: SearchSpec, out: Path, blas_threads: int) -> dict | None:
-    """The training job of an asked trial, or None (trial told FAIL) for a bad parameter."""
+def _job(trial, rnd: Round, spec: SearchSpec, out: Path, blas_threads: int):
+    """(config, training job) of an asked trial, or None (trial told FAIL) for a bad
+    parameter."""
     options = {d.name: d.decode(d.suggest(trial)) for d in rnd.space}
     seed = trial_seed(spec.base.seed, options)
     run_dir = out / "runs" / f"{rnd.name}-{trial.number:04d}" if spec.save_runs else None
@@ -204,25 +240,61 @@ def _job(trial, rnd: Round, spec: SearchSpec, out: Path, blas_threads: int) -> d
         return None
     if run_dir is not None and run_dir.exists():
         shutil.rmtree(run_dir)  # left by a study that was deleted: this trial's folder
-    return {"config": config.to_dict(), "run_dir": None if run_dir is None else str(run_dir),
-            "blas_threads": blas_threads}
+    return config, {"config": config.to_dict(),
+                    "run_dir": None if run_dir is None else str(run_dir),
+                    "blas_threads": blas_threads}
 
 
-def _tell(study, trial, future: Future, objective: str) -> None:
-    """Record a finished trial: its numbers and value, or FAIL and the reason."""
+def _population_job(members) -> dict:
+    """One trial's job, or the population job of several ((trial, config, job) each, the
+    first member's seed ordering the data); each trial records the population's first
+    trial number."""
+    if len(members) == 1:
+        return members[0][2]
+    for trial, _, _ in members:
+        trial.set_user_attr("population", members[0][0].number)
+    return {"configs": [job["config"] for _, _, job in members],
+            "run_dirs": [job["run_dir"] for _, _, job in members],
+            "blas_threads": members[0][2]["blas_threads"]}
+
+
+def _outcomes(future: Future, size: int) -> list:
+    """Per trial of a finished job: its numbers, or the exception that failed it."""
     try:
         numbers = future.result()
-    except Exception as exc:
-        cause = getattr(exc, "cause", None) or exc  # Ray wraps the task's exception
+    except Exception as exc:  # the whole job failed: every trial of it
+        return [exc] * size
+    if "members" not in numbers:
+        return [numbers]
+    return [m if "fail_reason" not in m else _MemberFailed(m["fail_reason"])
+            for m in numbers["members"]]
+
+
+class _MemberFailed(Exception):
+    """A population member that diverged while the others went on."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def _tell(study, trial, outcome, objective: str) -> None:
+    """Record a finished trial: its numbers and value, or FAIL and the reason."""
+    if isinstance(outcome, Exception):
+        cause = getattr(outcome, "cause", None) or outcome  # Ray wraps the task's exception
         from klayer.train import DivergenceError
 
-        kind = "diverged" if isinstance(cause, DivergenceError) else type(cause).__name__
-        trial.set_user_attr("fail_reason", f"{kind}: {cause}")
+        if isinstance(cause, _MemberFailed):
+            reason = str(cause)
+        else:
+            kind = "diverged" if isinstance(cause, DivergenceError) else type(cause).__name__
+            reason = f"{kind}: {cause}"
+        trial.set_user_attr("fail_reason", reason)
         run_dir = trial.user_attrs.get("run_dir")
         if run_dir and not Path(run_dir).is_dir():  # a Ray trial sends its folder only at the end
             trial.set_user_attr("run_dir", "")
         study.tell(trial, state=TrialState.FAIL)
         return
+    numbers = outcome
     for key, value in numbers.items():
         trial.set_user_attr(key, value)
     study.tell(trial, numbers[f"val_accuracy_{objective}"])

@@ -1,10 +1,12 @@
 """Where trials run: in the driver, in a pool of worker processes, or as Ray tasks.
 
 One trial function, :func:`run_trial`, serves the search and the study: it trains one
-TrainConfig into one run folder (resuming it from its checkpoint when it has one) and
-returns the numbers the search records. An executor's ``submit(job)`` returns a
-``concurrent.futures.Future`` of those numbers; ``capacity`` is how many trials it runs
-at once.
+TrainConfig into one run folder (resuming it from its checkpoint when it has one), or a
+population of K TrainConfigs in lockstep (:func:`klayer.population.train_population`)
+into K run folders, and returns the numbers the search records (per member for a
+population: a member that diverged is a failure of its own, the others complete). An
+executor's ``submit(job)`` returns a ``concurrent.futures.Future`` of those numbers;
+``capacity`` is how many jobs (a trial or a population) it runs at once.
 
 - In the driver and in a process pool, trials write their run folders directly, and
   each process loads the data once (:func:`dataset_for`).
@@ -67,11 +69,31 @@ def run_trial(job: dict, data=None) -> dict:
     ``job["return_run_folder"]``: train into a temporary folder instead and return its
     files under "run_folder" ({file name: bytes}) for the driver to write.
 
+    A population job has ``job["configs"]`` and ``job["run_dirs"]`` (one per member)
+    instead, and optionally ``job["checkpoint_dir"]`` (the population's checkpoint,
+    resumed when it holds one; removed at the end); it returns {"members": [...]}, per
+    member its numbers or {"fail_reason": ...} (a member that diverged).
+
     Returns the trial's numbers; raises what training raises (DivergenceError,
     ValueError), which the driver records.
     """
     from threadpoolctl import threadpool_limits
 
+    if "configs" in job:
+        configs = [TrainConfig.from_dict(c) for c in job["configs"]]
+        with threadpool_limits(limits=job["blas_threads"], user_api="blas"):
+            data = dataset_for(configs[0]) if data is None else data
+            if not job.get("return_run_folder"):
+                return _train_population(configs, data, job["run_dirs"],
+                                         job.get("checkpoint_dir"))
+            with tempfile.TemporaryDirectory(prefix="klayer-population-") as tmp:
+                folders = [None if d is None else Path(tmp) / f"{k}" / Path(d).name
+                           for k, d in enumerate(job["run_dirs"])]
+                numbers = _train_population(configs, data, folders, None)
+                for member, folder in zip(numbers["members"], folders):
+                    if folder is not None:
+                        member["run_folder"] = read_run_folder(folder)
+        return numbers
     config = TrainConfig.from_dict(job["config"])
     run_dir = job["run_dir"]
     with threadpool_limits(limits=job["blas_threads"], user_api="blas"):
@@ -85,6 +107,56 @@ def run_trial(job: dict, data=None) -> dict:
     return numbers
 
 
+def _numbers(result, seconds: float) -> dict:
+    """What the search records of a finished run (a TrainResult)."""
+    return {
+        "val_accuracy_final": float(result.final["val_accuracy"]),
+        "val_accuracy_best": float(result.best_val_accuracy),
+        "best_epoch": float(result.best_epoch),
+        "test_accuracy": result.final.get("test_accuracy"),
+        "seconds": seconds,
+    }
+
+
+def _train_population(configs, data, run_dirs, checkpoint_dir) -> dict:
+    """Train a population, write each member's run folder (a diverged member's too:
+    config, history and the reason), return each member's numbers or failure."""
+    import shutil
+
+    from klayer import runs
+    from klayer.population import Dropped, train_population, write_run
+
+    resume = checkpoint_dir is not None and any(
+        (Path(checkpoint_dir) / name).exists()
+        for name in (runs.CHECKPOINT_FILE, runs.PREVIOUS_CHECKPOINT_FILE))
+    faults = runs.fault_callbacks()  # test-only: they take training events
+    callbacks = [lambda done, active: [kill(_StepEvent(done)) for kill in faults]] \
+        if faults else []
+    start = time.perf_counter()
+    results = train_population(configs, data, callbacks, checkpoint_dir, resume)
+    seconds = time.perf_counter() - start  # the population's time, for every member
+    members = []
+    for config, result, run_dir in zip(configs, results, run_dirs):
+        if run_dir is not None:
+            write_run(run_dir, result, data)
+        if isinstance(result, Dropped):
+            members.append({"fail_reason": f"diverged: {result.reason}"})
+        else:
+            members.append(_numbers(result, seconds))
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return {"members": members}
+
+
+class _StepEvent:
+    """What the test-only fault callbacks read of a training event."""
+
+    kind = "step"
+
+    def __init__(self, step: int):
+        self.step = step
+
+
 def _train(config: TrainConfig, data, run_dir) -> dict:
     from klayer import runs
     from klayer.train import train
@@ -94,13 +166,7 @@ def _train(config: TrainConfig, data, run_dir) -> dict:
         (run_dir / name).exists() for name in (runs.CHECKPOINT_FILE, runs.PREVIOUS_CHECKPOINT_FILE))
     start = time.perf_counter()
     result = train(config, data, run_dir, resume=resume)
-    return {
-        "val_accuracy_final": float(result.final["val_accuracy"]),
-        "val_accuracy_best": float(result.best_val_accuracy),
-        "best_epoch": float(result.best_epoch),
-        "test_accuracy": result.final.get("test_accuracy"),
-        "seconds": time.perf_counter() - start,
-    }
+    return _numbers(result, time.perf_counter() - start)
 
 
 def read_run_folder(run_dir: Path) -> dict:
@@ -281,19 +347,24 @@ class RayExecutor:
 
     def submit(self, job: dict) -> Future:
         self._connect()
-        config = TrainConfig.from_dict(job["config"])
-        key = data_key(config)
+        population = "configs" in job
+        configs = [TrainConfig.from_dict(c) for c in job["configs"]] if population \
+            else [TrainConfig.from_dict(job["config"])]
+        run_dirs = job["run_dirs"] if population else [job["run_dir"]]
+        key = data_key(configs[0])
         if key not in self.data_refs:  # loaded and standardised once, here
-            self.data_refs[key] = self.ray.put(dataset_for(config))
+            self.data_refs[key] = self.ray.put(dataset_for(configs[0]))
         ref = self.task.remote({**job, "return_run_folder": True}, self.data_refs[key])
         future = Future()
 
         def done(task_future):  # in a Ray thread, when the task ends
             try:
                 numbers = task_future.result()
-                files = numbers.pop("run_folder", None)
-                if files is not None:
-                    write_run_folder(Path(job["run_dir"]), files, config)
+                members = numbers["members"] if population else [numbers]
+                for member, config, run_dir in zip(members, configs, run_dirs):
+                    files = member.pop("run_folder", None)
+                    if files is not None:
+                        write_run_folder(Path(run_dir), files, config)
             except BaseException as exc:
                 future.set_exception(exc)
             else:

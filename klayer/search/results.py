@@ -10,8 +10,10 @@ from klayer.config import TrainConfig
 from klayer.search.space import Round, SearchSpec
 
 # a table row: round, trial, state, the searched options, then these
+# (population: the number of the first trial of the population it was trained in, whose
+# seed ordered the data; seconds: that population's time)
 RESULT_KEYS = ("seed", "val_accuracy", "val_accuracy_best", "val_accuracy_final", "best_epoch",
-               "test_accuracy", "seconds", "run_dir", "fail_reason")
+               "test_accuracy", "seconds", "population", "run_dir", "fail_reason")
 
 
 def trial_row(trial, rnd: Round, spec: SearchSpec) -> dict:

@@ -16,6 +16,7 @@ A search file is a training config (flat ``key = value`` options, the base) with
     n_s = 900
     [search]
     method = "grid"              # or "random" (n_trials = ...), "coarse-to-fine"
+    population = true            # train trials together in populations (default)
     [search.space.lam]
     log_uniform = [1e-5, 1e-1]   # or uniform = [a, b], int_uniform = [a, b]
     grid = 8                     # 10^l, l evenly spaced in [-5, -1]
@@ -44,7 +45,8 @@ OBJECTIVES = ("final", "best")
 KINDS = ("log_uniform", "uniform", "int_uniform", "choice")
 NOT_SEARCHABLE = ("out", "data_dir")  # where things are, not what is computed
 SEARCH_KEYS = ("method", "n_trials", "seed", "sampler", "objective", "fine_trials",
-               "fine_width", "save_runs", "space")
+               "fine_width", "save_runs", "population", "population_size", "space")
+POPULATION_SIZE = 8  # members of a population at most, by default
 
 
 def log_grid(low: float, high: float, n: int) -> list[float]:
@@ -182,6 +184,8 @@ class SearchSpec:
     (the training seeds come from :func:`trial_seed`). sampler: "random" or "tpe" for
     random draws. fine_trials, fine_width: the second round of coarse-to-fine.
     save_runs: keep a run folder per trial (model, history, figures).
+    population: train trials that differ only in per-member options together, at most
+    ``population_size`` at a time (see :mod:`klayer.search.driver`).
     """
 
     base: TrainConfig
@@ -194,6 +198,8 @@ class SearchSpec:
     fine_trials: int = 8
     fine_width: float = 1.0
     save_runs: bool = True
+    population: bool = True
+    population_size: int = POPULATION_SIZE
 
     def __post_init__(self):
         object.__setattr__(self, "space", tuple(self.space))
@@ -207,7 +213,7 @@ class SearchSpec:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"search: {key} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, key)!r}")
-        for key, minimum in (("seed", 0), ("fine_trials", 1)):
+        for key, minimum in (("seed", 0), ("fine_trials", 1), ("population_size", 1)):
             check_int(getattr(self, key), key, minimum)
         if self.n_trials is not None:
             check_int(self.n_trials, "n_trials", 1)
@@ -218,8 +224,10 @@ class SearchSpec:
                 d.values()  # a grid needs grid = N on every range
         if not (isinstance(self.fine_width, (int, float)) and self.fine_width > 0):
             raise ValueError(f"search: fine_width must be > 0, got {self.fine_width!r}")
-        if not isinstance(self.save_runs, bool):
-            raise ValueError(f"search: save_runs must be true or false, got {self.save_runs!r}")
+        for key in ("save_runs", "population"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"search: {key} must be true or false, got "
+                                 f"{getattr(self, key)!r}")
 
     def first_round(self) -> "Round":
         """The grid or random round (named "search": a grid search continued as
