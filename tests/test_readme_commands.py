@@ -118,7 +118,6 @@ def options_table(text: str) -> list[tuple[str, str]]:
 
 OPTION_ROWS = options_table(README.read_text(encoding="utf-8"))
 # flags of the table a command lacks, each with a strict xfail test below
-KNOWN_GAPS = {"search": {"--no-batch-norm"}}
 
 
 def test_options_table_keys_are_config_options():
@@ -142,18 +141,10 @@ def test_options_table_flags_exist_in_train_and_search(command):
             continue  # a command line of its own, checked above
         tokens = span.split()
         assert tokens and tokens[0].startswith("--"), cell
-        missing = sorted({t for t in tokens if t.startswith("--")} - flags
-                         - KNOWN_GAPS.get(command, set()))
+        missing = sorted({t for t in tokens if t.startswith("--")} - flags)
         assert not missing, f"klayer {command} has no {', '.join(missing)} (README: {span})"
         for token in tokens:
             if "|" in token:
                 for choice in token.split("|"):
                     assert re.search(rf"[{{,]{choice}[,}}]", text), \
                         f"klayer {command}: {choice!r} is not a choice (README: {span})"
-
-
-@pytest.mark.xfail(strict=True, reason="klayer search sets batch norm with --batch-norm "
-                   "{both,on,off}; the README's table gives --no-batch-norm --layer-norm as "
-                   "the flags for layer norm, usable from klayer search too")
-def test_search_takes_the_tables_layer_norm_flags():
-    assert "--no-batch-norm" in help_flags("search")
