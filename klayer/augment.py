@@ -259,4 +259,5 @@ def soft_targets(y_a, y_b, lam, num_classes: int, smoothing: float = 0.0,
 
 def from_config(config) -> Augmentation:
     """The augmentation a :class:`klayer.config.TrainConfig` asks for."""
-    return Augmentation(flip=config.flip, translate=config.translate, jitter=config.jitter)
+    return Augmentation(flip=config.flip, translate=config.translate, jitter=config.jitter,
+                        pad_mode=config.pad_mode)
