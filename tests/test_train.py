@@ -369,3 +369,36 @@ def test_whitening_is_cached_folded_and_resumed_exactly(data, tmp_path, options)
 def test_whiten_components_beyond_the_row_are_refused(data):
     with pytest.raises(ValueError, match=r"whiten_components \(30\) must not exceed the 20"):
         train(SMALL.replace(whiten="pca", whiten_components=30), data)
+
+
+@pytest.mark.cifar
+def test_lever_flags_train_and_evaluate_with_tta(cifar_dir, tmp_path, capsys):
+    """The lever flags reach the run; the saved model has the whitening folded in, so
+    ``klayer evaluate`` reproduces summary.json's accuracies, with --tta on its own line."""
+    import json
+
+    from klayer.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(cifar_dir), "--subset", "1000", "--hidden", "20",
+                 "--n-s", "20", "--cycles", "1", "--batch-size", "50", "--dtype", "float64",
+                 "--flip", "--translate", "2", "--pad-mode", "edge", "--mixup", "0.2",
+                 "--cutmix", "1.0", "--whiten", "pca", "--whiten-components", "64",
+                 "--whiten-eps", "0.1", "--ema", "0.9", "--out", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "plain weights: test accuracy" in out and "test-time flip averaging" in out
+    config = runs.read_config(run)
+    assert (config.pad_mode, config.mixup, config.cutmix, config.whiten,
+            config.whiten_components, config.whiten_eps, config.ema) == \
+        ("edge", 0.2, 1.0, "pca", 64, 0.1, 0.9)
+    summary = runs.read_summary(run)
+    final = summary["final"]
+    assert "test_accuracy_tta" in final and "test_accuracy" in summary["final_without_ema"]
+    header = json.loads((run / runs.HEADER_FILE).read_text())
+    assert header["folded_whitening"] == {"method": "pca", "eps": 0.1, "components": 64}
+    assert header["architecture"]["input_size"] == 3072
+    assert main(["evaluate", str(run), "--tta"]) == 0
+    out = capsys.readouterr().out
+    assert f"test accuracy {final['test_accuracy']:.2%} on 1000 images" in out
+    assert f"flip averaging (TTA, two forward passes): {final['test_accuracy_tta']:.2%}" in out
+    assert "recomputed for the averaged weights over 50 batches" in out
