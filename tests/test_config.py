@@ -131,6 +131,7 @@ PINNED_HASHES = {
     "9layer_bn.toml": "8edc5bdbbcad7a44",
     "9layer_nobn.toml": "9370c8fff2d5e379",
     "best_mlp.toml": "15c71e06e08eb829",
+    "best_mlp_v2.toml": "06cb219b7395b315",
     "search_lambda.toml": "9da1c25b85220fba",  # the base options, without [search]
     "search_lambda_fine.toml": "9da1c25b85220fba",
 }
