@@ -93,7 +93,7 @@ class TrainConfig:
     image once, fitted mirror-symmetric, before augmentation; "pca": every batch after
     it, ``whiten_components`` kept) with ``whiten_eps``, folded into the first layer of
     the saved model; ``ema``: decay of an exponential moving average of the weights,
-    evaluated beside the plain weights at the end.
+    which becomes the final network (the plain weights' results are kept beside it).
     """
 
     hidden_sizes: tuple = option(
@@ -176,8 +176,9 @@ class TrainConfig:
         None, "whitening pca: keep the K largest components (default all)",
         checks.optional(_integer), metavar="K", parse=int, neutral=None, beyond=True)
     ema: float = option(
-        0.0, "evaluate an exponential moving average of the weights too, with this decay "
-        "(e.g. 0.999; 0: off)", checks.fraction, metavar="DECAY", neutral=0.0, beyond=True)
+        0.0, "average the weights with this decay (e.g. 0.999; 0: off): the final, saved "
+        "network is the average, the plain weights' results are kept beside it",
+        checks.fraction, metavar="DECAY", neutral=0.0, beyond=True)
 
     def __post_init__(self):
         for name, value in _validate(self).items():
