@@ -22,8 +22,10 @@ test-time flip averaging (TTA), and with both. EMA and TTA do not change trainin
 so they are columns, measured on every variant.
 
 The modules are composed here directly (klayer.augment, klayer.whiten, klayer.ema,
-klayer.tta with Network, Momentum, CosineLR); the cross-entropy on MixUp/CutMix's soft
-targets is written out below until klayer.layers' loss takes soft targets.
+klayer.tta with Network, Momentum, CosineLR). The same levers are options of
+``klayer train`` (``--pad-mode``, ``--mixup``, ``--cutmix``, ``--whiten zca|pca``,
+``--ema``; flip TTA in every summary), where ``--whiten zca`` is this script's
+"zca-once".
 
 Run (about 1–1.5 min per variant and epoch on an idle 2-core machine):
     python experiments/levers.py --data-dir /path/to/cifar-10-batches-py --epochs 5
@@ -46,7 +48,6 @@ import numpy as np
 from klayer.augment import Augmentation, Mixing, mirror, soft_targets
 from klayer.data import load_cifar10
 from klayer.ema import EMA
-from klayer.layers import softmax
 from klayer.network import Network
 from klayer.optim import Momentum
 from klayer.schedules import CosineLR, WarmUp
@@ -59,17 +60,11 @@ SHUFFLE, AUGMENT, DROPOUT, MIXING = 1, 2, 3, 4  # generator streams, seeded (see
 
 
 def soft_target_loss(net, X, T, lam, masks):
-    """Cost and gradients of the cross-entropy against target distributions T: (n, C),
-    J = -(1/n) Σ_i Σ_c t_ic log p_ic + λ Σ ||W||², dJ/dscores = (P - T)/n."""
-    fwd = net.forward(X, "train", check=False, masks=masks)
-    z = fwd.scores - fwd.scores.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    n = len(X)
-    loss = float(-(T * log_p).sum() / n)
-    grads = net.backward((softmax(fwd.scores) - T) / n, fwd)
-    for l in range(1, net.num_layers + 1):
-        grads[f"W{l}"] += (2 * lam) * net.params[f"W{l}"]
-    return loss + lam * net.l2_penalty(), grads, fwd.batch_stats
+    """Cost, gradients and batch statistics of the cross-entropy against target
+    distributions T: (n, C) (or (y_a, y_b, λ)), J = -(1/n) Σ_i Σ_c t_ic log p_ic +
+    λ Σ ||W||²: the library's loss, which takes soft targets."""
+    result = net.loss(X, T, lam, mode="train", check=False, masks=masks)
+    return result.cost, result.grads, result.batch_stats
 
 
 def run_variant(variant, data, cfg, args):

@@ -229,8 +229,8 @@ def soft_targets(y_a, y_b, lam, num_classes: int, smoothing: float = 0.0,
     y_a, y_b: (n,) integer labels; lam: (n,) weights in [0, 1] (a number: the same for
     all rows). λ = 1 and ε = 0 give the one-hot targets of y_a.
     The cross-entropy against T is -(1/n) Σ_i Σ_c t_ic log p_ic, with gradient
-    (P - T)/n on the scores: the form :func:`klayer.layers.softmax_cross_entropy` takes
-    for integer labels, to be extended to these targets there.
+    (P - T)/n on the scores, which :func:`klayer.layers.softmax_cross_entropy` computes
+    from T, or from ``(y_a, y_b, lam)`` directly without building T.
     """
     y_a, y_b, lam = np.asarray(y_a), np.asarray(y_b), np.asarray(lam, np.float64)
     n = len(y_a)
@@ -259,4 +259,5 @@ def soft_targets(y_a, y_b, lam, num_classes: int, smoothing: float = 0.0,
 
 def from_config(config) -> Augmentation:
     """The augmentation a :class:`klayer.config.TrainConfig` asks for."""
-    return Augmentation(flip=config.flip, translate=config.translate, jitter=config.jitter)
+    return Augmentation(flip=config.flip, translate=config.translate, jitter=config.jitter,
+                        pad_mode=config.pad_mode)

@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 from klayer import checks
+from klayer.augment import PAD_MODES
 from klayer.checks import DTYPES
 from klayer.data import PROTOCOLS
 from klayer.network import INITS, NORM_POSITIONS
@@ -38,6 +39,7 @@ from klayer.optim import OPTIMIZERS
 from klayer.schedules import SCHEDULES
 
 _NOT_NEUTRAL = object()
+WHITENINGS = ("none", "zca", "pca")
 
 
 def option(default, help: str, check, *, flag: str | None = None, metavar: str | None = None,
@@ -85,7 +87,13 @@ class TrainConfig:
     augmentation ``flip``, ``translate`` (pixels), ``jitter``; schedules "step"
     (η_max · ``decay_rate``^⌊t / ``decay_every``⌋) and "cosine" (η_max down to η_min),
     both after ``warmup_steps`` of linear warm-up; ``precise_bn``: after training,
-    recompute the batch-norm statistics over this many training batches (PreciseBN).
+    recompute the batch-norm statistics over this many training batches (PreciseBN);
+    ``pad_mode`` of the translations ("mean", "reflect", "edge"); label mixing ``mixup``
+    and ``cutmix`` (Beta α, 0 = off; soft targets); ``whiten`` ("none", "zca": every
+    image once, fitted mirror-symmetric, before augmentation; "pca": every batch after
+    it, ``whiten_components`` kept) with ``whiten_eps``, folded into the first layer of
+    the saved model; ``ema``: decay of an exponential moving average of the weights,
+    which becomes the final network (the plain weights' results are kept beside it).
     """
 
     hidden_sizes: tuple = option(
@@ -150,6 +158,27 @@ class TrainConfig:
     precise_bn: int = option(
         0, "after training, recompute the batch-norm statistics over BATCHES training "
         "batches (PreciseBN)", _natural, metavar="BATCHES", neutral=0, beyond=True)
+
+    pad_mode: str = option(
+        "mean", "augment: what translations shift in: mean (0 after standardisation), "
+        "reflect or edge", checks.choice, choices=PAD_MODES, neutral="mean", beyond=True)
+    mixup: float = option(0.0, "augment: MixUp with λ ~ Beta(α, α), soft targets (0: off)",
+                          _nonnegative, metavar="α", neutral=0.0, beyond=True)
+    cutmix: float = option(0.0, "augment: CutMix with λ ~ Beta(α, α), soft targets (0: off)",
+                           _nonnegative, metavar="α", neutral=0.0, beyond=True)
+    whiten: str = option(
+        "none", "whiten the inputs: zca (every image once, before augmentation) or pca "
+        "(every batch, after it); folded into the first layer of the saved model",
+        checks.choice, choices=WHITENINGS, neutral="none", beyond=True)
+    whiten_eps: float = option(0.01, "whitening: ε added to the covariance's eigenvalues",
+                               _positive, metavar="ε", neutral=0.01, beyond=True)
+    whiten_components: int | None = option(
+        None, "whitening pca: keep the K largest components (default all)",
+        checks.optional(_integer), metavar="K", parse=int, neutral=None, beyond=True)
+    ema: float = option(
+        0.0, "average the weights with this decay (e.g. 0.999; 0: off): the final, saved "
+        "network is the average, the plain weights' results are kept beside it",
+        checks.fraction, metavar="DECAY", neutral=0.0, beyond=True)
 
     def __post_init__(self):
         for name, value in _validate(self).items():
@@ -280,6 +309,15 @@ def _cross_checks(v: dict) -> None:
     if v["warmup_steps"] >= v["cycles"] * 2 * v["n_s"]:
         raise ValueError(f"config: warmup_steps ({v['warmup_steps']}) must be fewer than "
                          f"the {v['cycles'] * 2 * v['n_s']} training steps")
+    if v["pad_mode"] != "mean" and not v["translate"]:
+        raise ValueError(f"config: pad_mode {v['pad_mode']!r} says how translations pad; "
+                         "set translate too, or leave pad_mode at mean")
+    if v["whiten_components"] is not None and v["whiten"] != "pca":
+        raise ValueError("config: whiten_components applies to whiten = \"pca\"; set "
+                         "whiten = \"pca\" or leave whiten_components out")
+    if v["whiten"] == "none" and v["whiten_eps"] != 0.01:
+        raise ValueError("config: whiten_eps applies to whitening; set whiten = \"zca\" or "
+                         "\"pca\", or leave whiten_eps out")
     if v["eta_min"] > v["eta_max"]:
         raise ValueError(f"config: eta_min ({v['eta_min']}) must not exceed "
                          f"eta_max ({v['eta_max']})")

@@ -9,6 +9,7 @@ One folder per run::
     model.npz            parameters and batch-norm moving averages (no pickle)
     model.json           its header: architecture, standardizer, class names, versions, checksum
     summary.json         final train/val/test metrics, best validation accuracy, timings
+    whitening.npz        with ``whiten``: the whitening fitted at the start (reused on resume)
     curves.png           loss, cost and accuracy, train against validation (klayer.plots)
     .lock                held (flock) by the process writing the folder: its PID and command
 
@@ -58,10 +59,11 @@ HISTORY_FILE = "history.csv"
 MODEL_FILE = "model.npz"
 HEADER_FILE = "model.json"
 SUMMARY_FILE = "summary.json"
+WHITENING_FILE = "whitening.npz"
 LOCK_FILE = ".lock"
 # what a run leaves besides config.toml (removed when a run is started again)
 RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, HISTORY_FILE, MODEL_FILE,
-             HEADER_FILE, SUMMARY_FILE, "curves.png", "confusion.png")
+             HEADER_FILE, SUMMARY_FILE, "curves.png", "confusion.png", WHITENING_FILE)
 MAX_MODEL_VALUES = 2**28  # a header declaring more parameters than this is refused
 
 HISTORY_FIELDS = ("step", "epoch", "eta", "train_loss", "train_cost", "train_accuracy",
@@ -229,7 +231,8 @@ class Checkpoint:
     history: list
     timings: dict
     config_hash: str
-    rng_states: dict = field(default_factory=dict)  # augmentation and dropout generators
+    rng_states: dict = field(default_factory=dict)  # augmentation, dropout, mixing generators
+    ema_state: dict = field(default_factory=dict)  # klayer.ema.EMA.state_dict(), with ``ema``
     source: Path | None = None  # the file it was read from
 
 
@@ -241,6 +244,7 @@ def save_checkpoint(run_dir, ckpt: Checkpoint) -> None:
     arrays = {f"param.{k}": v for k, v in ckpt.params.items()}
     arrays.update({f"buffer.{k}": v for k, v in ckpt.buffers.items()})
     arrays.update({f"optim.{k}": np.asarray(v) for k, v in ckpt.optimizer_state.items()})
+    arrays.update({f"ema.{k}": v for k, v in ckpt.ema_state.items() if k != "step"})
     meta = {
         "format_version": CHECKPOINT_FORMAT_VERSION, "klayer_version": __version__,
         "step": ckpt.step, "epoch": ckpt.epoch,
@@ -248,6 +252,8 @@ def save_checkpoint(run_dir, ckpt: Checkpoint) -> None:
         "rng_states": ckpt.rng_states,
         "history": ckpt.history, "timings": ckpt.timings, "config_hash": ckpt.config_hash,
     }
+    if ckpt.ema_state:
+        meta["ema_step"] = int(ckpt.ema_state["step"])
     arrays["meta"] = np.array(json.dumps(meta))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -298,7 +304,7 @@ def _read_checkpoint(path: Path) -> Checkpoint:
     arrays = _read_npz(path.read_bytes(), path, advice=None)
     try:
         meta = json.loads(str(arrays.pop("meta")))
-        groups = {"param": {}, "buffer": {}, "optim": {}}
+        groups = {"param": {}, "buffer": {}, "optim": {}, "ema": {}}
         for key, value in arrays.items():
             group, _, name = key.partition(".")
             groups[group][name] = value
@@ -308,6 +314,8 @@ def _read_checkpoint(path: Path) -> Checkpoint:
             optimizer_state={k: v[()] if v.ndim == 0 else v for k, v in groups["optim"].items()},
             rng_state=meta["rng_state"], history=meta["history"], timings=meta["timings"],
             config_hash=meta["config_hash"], rng_states=meta.get("rng_states", {}),
+            ema_state=({"step": int(meta["ema_step"]), **groups["ema"]}
+                       if "ema_step" in meta else {}),
             source=path,
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -430,11 +438,40 @@ class RunFolder:
             return
         from klayer import plots
 
+        c = result.config
+        folded = None if c.whiten == "none" else {
+            "method": c.whiten, "eps": c.whiten_eps, "components": c.whiten_components}
         save_model(self.path, result.network, getattr(data, "standardizer", None),
-                   getattr(data, "class_names", None))
+                   getattr(data, "class_names", None), folded_whitening=folded)
         write_history(self.path / HISTORY_FILE, result.history)
         write_summary(self.path, result.summary())
         plots.plot_history(result.history, self.path, title=self.path.name)
+
+    def whitening(self, fit):
+        """The run's whitening: the one stored in whitening.npz when resuming, else
+        ``fit()``, stored there (a resumed run then uses the very same arrays)."""
+        from klayer.whiten import Whitening
+
+        path = None if self.path is None else self.path / WHITENING_FILE
+        if self.resume and path.exists():
+            arrays = _read_npz(path.read_bytes(), path, advice="delete it to fit it again")
+            try:
+                meta = json.loads(str(arrays.pop("meta")))
+                whitening = Whitening.from_arrays(arrays, meta)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path} is not a klayer whitening ({exc}); delete it to "
+                                 "fit it again") from None
+            c = self.config
+            if (whitening.method, whitening.eps, whitening.components) != \
+                    (c.whiten, c.whiten_eps, c.whiten_components):
+                raise ValueError(f"{path} holds another whitening than {CONFIG_FILE} asks "
+                                 "for; delete it to fit it again")
+            return whitening
+        whitening = fit()
+        if path is not None:
+            arrays, meta = whitening.to_arrays()
+            write_npz(path, {**arrays, "meta": np.array(json.dumps(meta))})
+        return whitening
 
     def where_to_resume(self) -> str:
         """For error messages: where the last good checkpoint is ("" without a folder)."""
@@ -447,12 +484,15 @@ class RunFolder:
 # --- models --------------------------------------------------------------------------------
 
 
-def save_model(run_dir, net: Network, standardizer=None, class_names=None) -> None:
+def save_model(run_dir, net: Network, standardizer=None, class_names=None,
+               folded_whitening: dict | None = None) -> None:
     """model.npz (params and moving averages by name) and its header model.json.
 
     The header holds ``net.hyperparameters()``, the standardizer's ``to_dict()``, the
     class names, the versions and a checksum of model.npz and of the header itself
-    (:func:`model_checksum`); model.npz is written first.
+    (:func:`model_checksum`); model.npz is written first. ``folded_whitening``: for
+    information only, the whitening the network was trained behind and that is folded
+    into its first layer (the network takes standardised rows like any other).
     """
     run_dir = Path(run_dir)
     buf = io.BytesIO()
@@ -468,6 +508,8 @@ def save_model(run_dir, net: Network, standardizer=None, class_names=None) -> No
         "standardizer": None if standardizer is None else standardizer.to_dict(),
         "class_names": None if class_names is None else list(class_names),
     }
+    if folded_whitening is not None:
+        header["folded_whitening"] = folded_whitening
     header["checksum"] = model_checksum(data, header)
     write_json(run_dir / HEADER_FILE, header)
 

@@ -10,9 +10,35 @@ seeded generator (the few examples left over are skipped that epoch). The histor
 recorded in eval mode (moving averages) at ``config.eval_steps()``.
 With augmentation, each mini-batch is transformed on the fly (:mod:`klayer.augment`);
 with dropout, each step draws fresh masks. Shuffling, augmentation and dropout draw from
-three generators seeded with (seed, stream), so turning one on does not change the
-others' draws. With ``precise_bn``, the final statistics are recomputed
-(:mod:`klayer.bn_stats`) and the results with the moving averages are kept beside them.
+generators seeded with (seed, stream), so turning one on does not change the others'
+draws. With ``precise_bn``, the final statistics are recomputed (:mod:`klayer.bn_stats`)
+and the results with the moving averages are kept beside them.
+
+The levers beyond that, in the order a mini-batch meets them:
+
+- ``whiten = "zca"``: every image is whitened once, before training, with a ZCA fitted
+  on the training split and made mirror-symmetric (:mod:`klayer.whiten`), and the
+  augmentation then works on the whitened images. ZCA commutes with the flips exactly;
+  with translations only up to the border pixels (its filters are nearly local) — the
+  price of not whitening every augmented batch, which would cost a (256, 3072) ·
+  (3072, 3072) product per step, more than the step of the best MLP itself.
+- augmentation (flips, translations padded as ``pad_mode`` says, jitter), then MixUp /
+  CutMix (``mixup``, ``cutmix``: a fifth generator stream; the loss takes the mixed
+  targets (y_a, y_b, λ) directly);
+- ``whiten = "pca"``: the projection onto the top ``whiten_components`` directions is
+  applied to every batch after augmentation (the projected rows are not images any
+  more, so it cannot come first);
+- after each update, ``ema`` keeps an exponential moving average of the weights
+  (:mod:`klayer.ema`, in the checkpoint too).
+
+The whitening is fitted once and kept in the run folder (whitening.npz), so a resumed
+run uses the very same one; when the model is saved, it is folded into the first layer
+(:meth:`klayer.whiten.Whitening.fold_into`), so model.npz is a plain network on
+standardised rows and evaluate, predict and export need nothing else. With ``ema``,
+the final network is the averaged one (batch-norm statistics recomputed for it over
+``precise_bn`` training batches, or 50), and the plain weights' results are kept
+beside it in summary.json. On CIFAR-10 images, the final evaluation also records
+``test_accuracy_tta``: test-time flip averaging (:mod:`klayer.tta`).
 
 The loop prints nothing and touches no file itself: progress goes to callbacks, and when
 a run folder is given, a :class:`klayer.runs.RunFolder` (locked while the run lasts)
@@ -35,13 +61,18 @@ import numpy as np
 from klayer import augment, runs
 from klayer.bn_stats import population_statistics, use_statistics
 from klayer.config import TrainConfig
+from klayer.ema import EMA
 from klayer.network import Network
+from klayer.tta import flip_average_accuracy
+from klayer.whiten import Whitening
 from klayer.optim import make_optimizer
 from klayer.schedules import make_schedule
 
 SHUFFLE_STREAM = 1  # the shuffling generator is seeded with (seed, SHUFFLE_STREAM)
 AUGMENT_STREAM = 2
 DROPOUT_STREAM = 3
+MIX_STREAM = 4  # MixUp and CutMix
+EMA_BN_BATCHES = 50  # batches for the EMA weights' batch-norm statistics (without precise_bn)
 
 
 class DivergenceError(ValueError):
@@ -81,7 +112,9 @@ class TrainResult:
     statistics and ``final_moving_average`` the moving averages; ``best_*`` is the
     history row with the highest validation accuracy; ``timings`` has train_seconds
     (updates), eval_seconds (history and final evaluation) and total_seconds, summed over
-    resumed sessions.
+    resumed sessions. With ``ema``, ``final`` is the averaged weights' and
+    ``final_without_ema`` the plain weights'. On image data with a test set, ``final``
+    also holds ``test_accuracy_tta`` (test-time flip averaging).
     """
 
     config: TrainConfig
@@ -96,6 +129,7 @@ class TrainResult:
     timings: dict
     run_dir: Path | None = None
     final_moving_average: dict | None = None
+    final_without_ema: dict | None = None
 
     def summary(self) -> dict:
         """What summary.json holds."""
@@ -107,6 +141,8 @@ class TrainResult:
             "final": self.final,
             **({"final_moving_average": self.final_moving_average}
                if self.final_moving_average is not None else {}),
+            **({"final_without_ema": self.final_without_ema}
+               if self.final_without_ema is not None else {}),
             "best_val_accuracy": self.best_val_accuracy,
             "best_step": self.best_step,
             "best_epoch": self.best_epoch,
@@ -166,16 +202,25 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     X_train, y_train = splits["train"]
     n, d = X_train.shape
     B, total, eval_steps = config.batch_size, config.total_steps, set(config.eval_steps())
-    state = TrainState.start(config, d, num_classes, _steps_per_epoch(n, B))
-    net, optimizer, schedule = state.net, state.optimizer, make_schedule(config)
-    augmentation = _augmentation(config, d)
+    steps_per_epoch = _steps_per_epoch(n, B)
+    augmentation, mixing = _augmentation(config, d), _mixing(config, d)
+    schedule = make_schedule(config)
     emit = _broadcast([*callbacks, *runs.fault_callbacks()])
 
     def record(step, eta):  # a history point, in eval mode; eta: η_t at this step
-        row = state.record(step, eta, splits)
+        row = state.record(step, eta, seen)
         emit(TrainEvent("eval", step, total, row["epoch"], eta, cost, row))
 
     with runs.RunFolder(run_dir, config, resume=resume, restart=restart) as folder:
+        whitening = None if config.whiten == "none" else \
+            folder.whitening(partial(fit_whitening, config, X_train))
+        seen = whitened_splits(splits, whitening, config.dtype)  # what the network sees
+        X_rows = seen["train"][0] if config.whiten == "zca" else X_train  # batches from
+        per_batch = (lambda A: whitening.transform(A, config.dtype)) \
+            if config.whiten == "pca" else (lambda A: A)
+        state = TrainState.start(config, seen["train"][0].shape[1], num_classes,
+                                 steps_per_epoch)
+        net, optimizer = state.net, state.optimizer
         if resume:
             state.restore(folder.last_checkpoint())
         else:
@@ -186,23 +231,30 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
             j = step % state.steps_per_epoch
             if j == 0:  # a new epoch (checkpoints fall here too): one permutation, one gather
                 order = state.shuffle.permutation(n)
-                X_epoch, y_epoch = X_train[order], y_train[order]  # batches: contiguous rows
+                X_epoch, y_epoch = X_rows[order], y_train[order]  # batches: contiguous rows
             Xb, yb = X_epoch[j * B:(j + 1) * B], y_epoch[j * B:(j + 1) * B]
             eta = schedule(step)
             if step == 0:
                 state.clock.train_seconds += time.perf_counter() - t0
-                _record_initial(net, Xb, yb, config.lam, partial(record, 0, eta))
+                _record_initial(net, per_batch(Xb), yb, config.lam, partial(record, 0, eta))
                 t0 = time.perf_counter()
             if augmentation.active:
                 Xb = augmentation(Xb, state.generators["augment"])
+            targets = yb
+            if mixing.active:
+                Xb, *mixed = mixing(Xb, yb, state.generators["mix"])
+                targets = tuple(mixed)  # (y_a, y_b, λ): the loss mixes the two targets
+            Xb = per_batch(Xb)
             masks = net.dropout_masks(B, state.generators["dropout"]) if net.dropout else None
-            loss = net.loss(Xb, yb, config.lam, mode="train", grads=True, check=False,
+            loss = net.loss(Xb, targets, config.lam, mode="train", grads=True, check=False,
                             masks=masks)
             cost = loss.cost
             if not math.isfinite(cost):
                 raise _divergence(net, step, eta, f"the mini-batch cost is {cost}", folder)
             optimizer.step(net.params, loss.grads, eta)
             net.update_running_stats(loss.batch_stats)
+            if state.ema is not None:
+                state.ema.update(net.params)
             state.clock.train_seconds += time.perf_counter() - t0
             state.step = done = step + 1
             epoch, end_of_epoch = done / state.steps_per_epoch, done % state.steps_per_epoch == 0
@@ -214,26 +266,46 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
                 folder.checkpoint(state.checkpoint())
                 if end_of_epoch:
                     emit(TrainEvent("epoch", done, total, epoch, eta, cost))
-        result = finish(state, splits, folder.path)
+        result = finish(state, seen, folder.path, whitening=whitening, raw_splits=splits)
         folder.finish(result, data)
     return result
 
 
-def finish(state: "TrainState", splits: dict, run_dir=None) -> TrainResult:
-    """The final evaluation (test set included) of a trained state and, with
-    ``precise_bn``, the PreciseBN statistics, which replace the moving averages (the
-    results with those are kept in ``final_moving_average``)."""
+def finish(state: "TrainState", splits: dict, run_dir=None, whitening=None,
+           raw_splits=None) -> TrainResult:
+    """The final evaluation (test set included) of a trained state: with ``precise_bn``,
+    the PreciseBN statistics replace the moving averages (the results with those are
+    kept in ``final_moving_average``); with ``ema``, the averaged weights (statistics
+    recomputed for them) replace the plain ones (kept in ``final_without_ema``).
+    splits: as the network sees them (whitened, if so); with a ``whitening``, the
+    returned network has it folded into its first layer and takes ``raw_splits``' rows.
+    """
     config, net, history, clock = state.config, state.net, state.history, state.clock
+    raw_splits = splits if raw_splits is None else raw_splits
     t0 = time.perf_counter()  # train and val were just evaluated: the last history row
     final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
     if "test" in splits:
         final.update(evaluate(net, {"test": splits["test"]}, config.lam))
-    final_moving_average = None
+    final_moving_average = final_without_ema = None
     if config.precise_bn:
         final_moving_average = final
         use_statistics(net, population_statistics(
             net, splits["train"][0], config.batch_size, config.precise_bn, seed=config.seed))
         final = evaluate(net, splits, config.lam)
+    plain = net
+    if state.ema is not None:
+        final_without_ema = _with_tta(final, plain, raw_splits, whitening)
+        net = build_network(config, plain.input_size, plain.num_classes)
+        net.params = {k: v.copy() for k, v in state.ema.params.items()}
+        if net.batch_norm and net.num_layers > 1:
+            net.buffers = population_statistics(
+                net, splits["train"][0], config.batch_size,
+                config.precise_bn or EMA_BN_BATCHES, seed=config.seed)
+            net.running_initialised = True
+        final = evaluate(net, splits, config.lam)
+    final = _with_tta(final, net, raw_splits, whitening)
+    if whitening is not None:
+        net = fold_whitening(net, whitening)
     clock.eval_seconds += time.perf_counter() - t0
     best = max(history, key=lambda row: row["val_accuracy"])
     return TrainResult(
@@ -242,7 +314,53 @@ def finish(state: "TrainState", splits: dict, run_dir=None) -> TrainResult:
         best_epoch=best["epoch"], steps=config.total_steps,
         epochs=config.total_steps / state.steps_per_epoch, timings=clock.as_dict(),
         run_dir=run_dir, final_moving_average=final_moving_average,
+        final_without_ema=final_without_ema,
     )
+
+
+def _with_tta(final: dict, net: Network, raw_splits: dict, whitening) -> dict:
+    """``final`` with test_accuracy_tta added when the test rows are CIFAR-10 images."""
+    if "test" not in raw_splits or raw_splits["test"][0].shape[1] != augment.Augmentation().input_size:
+        return final
+    X, y = raw_splits["test"]
+    preprocess = None if whitening is None else partial(whitening.transform, dtype=net.dtype)
+    return {**final, "test_accuracy_tta": flip_average_accuracy(net, X, y,
+                                                                preprocess=preprocess)}
+
+
+# --- whitening ------------------------------------------------------------------------------
+
+
+def fit_whitening(config: TrainConfig, X_train) -> Whitening:
+    """The whitening ``config`` asks for, fitted on the training rows (mirror-symmetric
+    when they are CIFAR-10 images, so that it commutes with the flips)."""
+    symmetry = None
+    if X_train.shape[1] == augment.Augmentation().input_size:
+        symmetry = augment.mirror(np.arange(X_train.shape[1])[None])[0]
+    if config.whiten_components is not None and config.whiten_components > X_train.shape[1]:
+        raise ValueError(f"whiten_components ({config.whiten_components}) must not exceed the "
+                         f"{X_train.shape[1]} values of a row")
+    return Whitening.fit(X_train, config.whiten, config.whiten_eps, config.whiten_components,
+                         symmetry=symmetry)
+
+
+def whitened_splits(splits: dict, whitening, dtype) -> dict:
+    """Every split whitened (the same dict without a whitening)."""
+    if whitening is None:
+        return splits
+    return {name: (whitening.transform(X, dtype), y) for name, (X, y) in splits.items()}
+
+
+def fold_whitening(net: Network, whitening: Whitening) -> Network:
+    """A copy of ``net`` (trained on whitened rows) that takes the unwhitened rows: the
+    whitening folded into its first layer. Everything else is shared, unchanged."""
+    hp = {**net.hyperparameters(), "input_size": whitening.input_size}
+    folded = Network.from_hyperparameters(hp)
+    folded.params = dict(net.params)
+    folded.params["W1"], folded.params["b1"] = whitening.fold_into(net.params["W1"],
+                                                                   net.params["b1"])
+    folded.buffers, folded.running_initialised = net.buffers, net.running_initialised
+    return folded
 
 
 @dataclass
@@ -255,7 +373,8 @@ class TrainState:
     optimizer: object
     steps_per_epoch: int
     shuffle: np.random.Generator  # one permutation per epoch
-    generators: dict  # "augment" and "dropout": their own streams
+    generators: dict  # "augment", "dropout" and "mix": their own streams
+    ema: EMA | None = None  # the weights' moving average, with ``ema``
     history: list = field(default_factory=list)
     clock: _Clock = field(default_factory=_Clock)
     step: int = 0  # updates done
@@ -268,7 +387,9 @@ class TrainState:
                    make_optimizer(config.optimizer), steps_per_epoch,
                    shuffle=np.random.default_rng([seed, SHUFFLE_STREAM]),
                    generators={"augment": np.random.default_rng([seed, AUGMENT_STREAM]),
-                               "dropout": np.random.default_rng([seed, DROPOUT_STREAM])})
+                               "dropout": np.random.default_rng([seed, DROPOUT_STREAM]),
+                               "mix": np.random.default_rng([seed, MIX_STREAM])},
+                   ema=EMA(config.ema) if config.ema else None)
 
     def record(self, step: int, eta: float, splits: dict) -> dict:
         """Append the history row of ``step`` (train and val in eval mode) and return it."""
@@ -290,6 +411,7 @@ class TrainState:
             rng_states={name: g.bit_generator.state for name, g in self.generators.items()},
             history=self.history, timings=self.clock.as_dict(),
             config_hash=self.config.config_hash(),
+            ema_state=self.ema.state_dict() if self.ema is not None else {},
         )
 
     def restore(self, ckpt: runs.Checkpoint) -> None:
@@ -305,6 +427,12 @@ class TrainState:
         self.clock.eval_seconds = ckpt.timings["eval_seconds"]
         self.clock.before = ckpt.timings["total_seconds"]
         self.step, self.history = ckpt.step, ckpt.history
+        if self.ema is not None:
+            if not ckpt.ema_state and self.step:
+                raise ValueError(f"{ckpt.source} holds no weight average (ema); start the run "
+                                 "again")
+            if ckpt.ema_state:
+                self.ema.load_state_dict(ckpt.ema_state)
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -362,6 +490,15 @@ def _augmentation(config: TrainConfig, input_size: int):
                          f"values per row), but the data has {input_size} columns; turn flip, "
                          "translate and jitter off for this data")
     return augmentation
+
+
+def _mixing(config: TrainConfig, input_size: int) -> augment.Mixing:
+    mixing = augment.Mixing(mixup=config.mixup, cutmix=config.cutmix)
+    size = augment.Augmentation().input_size
+    if mixing.active and input_size != size:
+        raise ValueError(f"mixup and cutmix mix CIFAR-10 images ({size} values per row), but "
+                         f"the data has {input_size} columns; turn them off for this data")
+    return mixing
 
 
 def _broadcast(callbacks):

@@ -131,6 +131,7 @@ PINNED_HASHES = {
     "9layer_bn.toml": "8edc5bdbbcad7a44",
     "9layer_nobn.toml": "9370c8fff2d5e379",
     "best_mlp.toml": "15c71e06e08eb829",
+    "best_mlp_v2.toml": "06cb219b7395b315",
     "search_lambda.toml": "9da1c25b85220fba",  # the base options, without [search]
     "search_lambda_fine.toml": "9da1c25b85220fba",
 }
@@ -191,6 +192,13 @@ CHANGED = {
     "decay_every": {"decay_every": 300},
     "warmup_steps": {"warmup_steps": 10, "schedule": "cosine"},
     "precise_bn": {"precise_bn": 5},
+    "pad_mode": {"pad_mode": "reflect", "translate": 2},
+    "mixup": {"mixup": 0.2},
+    "cutmix": {"cutmix": 1.0},
+    "whiten": {"whiten": "zca"},
+    "whiten_eps": {"whiten_eps": 0.1, "whiten": "zca"},
+    "whiten_components": {"whiten_components": 256, "whiten": "pca"},
+    "ema": {"ema": 0.999},
     "data_dir": {"data_dir": "/elsewhere"},
     "out": {"out": "runs/other"},
 }
@@ -210,6 +218,9 @@ def test_options_that_change_results_change_the_hash(name):
         base = base.replace(schedule="cosine")
     if name == "layer_norm":
         base = base.replace(batch_norm=False)
+    companions = {"pad_mode": {"translate": 2}, "whiten_eps": {"whiten": "zca"},
+                  "whiten_components": {"whiten": "pca"}}
+    base = base.replace(**companions.get(name, {}))
     changed = TrainConfig().replace(**CHANGED[name])
     assert changed != base
     if name in WHERE_ONLY:
@@ -283,3 +294,22 @@ def test_no_hidden_layer_needs_no_batch_of_two():
         TrainConfig(hidden_sizes=(10,), batch_size=1)
     with pytest.raises(ValueError, match="precise_bn .* needs batch_norm = true and a hidden"):
         TrainConfig(hidden_sizes=(), precise_bn=5)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"pad_mode": "reflect"}, "pad_mode 'reflect' says how translations pad; set translate"),
+    ({"whiten_components": 100}, "whiten_components applies to whiten = \"pca\""),
+    ({"whiten_components": 100, "whiten": "zca"}, "whiten_components applies to"),
+    ({"whiten_eps": 0.1}, "whiten_eps applies to whitening"),
+    ({"pad_mode": "wrap", "translate": 2}, "pad_mode must be one of mean, reflect, edge"),
+    ({"ema": 1.0}, "ema must be a number in \\[0, 1\\)"),
+    ({"mixup": -0.1}, "mixup must be a finite number >= 0"),
+    ({"whiten": "pcaa"}, "whiten must be one of none, zca, pca"),
+])
+def test_lever_options_are_checked(options, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**options)
+    # the neutral values leave the hash of a config that never heard of them
+    plain = TrainConfig(translate=2)
+    assert plain.replace(pad_mode="mean", mixup=0.0, cutmix=0.0, whiten="none", ema=0.0,
+                         whiten_eps=0.01).config_hash() == plain.config_hash()

@@ -349,3 +349,90 @@ def test_cross_entropy_with_population_axis_and_per_member_smoothing():
             assert loss[k] == pytest.approx(loss_k, rel=1e-14)
             np.testing.assert_allclose(d[k], d_k, rtol=1e-14, atol=1e-16)
     np.testing.assert_allclose(L.softmax(scores)[1], L.softmax(scores[1]), rtol=1e-15)
+
+
+# --- soft targets (MixUp, CutMix) -------------------------------------------------------
+
+
+def _mixed_problem(seed=21, n=7, C=5):
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((n, C)) * 2
+    y_a, y_b = rng.integers(0, C, n), rng.integers(0, C, n)
+    y_b[0] = y_a[0]  # a row mixed with an image of its own class
+    return scores, y_a, y_b, rng.uniform(0, 1, n)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+def test_cross_entropy_with_soft_targets_value_and_gradient(smoothing):
+    from klayer.augment import soft_targets
+
+    scores, y_a, y_b, lam = _mixed_problem()
+    n, C = scores.shape
+    T = soft_targets(y_a, y_b, lam, C)
+    loss, d = L.softmax_cross_entropy(scores, T, smoothing)
+    T_eps = (1 - smoothing) * T + smoothing / C
+    log_p = np.log(L.softmax(scores.copy()))
+    assert loss == pytest.approx(-(T_eps * log_p).sum() / n, rel=1e-13)
+    np.testing.assert_allclose(d, (L.softmax(scores.copy()) - T_eps) / n, rtol=1e-12,
+                               atol=1e-15)
+    num = _num_grad(lambda: L.softmax_cross_entropy(scores, T, smoothing)[0], {"s": scores})
+    assert _rel(d, num["s"]) < 1e-8
+    # the (y_a, y_b, λ) form gives the same without building T
+    loss_t, d_t = L.softmax_cross_entropy(scores, (y_a, y_b, lam), smoothing)
+    assert loss_t == pytest.approx(loss, rel=1e-13)
+    np.testing.assert_allclose(d_t, d, rtol=1e-12, atol=1e-15)
+
+
+def test_soft_targets_reduce_to_labels():
+    scores, y_a, y_b, _ = _mixed_problem(seed=3)
+    C = scores.shape[1]
+    for smoothing in (0.0, 0.1):
+        want = L.softmax_cross_entropy(scores, y_a, smoothing)
+        for targets in (np.eye(C)[y_a], (y_a, y_b, 1.0), (y_b, y_a, np.zeros(len(y_a)))):
+            got = L.softmax_cross_entropy(scores, targets, smoothing)
+            assert got[0] == pytest.approx(want[0], rel=1e-13)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-12, atol=1e-16)
+    # a target that is not one-hot: the loss rises above the hard one of its argmax
+    half = L.softmax_cross_entropy(scores, (y_a, y_b, 0.5))[0]
+    assert half != pytest.approx(L.softmax_cross_entropy(scores, y_a)[0])
+
+
+def test_soft_targets_with_population_axis_and_per_member_smoothing():
+    rng = np.random.default_rng(5)
+    K, n, C = 3, 6, 4
+    scores = rng.standard_normal((K, n, C)) * 3
+    y_a, y_b, lam = rng.integers(0, C, n), rng.integers(0, C, n), rng.uniform(size=n)
+    for targets in ((y_a, y_b, lam), np.eye(C)[y_a] * lam[:, None] + np.eye(C)[y_b]
+                    * (1 - lam[:, None])):
+        for smoothing in (np.array([0.0, 0.1, 0.3]), 0.2, 0.0):
+            loss, d = L.softmax_cross_entropy(scores, targets, smoothing)
+            assert loss.shape == (K,) and d.shape == (K, n, C)
+            for k in range(K):
+                eps_k = float(np.broadcast_to(smoothing, (K,))[k])
+                loss_k, d_k = L.softmax_cross_entropy(scores[k], targets, eps_k)
+                assert loss[k] == pytest.approx(loss_k, rel=1e-13)
+                np.testing.assert_allclose(d[k], d_k, rtol=1e-13, atol=1e-16)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_network_gradients_with_mixed_targets(smoothing):
+    """Through Network.loss (batch norm, dropout masks, L2): analytic against numerical."""
+    from klayer.gradcheck import compare, numerical_gradients
+    from klayer.network import Network
+
+    rng = np.random.default_rng(8)
+    n, d, C = 12, 6, 4
+    X = rng.standard_normal((n, d))
+    y_a, y_b, lam = rng.integers(0, C, n), rng.integers(0, C, n), rng.beta(0.4, 0.4, n)
+    net = Network(d, (7, 5), C, batch_norm=True, dtype="float64", seed=2, dropout=0.2,
+                  label_smoothing=smoothing)
+    masks = net.dropout_masks(n, np.random.default_rng(0))
+    targets = (y_a, y_b, lam)
+    analytic = net.loss(X, targets, 1e-3, mode="train", check=False, masks=masks).grads
+
+    def cost():
+        return net.loss(X, targets, 1e-3, mode="train", grads=False, check=False,
+                        masks=masks).cost
+
+    rows = compare(net, analytic, numerical_gradients(cost, net.params, 1e-5))
+    assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]

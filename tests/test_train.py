@@ -290,3 +290,115 @@ def test_resume_is_bit_identical_with_jitter(image_data, tmp_path):
     straight = _check_resume_is_exact(config, image_data, tmp_path, stop_epoch=1)
     no_jitter = train(config.replace(jitter=0.0), image_data)
     assert not np.array_equal(no_jitter.network.params["W1"], straight.network.params["W1"])
+
+
+# --- levers: mixing, weight averaging, whitening, flip averaging ------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_data_with_test(image_data):
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((30, 3072))
+    y = rng.integers(0, 4, 30)
+    return SimpleNamespace(**vars(image_data), X_test=X, y_test=y)
+
+
+def test_resume_is_bit_identical_with_mixing_and_ema(image_data_with_test, tmp_path):
+    from klayer.tta import flip_average_accuracy
+
+    config = TrainConfig(hidden_sizes=(8, 6), n_s=5, cycles=2, batch_size=20, eta_max=0.2,
+                         evals_per_cycle=2, dropout=0.2, flip=True, translate=2,
+                         pad_mode="reflect", mixup=0.4, cutmix=1.0, ema=0.9)
+    straight = _check_resume_is_exact(config, image_data_with_test, tmp_path, stop_epoch=2)
+    ckpt = runs.load_checkpoint(tmp_path / "resumed")
+    assert ckpt.ema_state["step"] == 20 and "mix" in ckpt.rng_states
+    # the averaged weights are the final network; the plain ones are reported beside them
+    plain = straight.final_without_ema
+    assert plain is not None and plain != straight.final
+    summary = runs.read_summary(tmp_path / "straight")
+    assert summary["final_without_ema"] == plain and summary["final"] == straight.final
+    net = straight.network
+    assert straight.final["test_accuracy"] == net.evaluate(
+        image_data_with_test.X_test, image_data_with_test.y_test)["accuracy"]
+    assert straight.final["test_accuracy_tta"] == flip_average_accuracy(
+        net, image_data_with_test.X_test, image_data_with_test.y_test)
+    assert "test_accuracy_tta" in plain
+    # each lever changes the run
+    for off in ({"mixup": 0.0, "cutmix": 0.0}, {"pad_mode": "mean"}):
+        other = train(config.replace(**off), image_data_with_test)
+        assert not np.array_equal(other.network.params["W1"], net.params["W1"]), off
+    # without ema: the same weights as the plain ones of the ema run
+    no_ema = train(config.replace(ema=0.0), image_data_with_test)
+    assert no_ema.final == plain and no_ema.final_without_ema is None
+
+
+@pytest.mark.parametrize("option", [{"mixup": 0.2}, {"cutmix": 1.0}])
+def test_mixing_needs_image_rows(data, option):
+    with pytest.raises(ValueError, match=r"mixup and cutmix mix CIFAR-10 images.*20 columns"):
+        train(SMALL.replace(**option), data)
+
+
+@pytest.mark.parametrize("options", [{"whiten": "zca"},
+                                     {"whiten": "pca", "whiten_components": 12, "ema": 0.8}])
+def test_whitening_is_cached_folded_and_resumed_exactly(data, tmp_path, options):
+    config = SMALL.replace(**options)
+    straight = _check_resume_is_exact(config, data, tmp_path, stop_epoch=2)
+    run = tmp_path / "straight"
+    assert (run / runs.WHITENING_FILE).exists()
+    # the saved model takes the standardised rows: the whitening is in its first layer
+    net, _, _ = runs.load_model(run)
+    assert net.input_size == 20 and net.params["W1"].shape == (16, 20)
+    for split in ("val", "test"):
+        X, y = getattr(data, f"X_{split}"), getattr(data, f"y_{split}")
+        assert net.evaluate(X, y)["accuracy"] == straight.final[f"{split}_accuracy"]
+        assert net.evaluate(X, y)["loss"] == pytest.approx(straight.final[f"{split}_loss"],
+                                                            rel=1e-9)
+    header = (run / runs.HEADER_FILE).read_text()
+    assert '"folded_whitening"' in header and f'"{options["whiten"]}"' in header
+    # the stored whitening is what a resumed run uses; one that does not match is refused
+    from klayer.whiten import Whitening
+
+    other = Whitening.fit(data.X_train, "zca", 0.5)
+    arrays, meta = other.to_arrays()
+    runs.write_npz(tmp_path / "resumed" / runs.WHITENING_FILE,
+                   {**arrays, "meta": np.array(__import__("json").dumps(meta))})
+    with pytest.raises(ValueError, match="holds another whitening than config.toml"):
+        train(config, data, tmp_path / "resumed", resume=True)
+
+
+def test_whiten_components_beyond_the_row_are_refused(data):
+    with pytest.raises(ValueError, match=r"whiten_components \(30\) must not exceed the 20"):
+        train(SMALL.replace(whiten="pca", whiten_components=30), data)
+
+
+@pytest.mark.cifar
+def test_lever_flags_train_and_evaluate_with_tta(cifar_dir, tmp_path, capsys):
+    """The lever flags reach the run; the saved model has the whitening folded in, so
+    ``klayer evaluate`` reproduces summary.json's accuracies, with --tta on its own line."""
+    import json
+
+    from klayer.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(cifar_dir), "--subset", "1000", "--hidden", "20",
+                 "--n-s", "20", "--cycles", "1", "--batch-size", "50", "--dtype", "float64",
+                 "--flip", "--translate", "2", "--pad-mode", "edge", "--mixup", "0.2",
+                 "--cutmix", "1.0", "--whiten", "pca", "--whiten-components", "64",
+                 "--whiten-eps", "0.1", "--ema", "0.9", "--out", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "plain weights: test accuracy" in out and "test-time flip averaging" in out
+    config = runs.read_config(run)
+    assert (config.pad_mode, config.mixup, config.cutmix, config.whiten,
+            config.whiten_components, config.whiten_eps, config.ema) == \
+        ("edge", 0.2, 1.0, "pca", 64, 0.1, 0.9)
+    summary = runs.read_summary(run)
+    final = summary["final"]
+    assert "test_accuracy_tta" in final and "test_accuracy" in summary["final_without_ema"]
+    header = json.loads((run / runs.HEADER_FILE).read_text())
+    assert header["folded_whitening"] == {"method": "pca", "eps": 0.1, "components": 64}
+    assert header["architecture"]["input_size"] == 3072
+    assert main(["evaluate", str(run), "--tta"]) == 0
+    out = capsys.readouterr().out
+    assert f"test accuracy {final['test_accuracy']:.2%} on 1000 images" in out
+    assert f"flip averaging (TTA, two forward passes): {final['test_accuracy_tta']:.2%}" in out
+    assert "recomputed for the averaged weights over 50 batches" in out

@@ -10,6 +10,9 @@ Batch-norm statistics: by default the moving averages saved with the model. With
 ``--precise-bn N`` they are recomputed over N training batches (PreciseBN); with
 ``--adaptive-bn`` over the test images themselves (adaptive BN: transductive, and printed
 as such). Both are reported beside the moving averages; the model file is not changed.
+With ``--tta``, the accuracy with test-time flip averaging (the mean of the softmax of
+each image and of its mirror, :mod:`klayer.tta`) is printed on a line of its own,
+after the plain accuracy.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--adaptive-bn", action="store_true",
                    help="also evaluate with batch-norm statistics of the test images "
                         "(adaptive BN; transductive: uses the test inputs, not their labels)")
+    p.add_argument("--tta", action="store_true",
+                   help="also print the test accuracy with test-time flip averaging (the "
+                        "mean prediction of each image and its mirror)")
     p.add_argument("--out", type=Path, metavar="PNG",
                    help="confusion matrix image (default RUN/confusion.png)")
     p.set_defaults(handler=run)
@@ -51,6 +57,9 @@ def run(args) -> int:
     if config is not None and args.data_dir is not None:
         config = config.replace(data_dir=str(args.data_dir))
     dataset, X, y, split = _test_split(net, standardizer, config, args.data_dir)
+    if args.tta and X.shape[1] != 3072:
+        raise ValueError(f"--tta averages over mirrored CIFAR-10 images (3072 values), but "
+                         f"this model takes {X.shape[1]}; leave --tta out")
     class_names = list(class_names or D.CLASS_NAMES)
     print(f"test split: {split}")
 
@@ -68,6 +77,11 @@ def run(args) -> int:
     width = max(map(len, class_names))
     for name, acc, total in zip(class_names, per_class, counts.sum(axis=1)):
         print(f"  {name:<{width}}  {acc:.2%}  ({total} images)")
+    if args.tta:
+        from klayer.tta import flip_average_accuracy
+
+        print(f"test accuracy with flip averaging (TTA, two forward passes): "
+              f"{flip_average_accuracy(net, X, y):.2%}")
     out = args.out or run_dir / "confusion.png"
     plots.plot_confusion(counts, class_names, out, title=f"Confusion matrix: {run_dir.name}")
     print(f"confusion matrix: {out}")
@@ -138,6 +152,10 @@ def _other_statistics(args, net, X, y, config, run_dir, dataset) -> None:
 
 def _saved_statistics(config) -> str:
     """What the model's saved batch-norm statistics are (config: the run's, or None)."""
+    if config is not None and config.ema:
+        over = config.precise_bn or 50
+        return (f"the saved statistics (recomputed for the averaged weights over {over} "
+                "batches)")
     if config is not None and config.precise_bn:
         return f"the saved statistics (PreciseBN over {config.precise_bn} batches)"
     return "the saved moving averages"

@@ -61,10 +61,16 @@ def run(args) -> int:
     finally:
         log.close()
     f = result.final
+    plain = result.final_without_ema or f  # the plain weights' results
     if result.final_moving_average is not None:
         m = result.final_moving_average
         log.line(f"with the moving averages: test accuracy {m['test_accuracy']:.2%}; "
-                 f"with PreciseBN ({config.precise_bn} batches): {f['test_accuracy']:.2%}")
+                 f"with PreciseBN ({config.precise_bn} batches): {plain['test_accuracy']:.2%}")
+    if result.final_without_ema is not None:
+        log.line(f"plain weights: test accuracy {plain['test_accuracy']:.2%}; their moving "
+                 f"average (ema {config.ema:g}), the saved model: {f['test_accuracy']:.2%}")
+    if "test_accuracy_tta" in f:
+        log.line(f"with test-time flip averaging: test accuracy {f['test_accuracy_tta']:.2%}")
     log.line(f"test accuracy {f['test_accuracy']:.2%} (loss {f['test_loss']:.4f}); "
              f"validation {f['val_accuracy']:.2%}, best {result.best_val_accuracy:.2%} at "
              f"step {result.best_step}; {result.timings['total_seconds']:.0f} s")
