@@ -103,7 +103,7 @@ class TrainConfig:
     init: str | float = option(
         "he", "weight initialisation: he, xavier or σ for N(0, σ²)",
         partial(checks.init, inits=INITS), metavar="he|xavier|σ", parse=str)
-    dtype: str = option("float64", "float precision", checks.choice, choices=DTYPES)
+    dtype: str = option("float32", "float precision (float32: the default, fast; float64: exact comparisons)", checks.choice, choices=DTYPES)
     seed: int = option(0, "seed of the weights and the shuffling", _natural)
     lam: float = option(0.005, "L2 penalty λ", _nonnegative, flag="--lambda", metavar="λ")
     optimizer: str = option(

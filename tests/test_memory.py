@@ -31,13 +31,13 @@ def test_optimizer_state_in_copies_of_the_parameters():
 
 
 def test_data_bytes_follow_protocol_and_subset():
-    full = memory.estimate(TrainConfig())["data"]
+    full = memory.estimate(TrainConfig(dtype="float64"))["data"]
     assert full == 60_000 * 3072 * 8
     assert memory.estimate(TrainConfig(dtype="float32", subset=1000))["data"] == \
         3000 * 3072 * 4
     assert memory.split_sizes(TrainConfig(protocol="single", subset=20_000)) == \
         (10_000, 10_000, 10_000)
-    assert memory.estimate(TrainConfig(), n_train=10, n_val=10, n_test=10)["data"] == \
+    assert memory.estimate(TrainConfig(dtype="float64"), n_train=10, n_val=10, n_test=10)["data"] == \
         30 * 3072 * 8
 
 
@@ -52,7 +52,7 @@ def test_activations_grow_with_width_and_batch():
 
 
 def test_check_fits():
-    estimate = memory.estimate(TrainConfig())
+    estimate = memory.estimate(TrainConfig(dtype="float64"))
     memory.check_fits(estimate, "this run", available=100 * GIB)
     with pytest.raises(ValueError) as err:
         memory.check_fits(estimate, "this run", available=GIB // 2)

@@ -178,7 +178,8 @@ def test_select_optimizer_slices_constants_and_state():
 
 # --- train_population ---------------------------------------------------------------
 
-BASE = TrainConfig(hidden_sizes=(16, 16), n_s=25, cycles=2, batch_size=20, evals_per_cycle=4)
+BASE = TrainConfig(dtype="float64", hidden_sizes=(16, 16), n_s=25, cycles=2,
+                   batch_size=20, evals_per_cycle=4)
 
 
 def _same(result, expected):

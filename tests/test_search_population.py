@@ -20,7 +20,7 @@ from klayer.train import train
 
 # --- grouping, without training ---------------------------------------------------------
 
-BASE = TrainConfig(hidden_sizes=(8,), n_s=5, cycles=1, subset=300)
+BASE = TrainConfig(dtype="float64", hidden_sizes=(8,), n_s=5, cycles=1, subset=300)
 PLENTY = 2**40  # bytes: memory never limits these groups
 
 

@@ -10,7 +10,7 @@ from klayer.config import TrainConfig
 from klayer.network import Network
 from klayer.train import DivergenceError, TrainEvent, train
 
-SMALL = TrainConfig(hidden_sizes=(16, 12), n_s=10, cycles=2, batch_size=20, eta_max=1.0,
+SMALL = TrainConfig(dtype="float64", hidden_sizes=(16, 12), n_s=10, cycles=2, batch_size=20, eta_max=1.0,
                     evals_per_cycle=4, subset=None)
 
 
