@@ -47,9 +47,8 @@ def test_state_dict_round_trip():
         make_optimizer("adamw")
 
 
-def _torch_reference(optimizer_factory, params, grads_per_step, lrs):
+def _torch_reference(torch, optimizer_factory, params, grads_per_step, lrs):
     """The same updates through a torch optimizer, for comparison."""
-    torch = pytest.importorskip("torch")
     tp = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params.items()}
     opt = optimizer_factory(list(tp.values()))
     for grads, lr in zip(grads_per_step, lrs):
@@ -62,15 +61,15 @@ def _torch_reference(optimizer_factory, params, grads_per_step, lrs):
 
 
 @pytest.mark.parametrize("name", ["momentum", "adam"])
-def test_stateful_optimizers_match_torch(name):
-    torch = pytest.importorskip("torch")
+def test_stateful_optimizers_match_torch(name, require_torch):
+    torch = require_torch
     rng = np.random.default_rng(0)
     params = {"W1": rng.standard_normal((4, 3)), "b1": rng.standard_normal(4)}
     steps = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(5)]
     lrs = [0.1, 0.05, 0.2, 0.1, 0.01]
     factory = {"momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                "adam": lambda p: torch.optim.Adam(p, lr=0.1)}[name]
-    expected = _torch_reference(factory, params, steps, lrs)
+    expected = _torch_reference(torch, factory, params, steps, lrs)
     ours = {k: v.copy() for k, v in params.items()}
     opt = make_optimizer(name)
     for grads, lr in zip(steps, lrs):
