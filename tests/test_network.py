@@ -178,3 +178,23 @@ def test_batch_norm_without_hidden_layers_evaluates_after_one_step():
     out = net.evaluate(X, y)
     assert out == plain.evaluate(X, y) and 0 <= out["accuracy"] <= 1
     assert net.predict(X[:1]).shape == (1,)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bias_feeding_batch_norm_has_gradient_exactly_zero(dtype):
+    """Batch norm with batch statistics removes a constant shift of s_l, so dJ/db_l = 0
+    exactly for l < k (not rounding noise, which Adam would amplify); the last bias, biases
+    before batch norm after the ReLU, and eval mode (fixed μ) keep their gradients."""
+    X, y = _data()
+    net = Network(12, [8, 6], dtype=dtype, seed=1, residual=True)
+    net.params["b1"] += 0.5  # a non-zero bias changes nothing
+    grads = net.loss(X, y, lam=0.1).grads
+    for l in (1, 2):
+        assert net.bias_cancelled(l) and not grads[f"b{l}"].any()
+        assert grads[f"b{l}"].dtype == np.dtype(dtype)
+    assert np.abs(grads["b3"]).min() > 0
+    after = Network(12, [8, 6], dtype=dtype, seed=1, norm_position="after")
+    assert all(np.abs(after.loss(X, y).grads[f"b{l}"]).max() > 1e-4 for l in (1, 2, 3))
+    net.update_running_stats(net.loss(X, y, grads=False).batch_stats)
+    net.params["b1"] += 0.5  # now off the moving mean: eval mode sees the shift
+    assert np.abs(net.loss(X, y, mode="eval").grads["b1"]).max() > 1e-4
