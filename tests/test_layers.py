@@ -62,6 +62,20 @@ def test_softmax_is_stable_for_large_scores():
     assert np.isfinite(loss) and np.all(np.isfinite(d))
 
 
+def test_softmax_values_row_by_row_at_any_scale():
+    """softmax against exp(s) / Σ exp(s) row by row, with rows a thousand apart: each row
+    is shifted by its own maximum (a shared shift would underflow the low rows to 0/0,
+    a sign error would overflow the high ones); population input (K, n, C) likewise."""
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((4, 5))
+    offsets = np.array([[-1000.0], [0.0], [3.0], [1000.0]])
+    expected = np.exp(base) / np.exp(base).sum(axis=1, keepdims=True)
+    got = L.softmax(base + offsets)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    stacked = np.stack([base + offsets, base - offsets])  # (K = 2, n = 4, C = 5)
+    np.testing.assert_allclose(L.softmax(stacked), np.stack([expected, expected]), rtol=1e-12)
+
+
 def _bn_case(n, m, seed):
     rng = np.random.default_rng(seed)
     s = rng.standard_normal((n, m)) * rng.uniform(0.5, 3, m) + rng.uniform(-2, 2, m)

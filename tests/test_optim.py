@@ -37,6 +37,40 @@ def test_sgd_reuses_its_scratch_buffers():
     assert {k: id(v) for k, v in opt._scratch.items()} == scratch
 
 
+def test_sgd_scratch_follows_the_gradients_dtype_and_shape():
+    """One SGD used for float64 then float32 parameters of the same shape, then for a
+    parameter whose shape changed: each step is θ - η g bit for bit in θ's own dtype."""
+    opt = SGD()
+    for dtype, shape in ((np.float64, (4, 3)), (np.float32, (4, 3)), (np.float32, (5, 2))):
+        rng = np.random.default_rng(3)
+        theta = rng.standard_normal(shape).astype(dtype)
+        g = rng.standard_normal(shape).astype(dtype)
+        expected = theta - np.asarray(0.1, dtype) * g
+        opt.step({"W1": theta}, {"W1": g}, 0.1)
+        assert theta.dtype == dtype
+        np.testing.assert_array_equal(theta, expected)
+
+
+@pytest.mark.parametrize("name, state, message", [
+    ("sgd", {"velocity/W1": np.zeros(3)},
+     r"^SGD keeps no state, but the checkpoint has optimizer entries \['velocity/W1'\]: "
+     r"it was written with another optimizer$"),
+    ("momentum", {"velocity/W1": np.zeros(3), "m/W1": np.zeros(3)},
+     r"^unexpected optimizer entry 'm/W1' for momentum: the checkpoint was written with "
+     r"another optimizer$"),
+    ("momentum", {"velocity": np.zeros(3)}, r"^unexpected optimizer entry 'velocity' for"),
+    ("adam", {"velocity/W1": np.zeros(3)},
+     r"^the checkpoint's optimizer state has no Adam step count 't': it was written with "
+     r"another optimizer$"),
+    ("adam", {"t": 3, "m/W1": np.zeros(3), "velocity/W1": np.zeros(3)},
+     r"^unexpected optimizer entry 'velocity/W1' for Adam$"),
+    ("adam", {"t": 3, "m": np.zeros(3)}, r"^unexpected optimizer entry 'm' for Adam$"),
+])
+def test_state_of_another_optimizer_is_refused_by_name(name, state, message):
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(name).load_state_dict(state)
+
+
 def test_state_dict_round_trip():
     opt = make_optimizer("sgd")
     assert isinstance(opt, SGD) and opt.state_dict() == {}
