@@ -237,6 +237,21 @@ def test_dropout_mask_p0_seed_and_errors():
             L.dropout_mask((3, 3), p, np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dropout_mask_draws_uniforms_of_its_own_dtype(dtype):
+    """A float32 mask comes from float32 uniforms (half the random bits of float64's, a
+    different stream): the documented draw, so that runs replay exactly."""
+    expected = np.random.default_rng(5).random((40, 30), dtype=np.dtype(dtype)) >= 0.3
+    mask = L.dropout_mask((40, 30), 0.3, np.random.default_rng(5), dtype)
+    np.testing.assert_array_equal(mask != 0, expected)
+
+
+def test_batchnorm_train_mode_refuses_one_example_by_name():
+    with pytest.raises(ValueError, match=r"^batch norm in train mode needs a batch of at least "
+                                         r"2 examples \(got 1\); use eval mode"):
+        L.batchnorm_forward(np.ones((1, 3)), np.ones(3), np.zeros(3), 1e-5)
+
+
 def test_dropout_forward_backward_multiply_by_mask():
     rng = np.random.default_rng(2)
     x, dout = rng.standard_normal((8, 6)), rng.standard_normal((8, 6))

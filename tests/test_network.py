@@ -198,3 +198,24 @@ def test_bias_feeding_batch_norm_has_gradient_exactly_zero(dtype):
     net.update_running_stats(net.loss(X, y, grads=False).batch_stats)
     net.params["b1"] += 0.5  # now off the moving mean: eval mode sees the shift
     assert np.abs(net.loss(X, y, mode="eval").grads["b1"]).max() > 1e-4
+
+
+def test_float32_network_draws_float32_dropout_masks():
+    net = Network(12, [8, 6], dtype="float32", seed=1, dropout=0.3)
+    masks = net.dropout_masks(16, np.random.default_rng(2))
+    rng = np.random.default_rng(2)
+    for l, width in ((1, 8), (2, 6)):
+        assert masks[l].dtype == np.float32
+        np.testing.assert_array_equal(masks[l] != 0,
+                                      rng.random((16, width), dtype=np.float32) >= 0.3)
+    with pytest.raises(ValueError, match=r"^dropout masks must be \{1: \(16, 8\), 2: \(16, 6\)\}"):
+        net.loss(*_data(), masks={1: masks[1]})
+
+
+def test_scores_of_no_rows_and_evaluate_without_lambda():
+    net = Network(12, [8], 5, batch_norm=False, dtype="float32")
+    empty = net.scores(np.zeros((0, 12)))
+    assert empty.shape == (0, 5) and empty.dtype == np.float32
+    X, y = _data(classes=5)
+    result = net.evaluate(X, y)
+    assert result["cost"] == result["loss"]  # λ defaults to 0

@@ -124,6 +124,14 @@ def test_gradients_of_every_member_match_centred_differences(options):
                 assert relative_error(analytic[name][k], numeric[name][k]) < 1e-7, (name, k)
 
 
+def test_population_scores_in_chunks_agree_with_one_pass():
+    pop = Population.build(3, D, HIDDEN, C, seed=[0, 1, 2], batch_norm=False)
+    X = np.random.default_rng(4).standard_normal((10, D))
+    whole = pop.scores(X, chunk=100)
+    assert whole.shape == (3, 10, C)
+    np.testing.assert_allclose(pop.scores(X, chunk=3), whole, rtol=1e-12)
+
+
 def test_members_round_trip_and_select():
     nets = [Network(D, HIDDEN, C, **m) for m in MEMBERS]
     pop = Population(nets)
