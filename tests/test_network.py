@@ -219,3 +219,6 @@ def test_scores_of_no_rows_and_evaluate_without_lambda():
     X, y = _data(classes=5)
     result = net.evaluate(X, y)
     assert result["cost"] == result["loss"]  # λ defaults to 0
+    r = net.loss(X, y)
+    assert r.cost == r.loss and r.grads is not None
+    assert net.loss(X, y, grads=False).grads is None
