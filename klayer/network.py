@@ -272,6 +272,12 @@ class Network:
             dh, grads[f"W{l}"], grads[f"b{l}"] = L.affine_backward(
                 ds, c.affine, need_dx=l > 1
             )
+            if l in fwd.batch_stats and self.bias_cancelled(l):
+                # Batch norm with batch statistics subtracts the batch mean, so b_l
+                # changes no output: dJ/db_l is exactly 0. Computed, it is the column
+                # sum of ds, which is 0 only up to rounding (~1e-9 in float32); Adam
+                # divides that noise by sqrt(v) + ε and moves b_l by ~0.1 η a step.
+                grads[f"b{l}"][...] = 0
             if c.skip:
                 dh += ds
         return grads

@@ -62,6 +62,20 @@ def test_softmax_is_stable_for_large_scores():
     assert np.isfinite(loss) and np.all(np.isfinite(d))
 
 
+def test_softmax_values_row_by_row_at_any_scale():
+    """softmax against exp(s) / Σ exp(s) row by row, with rows a thousand apart: each row
+    is shifted by its own maximum (a shared shift would underflow the low rows to 0/0,
+    a sign error would overflow the high ones); population input (K, n, C) likewise."""
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((4, 5))
+    offsets = np.array([[-1000.0], [0.0], [3.0], [1000.0]])
+    expected = np.exp(base) / np.exp(base).sum(axis=1, keepdims=True)
+    got = L.softmax(base + offsets)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    stacked = np.stack([base + offsets, base - offsets])  # (K = 2, n = 4, C = 5)
+    np.testing.assert_allclose(L.softmax(stacked), np.stack([expected, expected]), rtol=1e-12)
+
+
 def _bn_case(n, m, seed):
     rng = np.random.default_rng(seed)
     s = rng.standard_normal((n, m)) * rng.uniform(0.5, 3, m) + rng.uniform(-2, 2, m)
@@ -221,6 +235,21 @@ def test_dropout_mask_p0_seed_and_errors():
     for p in (1.0, 1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match="dropout probability"):
             L.dropout_mask((3, 3), p, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dropout_mask_draws_uniforms_of_its_own_dtype(dtype):
+    """A float32 mask comes from float32 uniforms (half the random bits of float64's, a
+    different stream): the documented draw, so that runs replay exactly."""
+    expected = np.random.default_rng(5).random((40, 30), dtype=np.dtype(dtype)) >= 0.3
+    mask = L.dropout_mask((40, 30), 0.3, np.random.default_rng(5), dtype)
+    np.testing.assert_array_equal(mask != 0, expected)
+
+
+def test_batchnorm_train_mode_refuses_one_example_by_name():
+    with pytest.raises(ValueError, match=r"^batch norm in train mode needs a batch of at least "
+                                         r"2 examples \(got 1\); use eval mode"):
+        L.batchnorm_forward(np.ones((1, 3)), np.ones(3), np.zeros(3), 1e-5)
 
 
 def test_dropout_forward_backward_multiply_by_mask():

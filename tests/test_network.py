@@ -178,3 +178,47 @@ def test_batch_norm_without_hidden_layers_evaluates_after_one_step():
     out = net.evaluate(X, y)
     assert out == plain.evaluate(X, y) and 0 <= out["accuracy"] <= 1
     assert net.predict(X[:1]).shape == (1,)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bias_feeding_batch_norm_has_gradient_exactly_zero(dtype):
+    """Batch norm with batch statistics removes a constant shift of s_l, so dJ/db_l = 0
+    exactly for l < k (not rounding noise, which Adam would amplify); the last bias, biases
+    before batch norm after the ReLU, and eval mode (fixed μ) keep their gradients."""
+    X, y = _data()
+    net = Network(12, [8, 6], dtype=dtype, seed=1, residual=True)
+    net.params["b1"] += 0.5  # a non-zero bias changes nothing
+    grads = net.loss(X, y, lam=0.1).grads
+    for l in (1, 2):
+        assert net.bias_cancelled(l) and not grads[f"b{l}"].any()
+        assert grads[f"b{l}"].dtype == np.dtype(dtype)
+    assert np.abs(grads["b3"]).min() > 0
+    after = Network(12, [8, 6], dtype=dtype, seed=1, norm_position="after")
+    assert all(np.abs(after.loss(X, y).grads[f"b{l}"]).max() > 1e-4 for l in (1, 2, 3))
+    net.update_running_stats(net.loss(X, y, grads=False).batch_stats)
+    net.params["b1"] += 0.5  # now off the moving mean: eval mode sees the shift
+    assert np.abs(net.loss(X, y, mode="eval").grads["b1"]).max() > 1e-4
+
+
+def test_float32_network_draws_float32_dropout_masks():
+    net = Network(12, [8, 6], dtype="float32", seed=1, dropout=0.3)
+    masks = net.dropout_masks(16, np.random.default_rng(2))
+    rng = np.random.default_rng(2)
+    for l, width in ((1, 8), (2, 6)):
+        assert masks[l].dtype == np.float32
+        np.testing.assert_array_equal(masks[l] != 0,
+                                      rng.random((16, width), dtype=np.float32) >= 0.3)
+    with pytest.raises(ValueError, match=r"^dropout masks must be \{1: \(16, 8\), 2: \(16, 6\)\}"):
+        net.loss(*_data(), masks={1: masks[1]})
+
+
+def test_scores_of_no_rows_and_evaluate_without_lambda():
+    net = Network(12, [8], 5, batch_norm=False, dtype="float32")
+    empty = net.scores(np.zeros((0, 12)))
+    assert empty.shape == (0, 5) and empty.dtype == np.float32
+    X, y = _data(classes=5)
+    result = net.evaluate(X, y)
+    assert result["cost"] == result["loss"]  # λ defaults to 0
+    r = net.loss(X, y)
+    assert r.cost == r.loss and r.grads is not None
+    assert net.loss(X, y, grads=False).grads is None

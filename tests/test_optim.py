@@ -37,6 +37,45 @@ def test_sgd_reuses_its_scratch_buffers():
     assert {k: id(v) for k, v in opt._scratch.items()} == scratch
 
 
+@pytest.mark.parametrize("changes", [
+    ((np.float32, (4, 3)), (np.float64, (4, 3))),  # the dtype changes, not the shape
+    ((np.float64, (4, 3)), (np.float64, (5, 2))),  # the shape changes, not the dtype
+], ids=["dtype", "shape"])
+def test_sgd_scratch_follows_the_gradients_dtype_and_shape(changes):
+    """One SGD used for a parameter whose dtype or shape changes between steps: each step
+    is θ - η g bit for bit in θ's own dtype (a float32 scratch would round a float64
+    step; a scratch of the old shape does not fit)."""
+    opt = SGD()
+    for dtype, shape in changes:
+        rng = np.random.default_rng(3)
+        theta = rng.standard_normal(shape).astype(dtype)
+        g = rng.standard_normal(shape).astype(dtype)
+        expected = theta - np.asarray(0.1, dtype) * g
+        opt.step({"W1": theta}, {"W1": g}, 0.1)
+        assert theta.dtype == dtype
+        np.testing.assert_array_equal(theta, expected)
+
+
+@pytest.mark.parametrize("name, state, message", [
+    ("sgd", {"velocity/W1": np.zeros(3)},
+     r"^SGD keeps no state, but the checkpoint has optimizer entries \['velocity/W1'\]: "
+     r"it was written with another optimizer$"),
+    ("momentum", {"velocity/W1": np.zeros(3), "m/W1": np.zeros(3)},
+     r"^unexpected optimizer entry 'm/W1' for momentum: the checkpoint was written with "
+     r"another optimizer$"),
+    ("momentum", {"velocity": np.zeros(3)}, r"^unexpected optimizer entry 'velocity' for"),
+    ("adam", {"velocity/W1": np.zeros(3)},
+     r"^the checkpoint's optimizer state has no Adam step count 't': it was written with "
+     r"another optimizer$"),
+    ("adam", {"t": 3, "m/W1": np.zeros(3), "velocity/W1": np.zeros(3)},
+     r"^unexpected optimizer entry 'velocity/W1' for Adam$"),
+    ("adam", {"t": 3, "m": np.zeros(3)}, r"^unexpected optimizer entry 'm' for Adam$"),
+])
+def test_state_of_another_optimizer_is_refused_by_name(name, state, message):
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(name).load_state_dict(state)
+
+
 def test_state_dict_round_trip():
     opt = make_optimizer("sgd")
     assert isinstance(opt, SGD) and opt.state_dict() == {}
@@ -47,9 +86,8 @@ def test_state_dict_round_trip():
         make_optimizer("adamw")
 
 
-def _torch_reference(optimizer_factory, params, grads_per_step, lrs):
+def _torch_reference(torch, optimizer_factory, params, grads_per_step, lrs):
     """The same updates through a torch optimizer, for comparison."""
-    torch = pytest.importorskip("torch")
     tp = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params.items()}
     opt = optimizer_factory(list(tp.values()))
     for grads, lr in zip(grads_per_step, lrs):
@@ -62,15 +100,15 @@ def _torch_reference(optimizer_factory, params, grads_per_step, lrs):
 
 
 @pytest.mark.parametrize("name", ["momentum", "adam"])
-def test_stateful_optimizers_match_torch(name):
-    torch = pytest.importorskip("torch")
+def test_stateful_optimizers_match_torch(name, require_torch):
+    torch = require_torch
     rng = np.random.default_rng(0)
     params = {"W1": rng.standard_normal((4, 3)), "b1": rng.standard_normal(4)}
     steps = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(5)]
     lrs = [0.1, 0.05, 0.2, 0.1, 0.01]
     factory = {"momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                "adam": lambda p: torch.optim.Adam(p, lr=0.1)}[name]
-    expected = _torch_reference(factory, params, steps, lrs)
+    expected = _torch_reference(torch, factory, params, steps, lrs)
     ours = {k: v.copy() for k, v in params.items()}
     opt = make_optimizer(name)
     for grads, lr in zip(steps, lrs):

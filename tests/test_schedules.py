@@ -137,3 +137,10 @@ def test_per_member_schedules_give_a_vector_of_rates():
     for step in (0, 5, 10, 17, 40):
         np.testing.assert_array_equal(eta(step), [s(step) for s in schedules])
     assert eta.select([2, 0]) == PerMember((schedules[2], schedules[0]))
+
+
+def test_make_schedule_refuses_an_unknown_schedule():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=r"^schedule must be one of .*, got 'linear'$"):
+        make_schedule(SimpleNamespace(schedule="linear", warmup_steps=0))

@@ -6,6 +6,7 @@ subsets of the real CIFAR-10 (the ``cifar_dir`` fixture).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -115,12 +116,75 @@ def one_worker(random_spec, tmp_path_factory):
                       blas_threads=1)
 
 
-def test_two_workers_give_the_same_results_as_one(random_spec, one_worker, tmp_path):
-    two = run_search(random_spec, tmp_path, workers=2, blas_threads=1)
+# A probe loaded into every new Python process through sitecustomize (test-only; the
+# driver, already running, never loads it). It adds a training callback (through the
+# fault-injection hook point, klayer.runs.fault_callbacks) that, at a trial's first step,
+# writes the process id and the BLAS threads threadpoolctl sees there, then waits until
+# trials have started in two different processes. A pool of two workers passes that
+# barrier at once; trials run in one process would wait out the timeout and leave one
+# pid, and trials run in the driver leave no probe file at all: no race either way.
+PROBE = """
+import os, sys
+if os.environ.get("KLAYER_TEST_PROBE"):
+    sys.path.insert(0, {root!r})  # the klayer under test, as in the driver
+    import json, time
+    from pathlib import Path
+    from threadpoolctl import threadpool_info
+    import klayer.runs as runs
+
+    folder = Path(os.environ["KLAYER_TEST_PROBE"])
+    fault_callbacks = runs.fault_callbacks
+
+    def probe(event):
+        if event.kind != "step" or event.step != 1:
+            return
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        n = len(list(folder.glob(f"{{os.getpid()}}-*.json")))
+        (folder / f"{{os.getpid()}}-{{n}}.json").write_text(json.dumps(blas))
+        deadline = time.monotonic() + 120
+        while (len({{f.name.split("-")[0] for f in folder.glob("*.json")}}) < 2
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+
+    runs.fault_callbacks = lambda: [probe, *fault_callbacks()]
+"""
+
+
+def test_two_workers_give_the_same_results_as_one(random_spec, one_worker, tmp_path,
+                                                  monkeypatch):
+    import klayer
+
+    site, probes = tmp_path / "site", tmp_path / "probes"
+    site.mkdir()
+    probes.mkdir()
+    root = str(Path(klayer.__file__).resolve().parent.parent)
+    (site / "sitecustomize.py").write_text(PROBE.format(root=root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("KLAYER_TEST_PROBE", str(probes))
+    two = run_search(random_spec, tmp_path / "search", workers=2, blas_threads=1)
     names = ("lam", "batch_norm")
     assert len(one_worker.rows) == len(two.rows) == 4
     assert by_params(two.rows, names) == by_params(one_worker.rows, names)
     assert len(by_params(two.rows, names)) == 4  # four different draws
+
+    # the four trials ran in two worker processes, neither of them this one ...
+    files = sorted(probes.glob("*.json"))
+    pids = {int(f.name.split("-")[0]) for f in files}
+    assert len(files) == 4 and len(pids) == 2 and os.getpid() not in pids
+    # ... each limited to the BLAS threads asked for (OpenBLAS would use every core)
+    assert all(json.loads(f.read_text()) == [1] for f in files), \
+        {f.name: f.read_text() for f in files}
+
+
+def test_pool_workers_share_the_cores_for_blas():
+    from klayer.search.executors import PoolExecutor, available_cores, make_executor
+
+    cores = available_cores()
+    assert make_executor(2).blas_threads == max(1, cores // 2)
+    assert make_executor(3, blas_threads=2).blas_threads == 2
+    assert make_executor(1).blas_threads == cores
+    assert isinstance(make_executor(2), PoolExecutor) and make_executor(2).pool is None
 
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(cifar_dir, tmp_path):
