@@ -105,7 +105,8 @@ def random_spec(cifar_dir):
     """Four random draws of λ (log-uniform) and batch norm on/off."""
     return parse_search(tiny(cifar_dir, {"lam": {"log_uniform": [1e-4, 1e-1]},
                                          "batch_norm": {"choice": [True, False]}},
-                             method="random", n_trials=4, seed=3))
+                             method="random", n_trials=4, seed=3,
+                             population=False))  # one job per trial: what workers run
 
 
 @pytest.fixture(scope="module")
