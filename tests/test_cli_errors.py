@@ -29,6 +29,8 @@ FILES = {
     "grid.toml": (b'[search]\nmethod = "grid"\n[search.space.lam]\n'
                   b"log_uniform = [1e-5, 1e-1]\ngrid = 100000000\n"),
     "search_latin1.toml": b'[search]\nmethod = "gr\xefd"\n',
+    "huge_search.toml": (b'[search]\nmethod = "grid"\n[search.space.hidden_sizes]\n'
+                         b"choice = [[8], [10000000]]\n"),
 }
 
 ROWS = [
@@ -79,6 +81,7 @@ ROWS = [
     (["search", "--config", "folder"], "search file folder is a folder"),
     (["search", "--config", "search_latin1.toml"], "search_latin1.toml: not a TOML file"),
     (["search", "--config", "missing.toml"], "search file missing.toml does not exist"),
+    (["search", "--config", "huge_search.toml"], "the largest trial of this search needs"),
     (["evaluate", "missing_run"], "holds no saved klayer model"),
     (["evaluate", "folder"], "folder holds no saved klayer model"),
     (["predict", "folder", "keep.txt"], "folder holds no saved klayer model"),
@@ -87,6 +90,7 @@ ROWS = [
     (["export", "folder", "--format", "tflite"], "argument --format: invalid choice"),
     (["data", "--data-dir", "missing", "--no-download"], "missing (from --data-dir) does not exist"),
     (["reproduce", "--workers", "0"], "--workers must be at least 1"),
+    (["reproduce", "--out", "keep.txt", "--quick"], "--out keep.txt is a file"),
     (["reproduce", "--quick", "--data-dir", "missing"], "missing (from --data-dir) does not exist"),
     (["gradcheck", "--cifar", "--data-dir", "missing"], "missing (from --data-dir) does not exist"),
     (["train", "--data-dir", "missing", "--subset", "10"], "missing (from --data-dir) does not exist"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from klayer.checks import DTYPES
 
@@ -33,13 +34,22 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from klayer import study
+    from klayer import runs
     from klayer.data import ensure_cifar10
-    from klayer.report import write_report
 
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder for the reproduction")
     data_dir = str(ensure_cifar10(args.data_dir, download=True, progress=not args.quiet))
+    with runs.folder_lock(args.out, "klayer reproduce", kind="reproduction folder"):
+        return _reproduce(args, data_dir)
+
+
+def _reproduce(args, data_dir) -> int:
+    from klayer import study
+    from klayer.report import write_report
+
     budget = study.QUICK if args.quick else study.FULL
     start = time.perf_counter()
 

@@ -13,7 +13,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from klayer import checks
+from klayer import checks, memory
 from klayer.cli import UserError
 from klayer.config import add_option_flags, flags_given
 from klayer.search import METHODS, OBJECTIVES, SAMPLERS
@@ -146,6 +146,7 @@ def run(args) -> int:
         raise UserError(f"the grid has {points:,} points, more than --max-grid "
                         f"{args.max_grid:,}; use fewer grid values or a random search")
     spec = parse_search(doc)
+    memory.check_fits(_largest_trial(spec), "the largest trial of this search")
     out = args.out or Path("searches") / (args.config.stem if args.config else "search")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ensure_cifar10(spec.base.data_dir, progress=not args.quiet)
@@ -267,3 +268,31 @@ def _trial_line(row: dict) -> str:
         return f"{head}: {row['state']}: {row['fail_reason']}"
     return (f"{head}: val acc {row['val_accuracy']:.4f}, best epoch {row['best_epoch']:.1f}, "
             f"{row['seconds']:.0f} s")
+
+
+# Options whose value changes how much memory a trial needs.
+_MEMORY_OPTIONS = ("hidden_sizes", "batch_size", "dtype", "subset", "protocol", "n_val",
+                   "optimizer")
+
+
+def _largest_trial(spec) -> dict:
+    """The memory estimate of the search's largest trial, before any is run: the base
+    configuration with every combination of the searched values of the options above
+    (the top of a range)."""
+    import itertools
+
+    choices = []
+    for dim in spec.space:
+        if dim.name not in _MEMORY_OPTIONS:
+            continue
+        values = (list(dim.choices) if dim.kind == "choice"
+                  else [int(dim.high) if dim.kind == "int_uniform" else dim.high])
+        choices.append([(dim.name, v) for v in values])
+    estimates = []
+    for combination in itertools.product(*choices):
+        try:
+            config = spec.base.replace(**dict(combination))
+        except ValueError:
+            continue  # an invalid combination: recorded as a failed trial, never run
+        estimates.append(memory.estimate(config))
+    return max(estimates, key=lambda e: sum(e.values()), default=memory.estimate(spec.base))

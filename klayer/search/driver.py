@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import shutil
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from optuna.trial import TrialState
 
+from klayer import runs
 from klayer.config import TrainConfig
 from klayer.population import group_configs
 from klayer.search.executors import make_executor
@@ -97,22 +97,6 @@ class SearchResult:
         return counts
 
 
-@contextmanager
-def _search_lock(out: Path):
-    """Only one search runs in a folder at a time (its RUNNING trials are its own)."""
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no lock
-        yield
-        return
-    with open(out / ".search.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another klayer search is running in {out}") from None
-        yield
-
-
 def run_search(spec: SearchSpec, out, workers: int = 1, ray_address: str | None = None,
                blas_threads: int | None = None, on_event=None,
                keep_failed: bool = False) -> SearchResult:
@@ -128,7 +112,7 @@ def run_search(spec: SearchSpec, out, workers: int = 1, ray_address: str | None 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda event: None)
-    with _search_lock(out):
+    with runs.folder_lock(out, "klayer search", kind="search folder"):
         storage = open_storage(out)
         rounds = [spec.first_round()]
         studies = [open_study(storage, rounds[0], spec)]
