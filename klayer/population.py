@@ -39,13 +39,12 @@ import numpy as np
 from klayer import augment
 from klayer import layers as L
 from klayer import runs
-from klayer.bn_stats import population_statistics, use_statistics
 from klayer.network import LossResult, Network
 from klayer.optim import make_optimizer
 from klayer.schedules import PerMember, make_schedule
 from klayer.train import (
     AUGMENT_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM, TrainResult, checked_splits,
-    build_network, evaluate,
+    build_network, evaluate, with_precise_bn,
 )
 
 # Network options each member may set for itself; all others must agree.
@@ -536,12 +535,7 @@ def _member_result(config, net, history, test, splits, total, steps_per_epoch,
                    timings) -> TrainResult:
     final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
     final.update(test)
-    final_moving_average = None
-    if config.precise_bn:
-        final_moving_average = final
-        use_statistics(net, population_statistics(
-            net, splits["train"][0], config.batch_size, config.precise_bn, seed=config.seed))
-        final = evaluate(net, splits, config.lam)
+    final, final_moving_average = with_precise_bn(net, config, splits, final)
     best = max(history, key=lambda row: row["val_accuracy"])
     return TrainResult(
         config=config, network=net, history=history, final=final,

@@ -271,6 +271,17 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     return result
 
 
+def with_precise_bn(net, config, splits: dict, final: dict) -> tuple[dict, dict | None]:
+    """With ``config.precise_bn``: recompute ``net``'s batch-norm statistics over that many
+    training batches (PreciseBN) and return (the results with them, ``final`` as it was
+    with the moving averages); otherwise (``final``, None)."""
+    if not config.precise_bn:
+        return final, None
+    use_statistics(net, population_statistics(
+        net, splits["train"][0], config.batch_size, config.precise_bn, seed=config.seed))
+    return evaluate(net, splits, config.lam), final
+
+
 def finish(state: "TrainState", splits: dict, run_dir=None, whitening=None,
            raw_splits=None) -> TrainResult:
     """The final evaluation (test set included) of a trained state: with ``precise_bn``,
@@ -286,12 +297,8 @@ def finish(state: "TrainState", splits: dict, run_dir=None, whitening=None,
     final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
     if "test" in splits:
         final.update(evaluate(net, {"test": splits["test"]}, config.lam))
-    final_moving_average = final_without_ema = None
-    if config.precise_bn:
-        final_moving_average = final
-        use_statistics(net, population_statistics(
-            net, splits["train"][0], config.batch_size, config.precise_bn, seed=config.seed))
-        final = evaluate(net, splits, config.lam)
+    final_without_ema = None
+    final, final_moving_average = with_precise_bn(net, config, splits, final)
     plain = net
     if state.ema is not None:
         final_without_ema = _with_tta(final, plain, raw_splits, whitening)
