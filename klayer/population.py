@@ -43,7 +43,7 @@ from klayer.network import LossResult, Network
 from klayer.optim import make_optimizer
 from klayer.schedules import PerMember, make_schedule
 from klayer.train import (
-    AUGMENT_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM, TrainResult, checked_splits,
+    AUGMENT_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM, Batches, TrainResult, checked_splits,
     build_network, evaluate, with_precise_bn,
 )
 
@@ -337,6 +337,7 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None,
     start = 0
     if resume:
         start = run.restore(checkpoint_dir, d, num_classes)
+    batches = Batches(X_train, y_train, B)
     lam = np.array([c.lam for c in configs])
     eval_steps = [set(c.eval_steps()) for c in configs]
     total = first.total_steps
@@ -360,10 +361,9 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None,
     for step in range(start, total):
         t0 = time.perf_counter()
         j = step % steps_per_epoch
-        if j == 0:  # a new epoch: one permutation, one gather, shared by all members
+        if j == 0:  # a new epoch: one permutation, shared by all members
             order = run.rng.permutation(n)
-            X_epoch, y_epoch = X_train[order], y_train[order]
-        Xb, yb = X_epoch[j * B:(j + 1) * B], y_epoch[j * B:(j + 1) * B]
+        Xb, yb = batches(order, j)
         eta = run.schedule(step)
         if step == 0:
             run.train_seconds += time.perf_counter() - t0

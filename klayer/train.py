@@ -218,6 +218,7 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
         X_rows = seen["train"][0] if config.whiten == "zca" else X_train  # batches from
         per_batch = (lambda A: whitening.transform(A, config.dtype)) \
             if config.whiten == "pca" else (lambda A: A)
+        batches = Batches(X_rows, y_train, B)
         state = TrainState.start(config, seen["train"][0].shape[1], num_classes,
                                  steps_per_epoch)
         net, optimizer = state.net, state.optimizer
@@ -229,10 +230,9 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
         for step in range(state.step, total):
             t0 = time.perf_counter()
             j = step % state.steps_per_epoch
-            if j == 0:  # a new epoch (checkpoints fall here too): one permutation, one gather
+            if j == 0:  # a new epoch (checkpoints fall here too): one permutation
                 order = state.shuffle.permutation(n)
-                X_epoch, y_epoch = X_rows[order], y_train[order]  # batches: contiguous rows
-            Xb, yb = X_epoch[j * B:(j + 1) * B], y_epoch[j * B:(j + 1) * B]
+            Xb, yb = batches(order, j)
             eta = schedule(step)
             if step == 0:
                 state.clock.train_seconds += time.perf_counter() - t0
@@ -443,6 +443,28 @@ class TrainState:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+class Batches:
+    """The mini-batches of an epoch: ``batches(order, j)`` is batch j of the permutation
+    ``order``, the rows order[j B:(j+1) B] of (X, y), gathered into one (B, d) buffer that
+    every step reuses. Gathering the whole epoch at once instead would allocate (and so
+    have the kernel zero) a copy of the training set every epoch, 553 MB for CIFAR-10's
+    45,000 float32 rows, written once and read back once from memory; the batch buffer,
+    1.2 MB at B = 100, is still in the cache when the first layer reads it. A batch's
+    rows are valid until the next call.
+    """
+
+    def __init__(self, X, y, batch_size: int):
+        self.X, self.y, self.batch_size = X, y, batch_size
+        self.buffer = np.empty((batch_size, X.shape[1]), X.dtype)
+
+    def __call__(self, order, j: int):
+        rows = order[j * self.batch_size:(j + 1) * self.batch_size]
+        # mode="clip" writes straight into the buffer (the default "raise" gathers into a
+        # temporary first); rows come from a permutation of range(n), never out of range.
+        return np.take(self.X, rows, axis=0, out=self.buffer, mode="clip"), self.y[rows]
+
 
 
 def checked_splits(data, dtype, num_classes) -> dict:
