@@ -50,6 +50,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -284,26 +285,44 @@ def with_precise_bn(net, config, splits: dict, final: dict) -> tuple[dict, dict 
 
 def finish(state: "TrainState", splits: dict, run_dir=None, whitening=None,
            raw_splits=None) -> TrainResult:
-    """The final evaluation (test set included) of a trained state: with ``precise_bn``,
-    the PreciseBN statistics replace the moving averages (the results with those are
-    kept in ``final_moving_average``); with ``ema``, the averaged weights (statistics
-    recomputed for them) replace the plain ones (kept in ``final_without_ema``).
+    """The final evaluation (test set included) of a trained state, through
+    :func:`finish_network`; its time is added to the state's eval_seconds.
     splits: as the network sees them (whitened, if so); with a ``whitening``, the
     returned network has it folded into its first layer and takes ``raw_splits``' rows.
     """
-    config, net, history, clock = state.config, state.net, state.history, state.clock
-    raw_splits = splits if raw_splits is None else raw_splits
+    config, net, clock = state.config, state.net, state.clock
     t0 = time.perf_counter()  # train and val were just evaluated: the last history row
+    test = evaluate(net, {"test": splits["test"]}, config.lam) if "test" in splits else {}
+    result = finish_network(config, net, state.history, test, splits, state.steps_per_epoch,
+                            timings={}, ema=state.ema, whitening=whitening,  # {}: below
+                            raw_splits=raw_splits, run_dir=run_dir)
+    clock.eval_seconds += time.perf_counter() - t0
+    return dataclasses.replace(result, timings=clock.as_dict())
+
+
+def finish_network(config: TrainConfig, net: Network, history: list, test: dict,
+                   splits: dict, steps_per_epoch: int, timings: dict, ema: EMA | None = None,
+                   whitening=None, raw_splits=None, run_dir=None) -> TrainResult:
+    """The TrainResult of a network trained for ``config`` (alone, or as a member of a
+    population): ``final`` is the last history row's train and val results and ``test``
+    (test_loss, test_cost, test_accuracy, or empty without a test set); with
+    ``precise_bn``, the PreciseBN statistics replace the moving averages (the results
+    with those are kept in ``final_moving_average``); with ``ema``, the averaged weights
+    (statistics recomputed for them) replace the plain ones (kept in
+    ``final_without_ema``); on CIFAR-10 images, ``test_accuracy_tta`` is added. PreciseBN
+    replaces ``net``'s moving averages in place. splits, whitening, raw_splits: as
+    :func:`finish`.
+    """
+    raw_splits = splits if raw_splits is None else raw_splits
     final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
-    if "test" in splits:
-        final.update(evaluate(net, {"test": splits["test"]}, config.lam))
+    final.update(test)
     final_without_ema = None
     final, final_moving_average = with_precise_bn(net, config, splits, final)
     plain = net
-    if state.ema is not None:
+    if ema is not None:
         final_without_ema = _with_tta(final, plain, raw_splits, whitening)
         net = build_network(config, plain.input_size, plain.num_classes)
-        net.params = {k: v.copy() for k, v in state.ema.params.items()}
+        net.params = {k: v.copy() for k, v in ema.params.items()}
         if net.batch_norm and net.num_layers > 1:
             net.buffers = population_statistics(
                 net, splits["train"][0], config.batch_size,
@@ -313,13 +332,12 @@ def finish(state: "TrainState", splits: dict, run_dir=None, whitening=None,
     final = _with_tta(final, net, raw_splits, whitening)
     if whitening is not None:
         net = fold_whitening(net, whitening)
-    clock.eval_seconds += time.perf_counter() - t0
     best = max(history, key=lambda row: row["val_accuracy"])
     return TrainResult(
         config=config, network=net, history=history, final=final,
         best_val_accuracy=best["val_accuracy"], best_step=best["step"],
         best_epoch=best["epoch"], steps=config.total_steps,
-        epochs=config.total_steps / state.steps_per_epoch, timings=clock.as_dict(),
+        epochs=config.total_steps / steps_per_epoch, timings=timings,
         run_dir=run_dir, final_moving_average=final_moving_average,
         final_without_ema=final_without_ema,
     )
