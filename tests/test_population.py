@@ -294,7 +294,8 @@ def test_members_finish_as_runs_alone_do_with_flip_averaging(tmp_path):
     for key in ("final", "final_moving_average"):
         assert set(together[key]) == set(alone[key]), key
     assert "test_accuracy_tta" in together["final"]
-    net, X_test = member.network, data.X_test.astype(net.dtype)
+    net = member.network
+    X_test = data.X_test.astype(net.dtype)
     p = layers.softmax(net.scores(X_test)) + layers.softmax(net.scores(augment.mirror(X_test)))
     assert together["final"]["test_accuracy_tta"] == np.mean(p.argmax(axis=1) == data.y_test)
 
