@@ -84,7 +84,7 @@ def main():
     what = f"population of {args.population}" if args.population else "one network"
     print(f"[50, 50] BN, float32, batch {BATCH}, {what}, "
           f"{'CIFAR-10' if args.data_dir else 'random data'}; peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1000} MB\n")
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 // 10**6} MB\n")
     print("| epoch | minor page faults | allocated above the epoch's start (MB) |")
     print("|---|---|---|")
     for epoch, (faults, peak) in enumerate(counter.rows, 1):
