@@ -1,8 +1,8 @@
 """Training-epoch benchmark: klayer's own training loop against the same epoch in PyTorch.
 
 One epoch of 45,000 in-memory float32 examples (random data, 3,072 inputs, 10 classes),
-batch 100: a fresh permutation, one gather, 450 steps of forward, backward, SGD with the
-cyclical learning rate and the moving-average update. klayer runs
+batch 100: a fresh permutation, then 450 steps of batch gather, forward, backward, SGD
+with the cyclical learning rate and the moving-average update. klayer runs
 :func:`klayer.train.train` (one cycle with n_s = 225 = one epoch) and reports its
 ``train_seconds`` (the update loop, without the history evaluations); PyTorch runs the
 same loop written with ``torch.randperm``, ``torch.optim.SGD`` and ``nn.BatchNorm1d``.

@@ -43,8 +43,8 @@ from klayer.network import LossResult, Network
 from klayer.optim import make_optimizer
 from klayer.schedules import PerMember, make_schedule
 from klayer.train import (
-    AUGMENT_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM, TrainResult, checked_splits,
-    build_network, evaluate, with_precise_bn,
+    AUGMENT_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM, Batches, checked_splits,
+    build_network, evaluate, finish_network,
 )
 
 # Network options each member may set for itself; all others must agree.
@@ -308,8 +308,9 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None,
     stacked arrays, optimizer state, every generator's state, histories, dropped members);
     resume: continue from it, with the same configs.
     Returns, per config, a :class:`klayer.train.TrainResult` (history recorded at that
-    config's ``eval_steps()``, as ``train`` would) or a :class:`Dropped`; nothing else is
-    written (:func:`write_run` writes a result as a run folder).
+    config's ``eval_steps()`` and final results made by
+    :func:`klayer.train.finish_network`, as ``train`` would) or a :class:`Dropped`;
+    nothing else is written (:func:`write_run` writes a result as a run folder).
     """
     configs = list(configs)
     check_population(configs)
@@ -337,6 +338,7 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None,
     start = 0
     if resume:
         start = run.restore(checkpoint_dir, d, num_classes)
+    batches = Batches(X_train, y_train, B)
     lam = np.array([c.lam for c in configs])
     eval_steps = [set(c.eval_steps()) for c in configs]
     total = first.total_steps
@@ -360,10 +362,9 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None,
     for step in range(start, total):
         t0 = time.perf_counter()
         j = step % steps_per_epoch
-        if j == 0:  # a new epoch: one permutation, one gather, shared by all members
+        if j == 0:  # a new epoch: one permutation, shared by all members
             order = run.rng.permutation(n)
-            X_epoch, y_epoch = X_train[order], y_train[order]
-        Xb, yb = X_epoch[j * B:(j + 1) * B], y_epoch[j * B:(j + 1) * B]
+        Xb, yb = batches(order, j)
         eta = run.schedule(step)
         if step == 0:
             run.train_seconds += time.perf_counter() - t0
@@ -411,9 +412,10 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None,
                    "total_seconds": run.elapsed + time.perf_counter() - started,
                    "population_size": len(configs)}
         for i, k in enumerate(active):
-            outcome[k] = _member_result(configs[k], nets[i], histories[k],
-                                        {f"test_{key}": float(v[i]) for key, v in test.items()},
-                                        splits, total, steps_per_epoch, timings)
+            outcome[k] = finish_network(  # as a run of configs[k] alone finishes
+                configs[k], nets[i], histories[k],
+                {f"test_{key}": float(v[i]) for key, v in test.items()}, splits,
+                steps_per_epoch, timings=dict(timings))
     return outcome
 
 
@@ -529,20 +531,6 @@ def _record_initial(pop: Population, Xb, yb, lam, record) -> None:
         record()
     finally:
         pop.buffers, pop.running_initialised = {}, False
-
-
-def _member_result(config, net, history, test, splits, total, steps_per_epoch,
-                   timings) -> TrainResult:
-    final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
-    final.update(test)
-    final, final_moving_average = with_precise_bn(net, config, splits, final)
-    best = max(history, key=lambda row: row["val_accuracy"])
-    return TrainResult(
-        config=config, network=net, history=history, final=final,
-        best_val_accuracy=best["val_accuracy"], best_step=best["step"],
-        best_epoch=best["epoch"], steps=total, epochs=total / steps_per_epoch,
-        timings=dict(timings), final_moving_average=final_moving_average,
-    )
 
 
 def write_run(run_dir, result, data=None) -> None:

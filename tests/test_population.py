@@ -1,9 +1,11 @@
 """Population training: K networks in lockstep equal K networks trained alone."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from klayer import runs
+from klayer import augment, layers, runs
 from klayer.config import TrainConfig
 from klayer.gradcheck import absolute_error, numerical_gradients, relative_error
 from klayer.network import Network
@@ -271,6 +273,31 @@ def test_write_run_leaves_a_normal_run_folder(data, tmp_path):
     write_run(tmp_path / "b", results[1], data)  # dropped: config, history and the reason
     assert runs.read_summary(tmp_path / "b")["diverged"] == results[1].reason
     assert not (tmp_path / "b" / runs.MODEL_FILE).exists()
+
+
+def test_members_finish_as_runs_alone_do_with_flip_averaging(tmp_path):
+    """On CIFAR-10-shaped rows, a member's summary has a solo run's keys, test-time flip
+    averaging included, and its test_accuracy_tta is the flip-averaged accuracy."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((100, 3072))
+    left = X.reshape(-1, 3, 32, 32)[:, 0, :, :16].mean(axis=(1, 2))
+    y = (left > 0).astype(np.int64) + 2 * (X[:, 0] > 0)  # not mirror-symmetric
+    data = SimpleNamespace(X_train=X[:60], y_train=y[:60], X_val=X[60:80], y_val=y[60:80],
+                           X_test=X[80:], y_test=y[80:])
+    config = TrainConfig(hidden_sizes=(8,), n_s=3, cycles=1, batch_size=20, eta_max=0.1,
+                         evals_per_cycle=2, flip=True, precise_bn=2)
+    train(config, data, run_dir=tmp_path / "alone")
+    member = train_population([config, config.replace(lam=0.01)], data)[0]
+    write_run(tmp_path / "member", member, data)
+    alone, together = (runs.read_summary(tmp_path / name) for name in ("alone", "member"))
+    assert set(together) == set(alone)
+    for key in ("final", "final_moving_average"):
+        assert set(together[key]) == set(alone[key]), key
+    assert "test_accuracy_tta" in together["final"]
+    net = member.network
+    X_test = data.X_test.astype(net.dtype)
+    p = layers.softmax(net.scores(X_test)) + layers.softmax(net.scores(augment.mirror(X_test)))
+    assert together["final"]["test_accuracy_tta"] == np.mean(p.argmax(axis=1) == data.y_test)
 
 
 class _Stop(Exception):
