@@ -484,7 +484,6 @@ class Batches:
         return np.take(self.X, rows, axis=0, out=self.buffer, mode="clip"), self.y[rows]
 
 
-
 def checked_splits(data, dtype, num_classes) -> dict:
     """{"train": (X, y), "val": (X, y)[, "test": (X, y)]} as ``dtype``, checked once."""
     splits = {}
