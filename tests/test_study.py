@@ -140,6 +140,7 @@ TINY = study.Budget("tiny", subset=1000, n_s=10, n_s_search=5, cycles_final=1, f
 def test_the_study_submits_the_critical_path_first_and_reuses_everything_again(
         cifar_dir, tmp_path, monkeypatch):
     out = tmp_path / "study"
+    monkeypatch.setattr(study, "gradcheck_section", lambda *args: [])  # not scheduled
     first = RecordingExecutor(out.resolve())
     monkeypatch.setattr(search, "make_executor", lambda workers: first)
     result = study.run_study(out, TINY, data_dir=str(cifar_dir), workers=2)
