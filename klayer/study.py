@@ -350,6 +350,7 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
         final = Run("final", f"final: λ = {best.lam:.3g}, {budget.cycles_final} cycles",
                     best.replace(cycles=budget.cycles_final, n_s=budget.n_s))
         lanes.reserve(1)
+        emit(f"section iv: final run, λ = {best.lam:.3g}")
         run_all([final], root, lanes.critical, emit)
         lanes.reserve(0)  # every worker to what is left of sections ii, iii, v
         finish_runs(independent, pending)

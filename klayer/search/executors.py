@@ -421,7 +421,8 @@ class Lanes:
             self.changed.wait_for(lambda: not self.dispatching and self._next() is None)
 
     def close(self) -> None:
-        """Stop dispatching; jobs still waiting are cancelled."""
+        """Stop dispatching; jobs still waiting are cancelled, running ones are the
+        executor's (closing it stops them)."""
         with self.changed:
             self.closed = True
             waiting = [future for lane in (self.critical, self.rest) for _, future in lane.waiting]
@@ -430,7 +431,8 @@ class Lanes:
             self.changed.notify_all()
         for future in waiting:
             future.cancel()
-        self.thread.join()
+        # Not joined: in the driver's own executor, the dispatching thread may be training
+        # a job, which an interrupted study does not wait for (the thread is a daemon).
 
     def _submit(self, lane, job: dict) -> Future:
         future = Future()
