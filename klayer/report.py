@@ -278,8 +278,7 @@ def _timing(r: StudyResult) -> str:
     :func:`klayer.study.run_study`): their seconds are worker seconds, and the wall-clock
     time of the four together is a row of its own."""
     shared = ("runs", "search")  # worker seconds
-    total = sum(secs for key, secs in r.seconds.items() if key not in shared) \
-        + r.wall.get("ii-v", 0.0)
+    total = sum(secs for key, secs in r.seconds.items() if key not in shared) + r.wall
     all_runs = [*r.depth3, *r.depth9, *r.init, r.final]
     if r.extended is not None:
         all_runs += [run for rs in r.extended.techniques.values() for run in rs]
@@ -300,9 +299,8 @@ def _timing(r: StudyResult) -> str:
         alone, together, networks = steps.get(key, (0, 0, 0))
         pop = f"{together:,} ({networks:,})" if together else "0"
         lines.append(f"| {names.get(key, key)} | {secs:.1f} | {alone:,} | {pop} |")
-        if key == "search" and "ii-v" in r.wall:
-            lines.append(f"| ii to v) wall clock, on {r.workers} worker(s) | "
-                         f"{r.wall['ii-v']:.1f} | | |")
+        if key == "search":
+            lines.append(f"| ii to v) wall clock, on {r.workers} worker(s) | {r.wall:.1f} | | |")
     lines.append(f"| **total (wall clock)** | **{total:.1f}** | | |")
     if reused:
         lines += ["", f"{reused} finished run(s) were reused from an earlier invocation; their "

@@ -288,7 +288,7 @@ class StudyResult:
     out: Path
     extended: object = None  # section vi (klayer.extended.ExtendedResult), added by its caller
     workers: int = 1
-    wall: dict = field(default_factory=dict)  # wall seconds: "gradcheck", "ii-v", "extended"
+    wall: float = 0.0  # wall-clock seconds of sections ii to v together
 
 
 def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype="float32",
@@ -318,14 +318,13 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
     X, y = G.cifar_problem(budget.gradcheck_dims, budget.gradcheck_samples, data_dir)
     lam = 0.01
     tables = gradcheck_section(budget, X, y, lam)
-    wall = {"gradcheck": time.perf_counter() - t0}
+    seconds = {"gradcheck": time.perf_counter() - t0}
 
     t0 = time.perf_counter()
     executor = search.make_executor(workers)
     lanes = Lanes(executor)
+    lanes.reserve(search_workers(2 * LAMBDA_GRID, workers))  # before any other job
     try:
-        coarse_spec = search.parse_search(search_options(base, budget))
-        lanes.reserve(search_workers(2 * LAMBDA_GRID, workers))  # before any other job
         emit(f"sections ii to v on {workers} worker(s): the λ search and final run first, "
              "the 3-layer, 9-layer and initialisation runs beside them")
         depth3 = depth_runs(base, HIDDEN_3, "3layer")
@@ -335,7 +334,8 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
         pending = start_runs(independent, root, lanes.rest, emit)
 
         emit("section iv: coarse λ grid with and without batch norm")
-        coarse = search.run_search(coarse_spec, out / "search", executor=lanes.critical)
+        coarse = search.run_search(search.parse_search(search_options(base, budget)),
+                                   out / "search", executor=lanes.critical)
         best_bn = search.best_row([row for row in coarse.rows if row["batch_norm"]])
         if best_bn is None:
             raise ValueError(f"no coarse trial with batch norm finished; see "
@@ -357,11 +357,9 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
     finally:
         lanes.close()
         executor.close()
-    wall["ii-v"] = time.perf_counter() - t0
-    seconds = {"gradcheck": wall["gradcheck"], "runs": lanes.rest.seconds,
-               "search": lanes.critical.seconds}
+    seconds.update(runs=lanes.rest.seconds, search=lanes.critical.seconds)
     return StudyResult(budget, tables, lam, depth3, depth9, coarse, fine, final, init,
-                       seconds, out, workers=workers, wall=wall)
+                       seconds, out, workers=workers, wall=time.perf_counter() - t0)
 
 
 def config_lines(config: TrainConfig, keys=None) -> str:
