@@ -274,14 +274,23 @@ def _initialisation(r: StudyResult, fig_dir: Path) -> str:
 
 
 def _timing(r: StudyResult) -> str:
-    total = sum(r.seconds.values())
+    """Seconds and update steps per section. Sections ii to v share the workers (see
+    :func:`klayer.study.run_study`): their seconds are worker seconds, and the wall-clock
+    time of the four together is a row of its own."""
+    shared = ("runs", "search")  # worker seconds
+    total = sum(secs for key, secs in r.seconds.items() if key not in shared) + r.wall
     all_runs = [*r.depth3, *r.depth9, *r.init, r.final]
     if r.extended is not None:
         all_runs += [run for rs in r.extended.techniques.values() for run in rs]
     reused = sum(run.reused for run in all_runs)
     lines = ["## Time", "",
-             "Update steps: of networks trained alone, and of populations (all their members "
-             "at once; in brackets, the networks' steps they stand for).", "",
+             "Seconds: wall-clock time, except for sections ii to v, which share "
+             f"{r.workers} worker process(es): the λ search and its final run first, the "
+             "other runs on the workers they leave free. Their seconds are worker seconds, "
+             "the sum of their jobs' times (a job trains one run or one population on one "
+             "worker); the row below them is the wall-clock time of the four together. "
+             "Update steps: of networks trained alone, and of populations (all their "
+             "members at once; in brackets, the networks' steps they stand for).", "",
              "| section | seconds | steps alone | population steps |", "|---|---|---|---|"]
     names = {"gradcheck": "i) gradient checks", "runs": "ii, iii, v) training runs",
              "search": "iv) λ search and final run", "extended": "vi) beyond the study"}
@@ -290,7 +299,9 @@ def _timing(r: StudyResult) -> str:
         alone, together, networks = steps.get(key, (0, 0, 0))
         pop = f"{together:,} ({networks:,})" if together else "0"
         lines.append(f"| {names.get(key, key)} | {secs:.1f} | {alone:,} | {pop} |")
-    lines.append(f"| **total** | **{total:.1f}** | | |")
+        if key == "search":
+            lines.append(f"| ii to v) wall clock, on {r.workers} worker(s) | {r.wall:.1f} | | |")
+    lines.append(f"| **total (wall clock)** | **{total:.1f}** | | |")
     if reused:
         lines += ["", f"{reused} finished run(s) were reused from an earlier invocation; their "
                       "time is not included."]

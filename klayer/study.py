@@ -153,9 +153,8 @@ def _search_base(base: TrainConfig, budget: Budget, searched) -> dict:
 
 
 def search_workers(trials: int, workers: int) -> int:
-    """Worker processes for a search of ``trials`` trials of one kind: no more than its
-    populations. One population runs in this process with every core's BLAS threads
-    rather than in a pool beside an idle worker."""
+    """Workers a search of ``trials`` trials of one kind keeps busy: no more than its
+    populations (the other workers train other runs of the study, see run_study)."""
     return max(1, min(workers, math.ceil(trials / search.POPULATION_SIZE)))
 
 
@@ -181,6 +180,12 @@ def run_all(study_runs: list, root: Path, executor, emit=lambda msg: None) -> No
     unfinished member's seed ordering the data; checkpointed in a ``.population-*``
     folder of ``root`` and resumed from it).
     """
+    finish_runs(study_runs, start_runs(study_runs, root, executor, emit))
+
+
+def start_runs(study_runs: list, root: Path, executor, emit=lambda msg: None) -> list:
+    """Submit every run of :func:`run_all` not finished yet to ``executor``; returns what
+    :func:`finish_runs` waits for. "finished ..." is emitted as each job ends."""
     root.mkdir(parents=True, exist_ok=True)
     pending: list[tuple[list, Future]] = []
     for item in study_runs:
@@ -203,14 +208,29 @@ def run_all(study_runs: list, root: Path, executor, emit=lambda msg: None) -> No
                    "blas_threads": executor.blas_threads}
         else:
             continue
-        pending.append((todo, executor.submit(job)))
+        future = executor.submit(job)
+        future.add_done_callback(lambda future, todo=todo: _emit_finished(future, todo, emit))
+        pending.append((todo, future))
+    return pending
+
+
+def _emit_finished(future: Future, todo: list, emit) -> None:
+    """The progress line of a job that ended well (:func:`finish_runs` raises the others)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    numbers = future.result()
+    if all("fail_reason" not in member for member in numbers.get("members", [numbers])):
+        emit(f"finished {', '.join(run.name for run in todo)}"
+             + (" (one population)" if len(todo) > 1 else ""))
+
+
+def finish_runs(study_runs: list, pending: list) -> None:
+    """Wait for the jobs :func:`start_runs` submitted, then load every run's results."""
     for todo, future in pending:
         numbers = future.result()  # re-raises a failure (DivergenceError, ...) of that job
         for run, member in zip(todo, numbers.get("members", [numbers])):
             if "fail_reason" in member:
                 raise ValueError(f"the study's run {run.name} failed: {member['fail_reason']}")
-        emit(f"finished {', '.join(run.name for run in todo)}"
-             + (" (one population)" if len(todo) > 1 else ""))
     for item in study_runs:
         for run in item if isinstance(item, list) else [item]:
             run.summary = runs.read_summary(run.run_dir)
@@ -262,20 +282,35 @@ class StudyResult:
     fine: search.SearchResult  # ... and of the fine search
     final: Run
     init: list
-    seconds: dict  # per section
+    # "gradcheck": wall seconds; "runs" (ii, iii, v) and "search" (iv): worker seconds,
+    # the sum of their jobs' times (they share the workers, see run_study)
+    seconds: dict
     out: Path
     extended: object = None  # section vi (klayer.extended.ExtendedResult), added by its caller
+    workers: int = 1
+    wall: float = 0.0  # wall-clock seconds of sections ii to v together
 
 
 def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype="float32",
               emit=lambda msg: None) -> StudyResult:
-    """Run (or reuse) sections i to v of the study into ``out``; returns the numbers."""
+    """Run (or reuse) sections i to v of the study into ``out``; returns the numbers.
+
+    Sections ii to v share one executor of ``workers`` processes, in two lanes
+    (:class:`~klayer.search.executors.Lanes`). The critical path, section iv's coarse λ
+    search, then its fine search, then the final run (each needs the one before), goes
+    first, on as many workers as it has jobs to run at once (:func:`search_workers`: the
+    two populations of the coarse grid, then one job); the runs of sections ii, iii and
+    v, which need nothing, fill the other workers. With ``workers=1`` everything runs one
+    job at a time, the critical path first. Every job gets the executor's BLAS threads
+    (cores // workers).
+    """
     import optuna
+
+    from klayer.search.executors import Lanes
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(out)
     root = out / "runs"
-    seconds = {}
     base = base_config(budget, data_dir, dtype)
 
     t0 = time.perf_counter()
@@ -283,42 +318,48 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
     X, y = G.cifar_problem(budget.gradcheck_dims, budget.gradcheck_samples, data_dir)
     lam = 0.01
     tables = gradcheck_section(budget, X, y, lam)
-    seconds["gradcheck"] = time.perf_counter() - t0
+    seconds = {"gradcheck": time.perf_counter() - t0}
 
+    t0 = time.perf_counter()
     executor = search.make_executor(workers)
+    lanes = Lanes(executor)
+    lanes.reserve(search_workers(2 * LAMBDA_GRID, workers))  # before any other job
     try:
-        t0 = time.perf_counter()
-        emit("sections ii, iii, v: 3-layer, 9-layer and initialisation runs")
+        emit(f"sections ii to v on {workers} worker(s): the λ search and final run first, "
+             "the 3-layer, 9-layer and initialisation runs beside them")
         depth3 = depth_runs(base, HIDDEN_3, "3layer")
         depth9 = depth_runs(base, HIDDEN_9, "9layer")
         init = init_runs(base, budget)
-        run_all(depth3 + depth9 + init_populations(init), root, executor, emit)
-        seconds["runs"] = time.perf_counter() - t0
-    finally:
-        executor.close()
+        independent = depth3 + depth9 + init_populations(init)
+        pending = start_runs(independent, root, lanes.rest, emit)
 
-    t0 = time.perf_counter()
-    emit("section iv: λ search (coarse grid with and without batch norm, then fine)")
-    coarse = search.run_search(search.parse_search(search_options(base, budget)),
-                               out / "search", workers=workers)
-    best_bn = search.best_row([row for row in coarse.rows if row["batch_norm"]])
-    if best_bn is None:
-        raise ValueError(f"no coarse trial with batch norm finished; see {out}/search/trials.md")
-    fine = search.run_search(
-        search.parse_search(fine_search_options(base, budget, best_bn["lam"])),
-        out / "search-fine", workers=search_workers(budget.fine_trials, workers))
-    best_row = search.best_row([best_bn, *fine.rows])
-    best = TrainConfig(**{**base.to_dict(), "lam": best_row["lam"], "batch_norm": True})
-    final = Run("final", f"final: λ = {best.lam:.3g}, {budget.cycles_final} cycles",
-                best.replace(cycles=budget.cycles_final, n_s=budget.n_s))
-    executor = search.make_executor(1)
-    try:
-        run_all([final], root, executor, emit)
+        emit("section iv: coarse λ grid with and without batch norm")
+        coarse = search.run_search(search.parse_search(search_options(base, budget)),
+                                   out / "search", executor=lanes.critical)
+        best_bn = search.best_row([row for row in coarse.rows if row["batch_norm"]])
+        if best_bn is None:
+            raise ValueError(f"no coarse trial with batch norm finished; see "
+                             f"{out}/search/trials.md")
+        lanes.reserve(search_workers(budget.fine_trials, workers))
+        emit("section iv: fine λ search with batch norm")
+        fine = search.run_search(
+            search.parse_search(fine_search_options(base, budget, best_bn["lam"])),
+            out / "search-fine", executor=lanes.critical)
+        best_row = search.best_row([best_bn, *fine.rows])
+        best = TrainConfig(**{**base.to_dict(), "lam": best_row["lam"], "batch_norm": True})
+        final = Run("final", f"final: λ = {best.lam:.3g}, {budget.cycles_final} cycles",
+                    best.replace(cycles=budget.cycles_final, n_s=budget.n_s))
+        lanes.reserve(1)
+        emit(f"section iv: final run, λ = {best.lam:.3g}")
+        run_all([final], root, lanes.critical, emit)
+        lanes.reserve(0)  # every worker to what is left of sections ii, iii, v
+        finish_runs(independent, pending)
     finally:
+        lanes.close()
         executor.close()
-    seconds["search"] = time.perf_counter() - t0
+    seconds.update(runs=lanes.rest.seconds, search=lanes.critical.seconds)
     return StudyResult(budget, tables, lam, depth3, depth9, coarse, fine, final, init,
-                       seconds, out)
+                       seconds, out, workers=workers, wall=time.perf_counter() - t0)
 
 
 def config_lines(config: TrainConfig, keys=None) -> str:

@@ -139,3 +139,16 @@ def test_populations_are_named_and_the_steps_counted(quick_report):
     assert rows["ii, iii, v) training runs"] == ["3,200", "800 (2,400)"]
     assert rows["iv) λ search and final run"] == ["800", "1,200 (7,600)"]
     assert rows["vi) beyond the study"] == [f"{2 * len(TECHNIQUES) * 800:,}", "0"]
+
+
+def test_time_table_adds_up_the_wall_clock_time(quick_report):
+    _, text = quick_report
+    seconds = {line.split("|")[1].strip(): float(line.split("|")[2].strip(" *"))
+               for line in text[text.index("## Time"):].splitlines() if line.startswith("| ")
+               and not line.startswith("| section") and not line.startswith("|---")}
+    wall = seconds["ii to v) wall clock, on 2 worker(s)"]
+    # sections ii to v share two workers: their worker seconds fit in twice their wall time
+    assert seconds["ii, iii, v) training runs"] + seconds["iv) λ search and final run"] \
+        <= 2 * wall + 0.1
+    parts = seconds["i) gradient checks"] + wall + seconds["vi) beyond the study"]
+    assert abs(seconds["**total (wall clock)**"] - parts) <= 0.15

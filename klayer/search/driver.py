@@ -99,13 +99,14 @@ class SearchResult:
 
 def run_search(spec: SearchSpec, out, workers: int = 1, ray_address: str | None = None,
                blas_threads: int | None = None, on_event=None,
-               keep_failed: bool = False) -> SearchResult:
+               keep_failed: bool = False, executor=None) -> SearchResult:
     """Run (or continue) ``spec`` in folder ``out`` (a relative path is taken from the
     current folder); write the tables, best.toml and the figure; return every trial.
 
     on_event: receives :class:`SearchEvent` objects. workers, ray_address, blas_threads:
     where trials run (see :func:`~klayer.search.executors.make_executor`). keep_failed:
-    do not queue FAILed trials of an earlier run again.
+    do not queue FAILed trials of an earlier run again. executor: run the trials there
+    instead (a lane of :class:`~klayer.search.executors.Lanes`, say); its owner closes it.
     """
     from klayer.data import ensure_cifar10
 
@@ -117,7 +118,9 @@ def run_search(spec: SearchSpec, out, workers: int = 1, ray_address: str | None 
         rounds = [spec.first_round()]
         studies = [open_study(storage, rounds[0], spec)]
         ensure_cifar10(spec.base.data_dir, progress=False)  # once, before workers start
-        executor = make_executor(workers, ray_address, blas_threads)
+        own = executor is None
+        if own:
+            executor = make_executor(workers, ray_address, blas_threads)
         try:
             _run_round(storage, studies[0], rounds[0], spec, out, executor, emit, keep_failed)
             if spec.method == "coarse-to-fine":
@@ -129,7 +132,8 @@ def run_search(spec: SearchSpec, out, workers: int = 1, ray_address: str | None 
                 _run_round(storage, studies[1], rounds[1], spec, out, executor, emit,
                            keep_failed)
         finally:  # the tables also after an interruption or an error
-            executor.close()
+            if own:
+                executor.close()
             rows, retried = [], []
             for rnd, study in zip(rounds, studies):
                 trials = study.get_trials(deepcopy=False)

@@ -29,6 +29,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -376,6 +377,135 @@ class RayExecutor:
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+class Lanes:
+    """One executor shared by two lanes of jobs: the critical path, on the slots it
+    reserves (:meth:`reserve`), and the rest, on the others. A slot is one job running
+    (``executor.capacity`` of them). A reserved slot stays the critical path's even while
+    it has no job in it, so the critical path's next job never waits behind another one.
+
+    ``lanes.critical`` and ``lanes.rest`` have the executor interface the search driver
+    and :func:`klayer.study.run_all` use (``submit``, ``capacity``, ``blas_threads``,
+    ``close``); closing a lane does nothing, :meth:`close` stops both and the executor
+    is its owner's to close. Jobs wait in their lane, in submission order, and one
+    dispatching thread hands them to the executor (never a callback of the executor:
+    a process pool's result thread must not submit). ``seconds`` of a lane: the sum of
+    its jobs' times, each from its start to its end.
+    """
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.critical, self.rest = _Lane(self), _Lane(self)
+        self.reserved = 0
+        self.closed = False
+        self.dispatching = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._dispatch, name="klayer-lanes", daemon=True)
+        self.thread.start()
+
+    def reserve(self, slots: int) -> None:
+        """Give the critical path ``slots`` slots (at most the executor's), the rest the
+        others."""
+        with self.changed:
+            self.reserved = min(slots, self.executor.capacity)
+            self.changed.notify_all()
+
+    def share(self, lane) -> int:
+        return self.reserved if lane is self.critical else self.executor.capacity - self.reserved
+
+    def settle(self) -> None:
+        """Wait until every job that may start has been handed to the executor (for tests:
+        what has not been submitted then is waiting for a slot)."""
+        with self.changed:
+            self.changed.wait_for(lambda: not self.dispatching and self._next() is None)
+
+    def close(self) -> None:
+        """Stop dispatching; jobs still waiting are cancelled, running ones are the
+        executor's (closing it stops them)."""
+        with self.changed:
+            self.closed = True
+            waiting = [future for lane in (self.critical, self.rest) for _, future in lane.waiting]
+            for lane in (self.critical, self.rest):
+                lane.waiting.clear()
+            self.changed.notify_all()
+        for future in waiting:
+            future.cancel()
+        # Not joined: in the driver's own executor, the dispatching thread may be training
+        # a job, which an interrupted study does not wait for (the thread is a daemon).
+
+    def _submit(self, lane, job: dict) -> Future:
+        future = Future()
+        with self.changed:
+            if self.closed:
+                raise RuntimeError("a job was submitted after the lanes were closed")
+            lane.waiting.append((job, future))
+            self.changed.notify_all()
+        return future
+
+    def _next(self):
+        """The lane whose next job may start now (the critical path's first), or None."""
+        for lane in (self.critical, self.rest):
+            if lane.waiting and lane.running < self.share(lane):
+                return lane
+        return None
+
+    def _dispatch(self) -> None:
+        while True:
+            with self.changed:
+                self.dispatching = False
+                self.changed.notify_all()
+                self.changed.wait_for(lambda: self.closed or self._next() is not None)
+                if self.closed:
+                    return
+                lane = self._next()
+                job, future = lane.waiting.popleft()
+                lane.running += 1
+                self.dispatching = True
+            start = time.perf_counter()
+            try:
+                inner = self.executor.submit(job)  # an in-process executor runs it here
+            except BaseException as exc:  # not submitted: the job's failure
+                inner = Future()
+                inner.set_exception(exc)
+            inner.add_done_callback(lambda inner, lane=lane, future=future, start=start:
+                                    self._finished(lane, future, start, inner))
+
+    def _finished(self, lane, future: Future, start: float, inner: Future) -> None:
+        with self.changed:  # the slot is free before anyone learns the result
+            lane.running -= 1
+            lane.seconds += time.perf_counter() - start
+            self.changed.notify_all()
+        if inner.cancelled():
+            future.cancel()
+        elif inner.exception() is not None:
+            future.set_exception(inner.exception())
+        else:
+            future.set_result(inner.result())
+
+
+class _Lane:
+    """One lane of :class:`Lanes`, with an executor's interface."""
+
+    def __init__(self, lanes: Lanes):
+        self.lanes = lanes
+        self.waiting: deque = deque()  # (job, future)
+        self.running = 0
+        self.seconds = 0.0
+
+    @property
+    def capacity(self) -> int:
+        return self.lanes.share(self)
+
+    @property
+    def blas_threads(self) -> int:
+        return self.lanes.executor.blas_threads
+
+    def submit(self, job: dict) -> Future:
+        return self.lanes._submit(self, job)
+
+    def close(self) -> None:
+        pass  # the lanes and the executor are closed by their owner
 
 
 def make_executor(workers: int = 1, ray_address: str | None = None,
