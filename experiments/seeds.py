@@ -36,9 +36,13 @@ MEASURED = "measured.json"
 
 
 def train_seed(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
-    """Train one seed in a child process; return its wall seconds and peak RSS (MiB)."""
-    cmd = [sys.executable, "-m", "klayer.cli", "train", "--config", config,
-           "--seed", str(seed), "--out", str(run_dir), "--quiet", *extra]
+    """Train one seed in a child process (or continue it with ``--resume`` when its run
+    folder holds an unfinished run: the wall time is then this session's and says so);
+    return its wall seconds and peak RSS (MiB), also written to ``run_dir/measured.json``."""
+    resumed = (run_dir / "config.toml").exists()
+    what = ["--resume", str(run_dir)] if resumed else \
+        ["--config", config, "--seed", str(seed), "--out", str(run_dir)]
+    cmd = [sys.executable, "-m", "klayer.cli", "train", *what, "--quiet", *extra]
     print(f"seed {seed}: {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     child = subprocess.Popen(cmd)
@@ -47,9 +51,10 @@ def train_seed(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"seeds.py: error: seed {seed} failed (exit {code}); its run folder "
-                         f"{run_dir} keeps what was done: re-run to resume it with --resume")
+                         f"{run_dir} keeps what was done: run the same command again to "
+                         "continue it")
     measured = {"wall_seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
-                "command": shlex.join(cmd)}
+                "command": shlex.join(cmd), **({"resumed": True} if resumed else {})}
     (run_dir / MEASURED).write_text(json.dumps(measured, indent=2) + "\n")
     return measured
 
@@ -116,34 +121,13 @@ def main(argv=None) -> int:
             measured = json.loads((run_dir / MEASURED).read_text())
             print(f"seed {seed}: reusing {run_dir}", flush=True)
         else:
-            resume = ["--resume", str(run_dir)] if (run_dir / "config.toml").exists() else []
-            measured = train_seed(args.config, seed, run_dir, extra + resume) if not resume \
-                else train_resumed(args.config, seed, run_dir, extra)
+            measured = train_seed(args.config, seed, run_dir, extra)
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append(row(seed, summary, measured))
     print(f"\n`python experiments/seeds.py --config {args.config} --seeds "
           f"{' '.join(map(str, args.seeds))} --out {args.out}`\n")
     print(table(rows))
     return 0
-
-
-def train_resumed(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
-    """Continue an interrupted seed (``klayer train --resume``); its wall time then covers
-    only this session, and says so."""
-    cmd = [sys.executable, "-m", "klayer.cli", "train", "--resume", str(run_dir), "--quiet",
-           *extra]
-    print(f"seed {seed}: {shlex.join(cmd)} (resumed: the wall time is this session's)",
-          flush=True)
-    start = time.perf_counter()
-    child = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"seeds.py: error: seed {seed} failed again; see {run_dir}")
-    measured = {"wall_seconds": time.perf_counter() - start,
-                "peak_rss_mib": usage.ru_maxrss / 1024, "command": shlex.join(cmd),
-                "resumed": True}
-    (run_dir / MEASURED).write_text(json.dumps(measured, indent=2) + "\n")
-    return measured
 
 
 if __name__ == "__main__":
