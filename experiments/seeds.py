@@ -124,8 +124,8 @@ def main(argv=None) -> int:
             measured = train_seed(args.config, seed, run_dir, extra)
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append(row(seed, summary, measured))
-    print(f"\n`python experiments/seeds.py --config {args.config} --seeds "
-          f"{' '.join(map(str, args.seeds))} --out {args.out}`\n")
+    given = sys.argv[1:] if argv is None else list(argv)
+    print(f"\n`{shlex.join(['python', 'experiments/seeds.py', *given])}`\n")
     print(table(rows))
     return 0
 
