@@ -112,6 +112,7 @@ class Network:
         self.params = self._initial_params()
         self.buffers: dict[str, np.ndarray] = {}
         self.running_initialised = False
+        self._l2_buffers: dict = {}  # one per weight, reused by add_l2_gradient every step
 
     # --- structure ----------------------------------------------------------------
 
@@ -291,6 +292,18 @@ class Network:
     def weights(self):
         return (self.params[f"W{l}"] for l in range(1, self.num_layers + 1))
 
+    def add_l2_gradient(self, gradients: dict, twice_lam) -> None:
+        """gradients[W_l] += 2λ W_l for every weight, in place: 2λ W_l is formed in a
+        buffer kept per weight, so a training step allocates no weight-sized temporary.
+        twice_lam: a number, or (K, 1, 1) for a population (one λ per member)."""
+        for l in range(1, self.num_layers + 1):
+            W = self.params[f"W{l}"]
+            buf = self._l2_buffers.get(l)
+            if buf is None or buf.shape != W.shape or buf.dtype != W.dtype:
+                buf = self._l2_buffers[l] = np.empty_like(W)
+            np.multiply(W, twice_lam, out=buf)
+            gradients[f"W{l}"] += buf
+
     def loss(self, X, y, lam: float = 0.0, mode: str = "train", grads: bool = True,
              check: bool = True, masks=None) -> LossResult:
         """Loss, cost and (if ``grads``) the gradient of the cost for every parameter.
@@ -312,8 +325,7 @@ class Network:
         if grads:
             gradients = self.backward(dscores, fwd)
             if lam:
-                for l in range(1, self.num_layers + 1):
-                    gradients[f"W{l}"] += (2 * lam) * self.params[f"W{l}"]
+                self.add_l2_gradient(gradients, 2 * lam)
         return LossResult(loss, cost, gradients, fwd.batch_stats)
 
     # --- moving averages ------------------------------------------------------------

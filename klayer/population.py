@@ -159,9 +159,7 @@ class Population(Network):
         gradients = None
         if grads:
             gradients = self.backward(dscores, fwd)
-            twice_lam = (2 * lam).astype(self.dtype)[:, None, None]
-            for l in range(1, self.num_layers + 1):
-                gradients[f"W{l}"] += twice_lam * self.params[f"W{l}"]
+            self.add_l2_gradient(gradients, (2 * lam).astype(self.dtype)[:, None, None])
         return LossResult(loss, cost, gradients, fwd.batch_stats)
 
     def evaluate(self, X, y, lam=0.0, chunk: int = 10000) -> dict:

@@ -222,3 +222,25 @@ def test_scores_of_no_rows_and_evaluate_without_lambda():
     r = net.loss(X, y)
     assert r.cost == r.loss and r.grads is not None
     assert net.loss(X, y, grads=False).grads is None
+
+
+def test_the_l2_gradient_term_allocates_no_weight_sized_temporary():
+    """After the first step, the 2λW term of the gradient costs no extra memory: a step
+    with λ > 0 peaks no higher than one with λ = 0 (a temporary 2λ·W1 would add W1's
+    size, 256 KiB here, to the peak)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((64, 512)), rng.integers(0, 10, 64)
+    net = Network(512, [64, 32], 10, batch_norm=True, seed=0)
+    net.loss(X, y, 0.01, mode="train")  # the first step creates the buffers
+
+    def peak(lam):
+        tracemalloc.start()
+        net.loss(X, y, lam, mode="train")
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top
+
+    without = peak(0.0)
+    assert peak(0.01) <= without + 4096 < without + net.params["W1"].nbytes
