@@ -364,19 +364,25 @@ def test_norm_pairs_with_population_axis_are_each_members_pair(layer):
             np.testing.assert_allclose(stats[1][k], s[k].var(axis=0), rtol=1e-13)
 
 
+def _assert_each_member_alone(scores, targets, rtol):
+    """Cross-entropy over a population axis, scores (K, n, C), with per-member, shared and
+    no label smoothing, equals each member's computed alone."""
+    K, n, C = scores.shape
+    for smoothing in (np.array([0.0, 0.1, 0.3]), 0.2, 0.0):
+        loss, d = L.softmax_cross_entropy(scores, targets, smoothing)
+        assert loss.shape == (K,) and d.shape == (K, n, C)
+        for k in range(K):
+            eps_k = float(np.broadcast_to(smoothing, (K,))[k])
+            loss_k, d_k = L.softmax_cross_entropy(scores[k], targets, eps_k)
+            assert loss[k] == pytest.approx(loss_k, rel=rtol)
+            np.testing.assert_allclose(d[k], d_k, rtol=rtol, atol=1e-16)
+
+
 def test_cross_entropy_with_population_axis_and_per_member_smoothing():
     rng = np.random.default_rng(13)
     K, n, C = 3, 6, 4
     scores, y = rng.standard_normal((K, n, C)) * 3, rng.integers(0, C, n)
-    eps = np.array([0.0, 0.1, 0.3])
-    for smoothing in (eps, 0.2, 0.0):
-        loss, d = L.softmax_cross_entropy(scores, y, smoothing)
-        assert loss.shape == (K,) and d.shape == (K, n, C)
-        for k in range(K):
-            eps_k = float(np.broadcast_to(smoothing, (K,))[k])
-            loss_k, d_k = L.softmax_cross_entropy(scores[k], y, eps_k)
-            assert loss[k] == pytest.approx(loss_k, rel=1e-14)
-            np.testing.assert_allclose(d[k], d_k, rtol=1e-14, atol=1e-16)
+    _assert_each_member_alone(scores, y, rtol=1e-14)
     np.testing.assert_allclose(L.softmax(scores)[1], L.softmax(scores[1]), rtol=1e-15)
 
 
@@ -433,14 +439,7 @@ def test_soft_targets_with_population_axis_and_per_member_smoothing():
     y_a, y_b, lam = rng.integers(0, C, n), rng.integers(0, C, n), rng.uniform(size=n)
     for targets in ((y_a, y_b, lam), np.eye(C)[y_a] * lam[:, None] + np.eye(C)[y_b]
                     * (1 - lam[:, None])):
-        for smoothing in (np.array([0.0, 0.1, 0.3]), 0.2, 0.0):
-            loss, d = L.softmax_cross_entropy(scores, targets, smoothing)
-            assert loss.shape == (K,) and d.shape == (K, n, C)
-            for k in range(K):
-                eps_k = float(np.broadcast_to(smoothing, (K,))[k])
-                loss_k, d_k = L.softmax_cross_entropy(scores[k], targets, eps_k)
-                assert loss[k] == pytest.approx(loss_k, rel=1e-13)
-                np.testing.assert_allclose(d[k], d_k, rtol=1e-13, atol=1e-16)
+        _assert_each_member_alone(scores, targets, rtol=1e-13)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
