@@ -132,6 +132,7 @@ PINNED_HASHES = {
     "9layer_nobn.toml": "9370c8fff2d5e379",
     "best_mlp.toml": "15c71e06e08eb829",
     "best_mlp_v2.toml": "06cb219b7395b315",
+    "best_mlp_v3.toml": "619c8f0a066ce2da",
     "search_lambda.toml": "9da1c25b85220fba",  # the base options, without [search]
     "search_lambda_fine.toml": "9da1c25b85220fba",
 }
