@@ -22,7 +22,7 @@ import torch
 
 from bench_step import LAM, torch_model  # same network layout as the step benchmark
 from klayer.config import TrainConfig
-from klayer.schedules import CyclicLR
+from klayer.nn.schedules import CyclicLR
 from klayer.train import train
 
 N, INPUT, CLASSES, BATCH = 45000, 3072, 10, 100

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from klayer.network import Network
+from klayer.nn.network import Network
 
 INPUT, HIDDEN, CLASSES, LAM = 3072, [50, 50], 10, 0.005
 

@@ -20,12 +20,12 @@ import time
 
 import numpy as np
 
-from klayer.augment import Augmentation, Mixing, soft_targets
-from klayer.ema import EMA
-from klayer.network import Network
-from klayer.optim import Momentum
-from klayer.tta import flip_average_scores
-from klayer.whiten import Whitening
+from klayer.levers.augment import Augmentation, Mixing, soft_targets
+from klayer.levers.ema import EMA
+from klayer.nn.network import Network
+from klayer.nn.optim import Momentum
+from klayer.levers.tta import flip_average_scores
+from klayer.levers.whiten import Whitening
 
 B, D, HIDDEN = 256, 3072, [1024, 512, 256]
 

@@ -32,8 +32,8 @@ import time
 import numpy as np
 import torch
 
-from klayer.network import Network
-from klayer.optim import SGD
+from klayer.nn.network import Network
+from klayer.nn.optim import SGD
 from klayer.population import Population
 
 try:  # the JAX peer is optional: pip install -e ".[bench]"
@@ -79,7 +79,7 @@ def klayer_step_fn(sizes, batches):
         X, y = batches[i % len(batches)]
         res = net.loss(X, y, LAM, mode="train", check=False)  # as klayer.train does
         net.update_running_stats(res.batch_stats)
-        for name, g in res.grads.items():  # SGD as klayer.optim.SGD: no allocation
+        for name, g in res.grads.items():  # SGD as klayer.nn.optim.SGD: no allocation
             np.multiply(g, LR, out=scratch[name])
             params[name] -= scratch[name]
     return step

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klayer.network import Network
+from klayer.nn.network import Network
 
 # --- the step -----------------------------------------------------------------------
 

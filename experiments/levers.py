@@ -21,8 +21,8 @@ recomputed for the averaged weights from --bn-batches training batches), with
 test-time flip averaging (TTA), and with both. EMA and TTA do not change training,
 so they are columns, measured on every variant.
 
-The modules are composed here directly (klayer.augment, klayer.whiten, klayer.ema,
-klayer.tta with Network, Momentum, CosineLR). The same levers are options of
+The modules are composed here directly (klayer.levers.augment, klayer.levers.whiten, klayer.levers.ema,
+klayer.levers.tta with Network, Momentum, CosineLR). The same levers are options of
 ``klayer train`` (``--pad-mode``, ``--mixup``, ``--cutmix``, ``--whiten zca|pca``,
 ``--ema``; flip TTA in every summary), where ``--whiten zca`` is this script's
 "zca-once".
@@ -45,14 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
-from klayer.augment import Augmentation, Mixing, mirror, soft_targets
+from klayer.levers.augment import Augmentation, Mixing, mirror, soft_targets
 from klayer.data import load_cifar10
-from klayer.ema import EMA
-from klayer.network import Network
-from klayer.optim import Momentum
-from klayer.schedules import CosineLR, WarmUp
-from klayer.tta import flip_average_accuracy
-from klayer.whiten import Whitening
+from klayer.levers.ema import EMA
+from klayer.nn.network import Network
+from klayer.nn.optim import Momentum
+from klayer.nn.schedules import CosineLR, WarmUp
+from klayer.levers.tta import flip_average_accuracy
+from klayer.levers.whiten import Whitening
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("baseline", "reflect", "zca", "zca-once", "pca", "mixup", "cutmix")

@@ -7,7 +7,7 @@ in ``configs/`` contains (flat ``key = value`` lines, unknown keys are an error)
 run's results, so finished runs can be found and reused.
 
 Each option is declared once, as a field whose metadata holds everything about it: its
-help text, its check (a validator of :mod:`klayer.checks`), and where needed its flag
+help text, its check (a validator of :mod:`klayer.nn.checks`), and where needed its flag
 (``--lambda`` for ``lam``), metavar, choices, how a flag's text becomes a value
 (``parse``) and its "neutral" value. :func:`add_option_flags` builds the command-line
 flags from these fields, and validation walks them; rules that tie several options
@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from klayer import checks
-from klayer.augment import PAD_MODES
-from klayer.checks import DTYPES
+from klayer.nn import checks
+from klayer.levers.augment import PAD_MODES
+from klayer.nn.checks import DTYPES
 from klayer.data import PROTOCOLS
-from klayer.network import INITS, NORM_POSITIONS
-from klayer.optim import OPTIMIZERS
-from klayer.schedules import SCHEDULES
+from klayer.nn.network import INITS, NORM_POSITIONS
+from klayer.nn.optim import OPTIMIZERS
+from klayer.nn.schedules import SCHEDULES
 
 _NOT_NEUTRAL = object()
 WHITENINGS = ("none", "zca", "pca")

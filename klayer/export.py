@@ -51,7 +51,7 @@ import numpy as np
 
 from klayer.version import __version__
 from klayer.model import check_applicable
-from klayer.network import Network
+from klayer.nn.network import Network
 
 OPSET = 17  # LayerNormalization entered the default domain at opset 17
 IR_VERSION = 8  # the IR version that came with opset 17 (newer ones shut out older runtimes)

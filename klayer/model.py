@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from klayer.data import Standardizer
-from klayer.layers import softmax
-from klayer.network import Network
+from klayer.nn.layers import softmax
+from klayer.nn.network import Network
 
 SIZE = 32
 CHANNELS = 3
@@ -49,7 +49,7 @@ def to_planes(images) -> np.ndarray:
 class LoadedModel:
     """A network with the standardisation and class names it was trained with.
 
-    network: the :class:`~klayer.network.Network`; standardizer: the
+    network: the :class:`~klayer.nn.network.Network`; standardizer: the
     :class:`~klayer.data.Standardizer` of its training images; class_names: one name
     per output.
     """

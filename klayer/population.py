@@ -4,7 +4,7 @@ Every parameter is stacked along a leading member axis, W_l: (K, m_l, m_{l-1}),
 b_l: (K, m_l), and the members see the same mini-batches (the same shuffles and the same
 augmentation: common random numbers), so one forward pass serves all of them. The first
 layer is one (n, d)·(d, K·m_1) product of the shared batch; later layers are products
-batched over K. :class:`Population` is a :class:`klayer.network.Network` whose arrays
+batched over K. :class:`Population` is a :class:`klayer.nn.network.Network` whose arrays
 carry that axis: its forward and backward passes are the Network's own, through the same
 layer functions; only what is per member differs here: λ, the label smoothing ε, the
 dropout p, the cost and the evaluation (one number per member), and building from and
@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from klayer import augment
-from klayer import layers as L
+from klayer.levers import augment
+from klayer.nn import layers as L
 from klayer import runs
-from klayer.network import LossResult, Network
-from klayer.optim import make_optimizer
-from klayer.schedules import PerMember, make_schedule
+from klayer.nn.network import LossResult, Network
+from klayer.nn.optim import make_optimizer
+from klayer.nn.schedules import PerMember, make_schedule
 from klayer.train import (
     AUGMENT_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM, Batches, checked_splits,
     build_network, evaluate, finish_network,

@@ -48,7 +48,7 @@ import numpy as np
 
 from klayer.version import __version__
 from klayer.config import TrainConfig
-from klayer.network import Network
+from klayer.nn.network import Network
 
 FORMAT_VERSION = 2  # model files; 2: the checksum covers the header too
 CHECKPOINT_FORMAT_VERSION = 1
@@ -232,7 +232,7 @@ class Checkpoint:
     timings: dict
     config_hash: str
     rng_states: dict = field(default_factory=dict)  # augmentation, dropout, mixing generators
-    ema_state: dict = field(default_factory=dict)  # klayer.ema.EMA.state_dict(), with ``ema``
+    ema_state: dict = field(default_factory=dict)  # klayer.levers.ema.EMA.state_dict(), with ``ema``
     source: Path | None = None  # the file it was read from
 
 
@@ -450,7 +450,7 @@ class RunFolder:
     def whitening(self, fit):
         """The run's whitening: the one stored in whitening.npz when resuming, else
         ``fit()``, stored there (a resumed run then uses the very same arrays)."""
-        from klayer.whiten import Whitening
+        from klayer.levers.whiten import Whitening
 
         path = None if self.path is None else self.path / WHITENING_FILE
         if self.resume and path.exists():

@@ -8,16 +8,16 @@ For update step t = 0 .. T-1 (T = cycles · 2 n_s):
 Each epoch visits floor(n / batch_size) mini-batches of a fresh permutation drawn from a
 seeded generator (the few examples left over are skipped that epoch). The history is
 recorded in eval mode (moving averages) at ``config.eval_steps()``.
-With augmentation, each mini-batch is transformed on the fly (:mod:`klayer.augment`);
+With augmentation, each mini-batch is transformed on the fly (:mod:`klayer.levers.augment`);
 with dropout, each step draws fresh masks. Shuffling, augmentation and dropout draw from
 generators seeded with (seed, stream), so turning one on does not change the others'
-draws. With ``precise_bn``, the final statistics are recomputed (:mod:`klayer.bn_stats`)
+draws. With ``precise_bn``, the final statistics are recomputed (:mod:`klayer.levers.bn_stats`)
 and the results with the moving averages are kept beside them.
 
 The levers beyond that, in the order a mini-batch meets them:
 
 - ``whiten = "zca"``: every image is whitened once, before training, with a ZCA fitted
-  on the training split and made mirror-symmetric (:mod:`klayer.whiten`), and the
+  on the training split and made mirror-symmetric (:mod:`klayer.levers.whiten`), and the
   augmentation then works on the whitened images. ZCA commutes with the flips exactly;
   with translations only up to the border pixels (its filters are nearly local) — the
   price of not whitening every augmented batch, which would cost a (256, 3072) ·
@@ -29,16 +29,16 @@ The levers beyond that, in the order a mini-batch meets them:
   applied to every batch after augmentation (the projected rows are not images any
   more, so it cannot come first);
 - after each update, ``ema`` keeps an exponential moving average of the weights
-  (:mod:`klayer.ema`, in the checkpoint too).
+  (:mod:`klayer.levers.ema`, in the checkpoint too).
 
 The whitening is fitted once and kept in the run folder (whitening.npz), so a resumed
 run uses the very same one; when the model is saved, it is folded into the first layer
-(:meth:`klayer.whiten.Whitening.fold_into`), so model.npz is a plain network on
+(:meth:`klayer.levers.whiten.Whitening.fold_into`), so model.npz is a plain network on
 standardised rows and evaluate, predict and export need nothing else. With ``ema``,
 the final network is the averaged one (batch-norm statistics recomputed for it over
 ``precise_bn`` training batches, or 50), and the plain weights' results are kept
 beside it in summary.json. On CIFAR-10 images, the final evaluation also records
-``test_accuracy_tta``: test-time flip averaging (:mod:`klayer.tta`).
+``test_accuracy_tta``: test-time flip averaging (:mod:`klayer.levers.tta`).
 
 The loop prints nothing and touches no file itself: progress goes to callbacks, and when
 a run folder is given, a :class:`klayer.runs.RunFolder` (locked while the run lasts)
@@ -59,15 +59,16 @@ from pathlib import Path
 
 import numpy as np
 
-from klayer import augment, runs
-from klayer.bn_stats import population_statistics, use_statistics
+from klayer import runs
+from klayer.levers import augment
+from klayer.levers.bn_stats import population_statistics, use_statistics
 from klayer.config import TrainConfig
-from klayer.ema import EMA
-from klayer.network import Network
-from klayer.tta import flip_average_accuracy
-from klayer.whiten import Whitening
-from klayer.optim import make_optimizer
-from klayer.schedules import make_schedule
+from klayer.levers.ema import EMA
+from klayer.nn.network import Network
+from klayer.levers.tta import flip_average_accuracy
+from klayer.levers.whiten import Whitening
+from klayer.nn.optim import make_optimizer
+from klayer.nn.schedules import make_schedule
 
 SHUFFLE_STREAM = 1  # the shuffling generator is seeded with (seed, SHUFFLE_STREAM)
 AUGMENT_STREAM = 2

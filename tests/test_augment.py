@@ -4,7 +4,7 @@ map per image, seeded draws, input untouched, dtype kept, arguments checked."""
 import numpy as np
 import pytest
 
-from klayer.augment import IMAGE_SHAPE, Augmentation, Mixing, mirror, soft_targets
+from klayer.levers.augment import IMAGE_SHAPE, Augmentation, Mixing, mirror, soft_targets
 
 C, H, W = IMAGE_SHAPE
 D = C * H * W
@@ -410,7 +410,7 @@ def test_soft_targets_mix_one_hot_rows():
 
 def test_cross_entropy_of_soft_targets_is_the_mix_of_the_two_losses():
     """-Σ_c t_c log p_c = λ CE(y_a) + (1 - λ) CE(y_b), row by row."""
-    from klayer.layers import softmax_cross_entropy
+    from klayer.nn.layers import softmax_cross_entropy
 
     rng = np.random.default_rng(9)
     scores = rng.standard_normal((20, 5))

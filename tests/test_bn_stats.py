@@ -4,10 +4,10 @@
 import numpy as np
 import pytest
 
-from klayer.augment import Augmentation
-from klayer.bn_stats import population_statistics, use_statistics
+from klayer.levers.augment import Augmentation
+from klayer.levers.bn_stats import population_statistics, use_statistics
 from klayer.config import TrainConfig
-from klayer.network import Network
+from klayer.nn.network import Network
 from klayer.train import train
 
 

@@ -263,7 +263,7 @@ def test_flag_names():
     ("50,50", (50, 50)), ("", ()), ("none", ()), (" 7 , 8 ", (7, 8)), ("100", (100,)),
 ])
 def test_parse_widths(text, widths):
-    from klayer.checks import parse_widths
+    from klayer.nn.checks import parse_widths
 
     assert parse_widths(text) == widths
 
@@ -271,7 +271,7 @@ def test_parse_widths(text, widths):
 @pytest.mark.parametrize("text", ["50,,50", "50,", ",50", "50,0", "50,-1", "5.5", "a,b",
                                   "²", "50;50"])
 def test_parse_widths_rejects(text):
-    from klayer.checks import parse_widths
+    from klayer.nn.checks import parse_widths
 
     with pytest.raises(ValueError, match="comma-separated positive integers"):
         parse_widths(text)

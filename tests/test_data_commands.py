@@ -14,7 +14,7 @@ from klayer import runs
 from klayer.cli import main
 from klayer.commands.predict import MAX_SIDE, read_image
 from klayer.data import CLASS_NAMES, Standardizer
-from klayer.network import Network
+from klayer.nn.network import Network
 
 # --------------------------------------------------------------------------- evaluate
 

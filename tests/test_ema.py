@@ -5,9 +5,9 @@ statistics that belong to the averaged weights."""
 import numpy as np
 import pytest
 
-from klayer.bn_stats import population_statistics
-from klayer.ema import EMA
-from klayer.network import Network
+from klayer.levers.bn_stats import population_statistics
+from klayer.levers.ema import EMA
+from klayer.nn.network import Network
 
 
 def _params(seed, shapes=(("W1", (4, 3)), ("b1", (4,)))):

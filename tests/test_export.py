@@ -12,7 +12,7 @@ from klayer import data as D
 from klayer import export, runs
 from klayer.cli import main
 from klayer.model import LoadedModel, to_planes
-from klayer.network import Network
+from klayer.nn.network import Network
 
 from conftest import REPO_ROOT, onnx_or_skip, torch_or_skip
 

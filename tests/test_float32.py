@@ -11,7 +11,7 @@ Tolerances, with u = 2^-24 ≈ 6e-8 the unit roundoff of float32:
 - loss and cost, rtol 1e-5: a forward pass through 4 layers of ≤ 16-term dot products,
   a normalization and a log-sum-exp loses a few hundred u at most; measured ≤ 1.2e-7,
   so 1e-5 leaves ~100× margin, while the planted bug moves the loss by ≥ 1e-4.
-- gradients, relative error ≤ 1e-4 per tensor (klayer.gradcheck.relative_error, floor
+- gradients, relative error ≤ 1e-4 per tensor (klayer.nn.gradcheck.relative_error, floor
   1e-2): the backward pass doubles the chain of roundoffs and divides by the batch
   standard deviation; measured ≤ 7.4e-6 (~13× margin); the planted bug gives ≥ 1e-2.
 - training (see TRAIN_TOL): after N steps the per-step errors have accumulated.
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from klayer.config import TrainConfig
-from klayer.gradcheck import relative_error
-from klayer.network import Network
+from klayer.nn.gradcheck import relative_error
+from klayer.nn.network import Network
 from klayer.runs import load_model
 from klayer.train import train
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from klayer import gradcheck as G
-from klayer import layers as L
+from klayer.nn import gradcheck as G
+from klayer.nn import layers as L
 from klayer.cli import main
-from klayer.network import Network
+from klayer.nn.network import Network
 
 LAM = 0.01
 # (batch_norm, hidden widths): k-layer networks have k - 1 hidden layers.

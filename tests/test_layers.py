@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from klayer import layers as L
-from klayer.gradcheck import numerical_gradients
+from klayer.nn import layers as L
+from klayer.nn.gradcheck import numerical_gradients
 
 try:
     import torch
@@ -399,7 +399,7 @@ def _mixed_problem(seed=21, n=7, C=5):
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.15])
 def test_cross_entropy_with_soft_targets_value_and_gradient(smoothing):
-    from klayer.augment import soft_targets
+    from klayer.levers.augment import soft_targets
 
     scores, y_a, y_b, lam = _mixed_problem()
     n, C = scores.shape
@@ -445,8 +445,8 @@ def test_soft_targets_with_population_axis_and_per_member_smoothing():
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_network_gradients_with_mixed_targets(smoothing):
     """Through Network.loss (batch norm, dropout masks, L2): analytic against numerical."""
-    from klayer.gradcheck import compare, numerical_gradients
-    from klayer.network import Network
+    from klayer.nn.gradcheck import compare, numerical_gradients
+    from klayer.nn.network import Network
 
     rng = np.random.default_rng(8)
     n, d, C = 12, 6, 4

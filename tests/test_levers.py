@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from klayer.augment import soft_targets
-from klayer.network import Network
+from klayer.levers.augment import soft_targets
+from klayer.nn.network import Network
 
 
 @pytest.fixture(scope="module")

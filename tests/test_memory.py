@@ -5,7 +5,7 @@ import pytest
 from klayer import memory
 from klayer.commands.search import grid_size
 from klayer.config import TrainConfig
-from klayer.network import Network
+from klayer.nn.network import Network
 
 GIB = 2**30
 

@@ -9,7 +9,7 @@ from klayer import runs
 from klayer.cli import main
 from klayer.config import TrainConfig
 from klayer.model_card import model_card, write_model_card
-from klayer.network import Network
+from klayer.nn.network import Network
 
 from conftest import onnx_or_skip
 

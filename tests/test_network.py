@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from klayer.network import Network
+from klayer.nn.network import Network
 
 
 def _data(n=16, d=12, seed=0, classes=10):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from klayer.optim import OPTIMIZERS, SGD, make_optimizer, per_member
+from klayer.nn.optim import OPTIMIZERS, SGD, make_optimizer, per_member
 
 
 def _params(dtype):

@@ -5,15 +5,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from klayer import augment, layers, runs
+from klayer import runs
+from klayer.levers import augment
+from klayer.nn import layers
 from klayer.config import TrainConfig
-from klayer.gradcheck import absolute_error, numerical_gradients, relative_error
-from klayer.network import Network
-from klayer.optim import SGD, Adam, Momentum
+from klayer.nn.gradcheck import absolute_error, numerical_gradients, relative_error
+from klayer.nn.network import Network
+from klayer.nn.optim import SGD, Adam, Momentum
 from klayer.population import (
     Dropped, Population, check_population, select_optimizer, train_population, write_run,
 )
-from klayer.schedules import CyclicLR, PerMember
+from klayer.nn.schedules import CyclicLR, PerMember
 from klayer.train import TrainResult, train
 
 D, HIDDEN, C = 12, [8, 8], 4

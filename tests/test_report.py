@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from klayer import report
+from klayer.study import report
 from klayer.config import TrainConfig
-from klayer.extended import BNEvaluation, ExtendedResult
-from klayer.study import QUICK, Run
+from klayer.study.extended import BNEvaluation, ExtendedResult
+from klayer.study.sections import QUICK, Run
 
 LN10 = math.log(10)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from klayer.cli import main
-from klayer.extended import GRADCHECK_CASES, TECHNIQUES
+from klayer.study.extended import GRADCHECK_CASES, TECHNIQUES
 
 SECTIONS = ["## i) Gradient verification", "## ii) 3-layer network", "## iii) 9-layer network",
             "## iv) λ search", "## v) Initialisation sensitivity", "## vi) Beyond the study",

@@ -8,7 +8,7 @@ import pytest
 
 from klayer import runs
 from klayer.data import CLASS_NAMES, Standardizer
-from klayer.network import Network
+from klayer.nn.network import Network
 
 
 @pytest.fixture

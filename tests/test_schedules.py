@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from klayer.config import TrainConfig
-from klayer.schedules import (
+from klayer.nn.schedules import (
     ConstantLR, CosineLR, CyclicLR, PerMember, StepLR, WarmUp, make_schedule,
 )
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from klayer import search, study
+from klayer import search
+from klayer.study import sections as study
 from klayer.search.executors import InProcessExecutor, Lanes
 
 

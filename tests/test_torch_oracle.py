@@ -8,7 +8,7 @@ reason on a developer machine, and fails under CI (CI=true), where it must run.
 import numpy as np
 import pytest
 
-from klayer.network import Network
+from klayer.nn.network import Network
 
 try:
     import torch

@@ -5,9 +5,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from klayer import gradcheck, layers, runs
+from klayer import runs
+from klayer.nn import gradcheck
+from klayer.nn import layers
 from klayer.config import TrainConfig
-from klayer.network import Network
+from klayer.nn.network import Network
 from klayer.train import DivergenceError, TrainEvent, train
 
 SMALL = TrainConfig(dtype="float64", hidden_sizes=(16, 12), n_s=10, cycles=2, batch_size=20, eta_max=1.0,
@@ -304,7 +306,7 @@ def image_data_with_test(image_data):
 
 
 def test_resume_is_bit_identical_with_mixing_and_ema(image_data_with_test, tmp_path):
-    from klayer.tta import flip_average_accuracy
+    from klayer.levers.tta import flip_average_accuracy
 
     config = TrainConfig(hidden_sizes=(8, 6), n_s=5, cycles=2, batch_size=20, eta_max=0.2,
                          evals_per_cycle=2, dropout=0.2, flip=True, translate=2,
@@ -356,7 +358,7 @@ def test_whitening_is_cached_folded_and_resumed_exactly(data, tmp_path, options)
     header = (run / runs.HEADER_FILE).read_text()
     assert '"folded_whitening"' in header and f'"{options["whiten"]}"' in header
     # the stored whitening is what a resumed run uses; one that does not match is refused
-    from klayer.whiten import Whitening
+    from klayer.levers.whiten import Whitening
 
     other = Whitening.fit(data.X_train, "zca", 0.5)
     arrays, meta = other.to_arrays()

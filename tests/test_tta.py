@@ -4,10 +4,10 @@ prediction for a mirror-symmetric network, different for a random one."""
 import numpy as np
 import pytest
 
-from klayer.augment import IMAGE_SHAPE, mirror
-from klayer.layers import softmax
-from klayer.network import Network
-from klayer.tta import flip_average_accuracy, flip_average_scores
+from klayer.levers.augment import IMAGE_SHAPE, mirror
+from klayer.nn.layers import softmax
+from klayer.nn.network import Network
+from klayer.levers.tta import flip_average_accuracy, flip_average_scores
 
 C, H, W = IMAGE_SHAPE
 D = C * H * W

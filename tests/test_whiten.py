@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from klayer.whiten import Whitening
+from klayer.levers.whiten import Whitening
 
 
 def _correlated(n=600, d=12, seed=0, dtype="float64"):
@@ -94,7 +94,7 @@ def test_fit_on_float32_rows_and_float32_output():
 def test_chunks_change_nothing(monkeypatch):
     X = _correlated(n=300, d=8)
     whole = Whitening.fit(X, "zca", eps=1e-3)
-    monkeypatch.setattr("klayer.whiten.FIT_CHUNK", 7)
+    monkeypatch.setattr("klayer.levers.whiten.FIT_CHUNK", 7)
     chunked = Whitening.fit(X, "zca", eps=1e-3)
     np.testing.assert_allclose(chunked.matrix, whole.matrix, rtol=1e-10)
     np.testing.assert_allclose(whole.transform(X, "float64", chunk=13),
@@ -156,7 +156,7 @@ def test_bad_arguments_are_one_line_errors():
 
 
 def test_symmetry_makes_zca_commute_with_the_mirror():
-    from klayer.augment import mirror
+    from klayer.levers.augment import mirror
 
     shape = (3, 4, 5)
     d = 60
@@ -180,7 +180,7 @@ def test_symmetry_makes_zca_commute_with_the_mirror():
 
 @pytest.mark.parametrize("method,components", [("zca", None), ("pca", 5)])
 def test_folding_into_the_first_layer_gives_the_same_network(method, components):
-    from klayer.network import Network
+    from klayer.nn.network import Network
 
     X = _correlated(d=12)
     w = Whitening.fit(X, method, eps=1e-3, components=components)

@@ -11,7 +11,7 @@ Batch-norm statistics: by default the moving averages saved with the model. With
 ``--adaptive-bn`` over the test images themselves (adaptive BN: transductive, and printed
 as such). Both are reported beside the moving averages; the model file is not changed.
 With ``--tta``, the accuracy with test-time flip averaging (the mean of the softmax of
-each image and of its mirror, :mod:`klayer.tta`) is printed on a line of its own,
+each image and of its mirror, :mod:`klayer.levers.tta`) is printed on a line of its own,
 after the plain accuracy.
 """
 
@@ -78,7 +78,7 @@ def run(args) -> int:
     for name, acc, total in zip(class_names, per_class, counts.sum(axis=1)):
         print(f"  {name:<{width}}  {acc:.2%}  ({total} images)")
     if args.tta:
-        from klayer.tta import flip_average_accuracy
+        from klayer.levers.tta import flip_average_accuracy
 
         print(f"test accuracy with flip averaging (TTA, two forward passes): "
               f"{flip_average_accuracy(net, X, y):.2%}")
@@ -125,7 +125,7 @@ def _test_split(net, standardizer, config, data_dir):
 
 def _other_statistics(args, net, X, y, config, run_dir, dataset) -> None:
     """Print the test accuracy with PreciseBN and/or adaptive-BN statistics."""
-    from klayer.bn_stats import population_statistics, use_statistics
+    from klayer.levers.bn_stats import population_statistics, use_statistics
 
     if not net.batch_norm:
         raise ValueError("--precise-bn and --adaptive-bn recompute batch-norm statistics, but "

@@ -6,9 +6,10 @@ from functools import partial
 
 import numpy as np
 
-from klayer import checks
-from klayer import gradcheck as G
-from klayer.network import INITS, NORM_POSITIONS, Network
+from klayer.nn import checks
+from klayer.nn import gradcheck as G
+from klayer.data import cifar_problem
+from klayer.nn.network import INITS, NORM_POSITIONS, Network
 
 _positive = partial(checks.number, strict=True)
 _at_least_0 = partial(checks.integer, minimum=0)
@@ -122,5 +123,5 @@ def inputs(args):
     if not args.cifar:
         X, y = G.random_problem(args.dims, args.samples, seed=args.seed)
         return X, y, "random normal inputs"
-    X, y = G.cifar_problem(args.dims, args.samples, args.data_dir)
+    X, y = cifar_problem(args.dims, args.samples, args.data_dir)
     return X, y, "CIFAR-10 training images"

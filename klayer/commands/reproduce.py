@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from klayer.checks import DTYPES
+from klayer.nn.checks import DTYPES
 
 
 def register(subparsers) -> None:
@@ -47,8 +47,8 @@ def run(args) -> int:
 
 
 def _reproduce(args, data_dir) -> int:
-    from klayer import study
-    from klayer.report import write_report
+    from klayer.study import sections as study
+    from klayer.study.report import write_report
 
     budget = study.QUICK if args.quick else study.FULL
     start = time.perf_counter()
@@ -69,8 +69,8 @@ def _reproduce(args, data_dir) -> int:
 def run_extended_section(result, data_dir, dtype, workers, emit):
     """Section vi on top of the study's 3-layer and 9-layer runs; its time joins the
     study's."""
-    from klayer import study
-    from klayer.extended import run_extended
+    from klayer.study import sections as study
+    from klayer.study.extended import run_extended
 
     start = time.perf_counter()
     base = study.base_config(result.budget, data_dir, dtype)

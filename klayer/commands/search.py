@@ -13,7 +13,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-from klayer import checks, memory
+from klayer import memory
+from klayer.nn import checks
 from klayer.cli import UserError
 from klayer.config import add_option_flags, flags_given
 from klayer.search import METHODS, OBJECTIVES, SAMPLERS

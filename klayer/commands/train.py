@@ -117,7 +117,7 @@ def _describe(config: TrainConfig) -> str:
     extras += ["residual"] if config.residual else []
     extras += [f"dropout {config.dropout:g}"] if config.dropout else []
     extras += [f"label smoothing {config.label_smoothing:g}"] if config.label_smoothing else []
-    from klayer.augment import from_config
+    from klayer.levers.augment import from_config
 
     augmentation = from_config(config)
     extras += [f"augmentation: {augmentation.describe()}"] if augmentation.active else []

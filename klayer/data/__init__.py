@@ -23,7 +23,9 @@ from klayer.data.batches import (
     PY_FOLDER, TEST_BATCH, TRAIN_BATCHES, DataError, SafeUnpickler, batch_files, check_batch,
     load_batches, read_batch,
 )
-from klayer.data.dataset import PROTOCOLS, Dataset, load_cifar10, load_data, split_ranges
+from klayer.data.dataset import (
+    PROTOCOLS, Dataset, cifar_problem, load_cifar10, load_data, split_ranges,
+)
 from klayer.data.locate import (
     ENV_VAR, OFFICIAL_MD5, OFFICIAL_URL, data_root, default_cache_dir, download_target,
     ensure_cifar10, find_data_dir,
@@ -32,6 +34,7 @@ from klayer.data.standardize import Standardizer, one_hot
 from klayer.data.summary import describe
 
 __all__ = [
+    "cifar_problem",
     "BATCH_NAMES", "BIN_FOLDER", "CLASS_NAMES", "ENV_VAR", "IMAGE_SIZE", "IMAGES_PER_BATCH",
     "NUM_CLASSES", "OFFICIAL_MD5", "OFFICIAL_URL", "PROTOCOLS", "PY_FOLDER", "TEST_BATCH",
     "TRAIN_BATCHES", "DataError", "Dataset", "SafeUnpickler", "Standardizer", "batch_files",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klayer import checks
+from klayer.nn import checks
 from klayer.data.batches import (
     BATCH_NAMES, CLASS_NAMES, IMAGES_PER_BATCH, TEST_BATCH, TRAIN_BATCHES, batch_files,
     check_batch, read_batch,
@@ -133,3 +133,13 @@ def load_data(config, progress=False, download: bool = True) -> Dataset:
     return load_cifar10(config.data_dir, protocol=config.protocol, n_val=config.n_val,
                         subset=config.subset, dtype=config.dtype, download=download,
                         progress=progress)
+
+
+def cifar_problem(dims: int, samples: int, data_dir=None):
+    """The first ``samples`` CIFAR-10 training images, their first ``dims`` standardised
+    dimensions, float64, and their labels (the data must be present: no download)."""
+    data = load_cifar10(data_dir, protocol="single", subset=max(samples, 100),
+                        dtype="float64", download=False)
+    if not 1 <= dims <= data.input_size:
+        raise ValueError(f"dims must be in [1, {data.input_size}] for CIFAR-10, got {dims}")
+    return data.X_train[:samples, :dims].copy(), data.y_train[:samples].copy()

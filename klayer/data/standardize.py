@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klayer import checks
+from klayer.nn import checks
 from klayer.data.batches import NUM_CLASSES
 
 CHUNK_ROWS = 64  # rows per chunk in the statistics and transform loops (<= 1.5 MB: in cache)

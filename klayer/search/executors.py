@@ -386,7 +386,7 @@ class Lanes:
     it has no job in it, so the critical path's next job never waits behind another one.
 
     ``lanes.critical`` and ``lanes.rest`` have the executor interface the search driver
-    and :func:`klayer.study.run_all` use (``submit``, ``capacity``, ``blas_threads``,
+    and :func:`klayer.study.sections.run_all` use (``submit``, ``capacity``, ``blas_threads``,
     ``close``); closing a lane does nothing, :meth:`close` stops both and the executor
     is its owner's to close. Jobs wait in their lane, in submission order, and one
     dispatching thread hands them to the executor (never a callback of the executor:

@@ -219,7 +219,7 @@ def softmax_cross_entropy(scores, y, smoothing: float = 0.0):
       - (n,) integer labels in [0, C): t_i one-hot;
       - (n, C) floats, each row a distribution (summing to 1): soft targets;
       - a tuple (y_a, y_b, λ) of two (n,) label arrays and weights λ (a number or (n,)),
-        as MixUp and CutMix give them (:class:`klayer.augment.Mixing`):
+        as MixUp and CutMix give them (:class:`klayer.levers.augment.Mixing`):
         t_i = λ_i e_{y_a,i} + (1 - λ_i) e_{y_b,i}, without building T.
     Returns ``(loss, dscores)`` with loss = -(1/n) Σ_i Σ_c t'_{i,c} log p_{i,c} and
     dscores = (P - T') / n, where with label smoothing ε: t' = (1 - ε) t + ε / C.

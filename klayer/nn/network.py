@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klayer import checks
-from klayer import layers as L
+from klayer.nn import checks
+from klayer.nn import layers as L
 
 MODES = ("train", "eval")
 INITS = ("he", "xavier")

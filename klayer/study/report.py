@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from klayer import gradcheck as G
+from klayer.nn import gradcheck as G
 from klayer import plots, runs
-from klayer.study import StudyResult, config_lines
+from klayer.study.sections import StudyResult, config_lines
 
 CHANCE_LOSS = math.log(10)
 
@@ -275,7 +275,7 @@ def _initialisation(r: StudyResult, fig_dir: Path) -> str:
 
 def _timing(r: StudyResult) -> str:
     """Seconds and update steps per section. Sections ii to v share the workers (see
-    :func:`klayer.study.run_study`): their seconds are worker seconds, and the wall-clock
+    :func:`klayer.study.sections.run_study`): their seconds are worker seconds, and the wall-clock
     time of the four together is a row of its own."""
     shared = ("runs", "search")  # worker seconds
     total = sum(secs for key, secs in r.seconds.items() if key not in shared) + r.wall

@@ -14,7 +14,7 @@ the weights that produced them, not to θ_ema; and the statistics of averaged we
 are not the average of the statistics (the ReLUs between the layers are not linear).
 Two ways to give θ_ema its statistics, both here:
 
-- **recompute** them for θ_ema with PreciseBN (:func:`klayer.bn_stats.population_statistics`:
+- **recompute** them for θ_ema with PreciseBN (:func:`klayer.levers.bn_stats.population_statistics`:
   a few dozen training batches through the network in train mode, frozen weights):
   pass ``bn_data`` to :meth:`EMA.swap_into`. Exact for the averaged weights; costs
   those forward passes at each evaluation. This is the choice for reported numbers.
@@ -33,7 +33,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from klayer.bn_stats import population_statistics
+from klayer.levers.bn_stats import population_statistics
 
 
 class EMA:
@@ -118,7 +118,7 @@ class EMA:
         """Put copies of the averaged weights into ``net``; return what it held, for
         :meth:`restore`. With batch norm, its statistics are recomputed for the averaged
         weights from ``bn_data`` (rows of the training set: ``num_batches`` batches of
-        ``batch_size``, see :func:`klayer.bn_stats.population_statistics`), or, when
+        ``batch_size``, see :func:`klayer.levers.bn_stats.population_statistics`), or, when
         ``bn_data`` is None, the averaged buffers are used."""
         if self.step == 0:
             raise ValueError("the EMA has no weights yet: call update() after a training step")

@@ -4,13 +4,13 @@ Each function takes a value and the name the user knows it by (a config key such
 ``n_s``, or an argument of the Python API such as ``input_size``), and returns the value
 normalised (an ``int``, a ``float``, a tuple, a NumPy dtype) or raises ``ValueError``
 with one line that names it and says what is allowed. :class:`klayer.config.TrainConfig`
-declares which check each option uses; :class:`klayer.network.Network`, the data loader
+declares which check each option uses; :class:`klayer.nn.network.Network`, the data loader
 and the command-line flags (through :func:`flag_type`) call the same functions, so no
 rule is written twice.
 
 The choices themselves are defined by the modules that implement them (``INITS`` and
-``NORM_POSITIONS`` in :mod:`klayer.network`, ``OPTIMIZERS`` in :mod:`klayer.optim`,
-``SCHEDULES`` in :mod:`klayer.schedules`, ``PROTOCOLS`` in :mod:`klayer.data`); only the
+``NORM_POSITIONS`` in :mod:`klayer.nn.network`, ``OPTIMIZERS`` in :mod:`klayer.nn.optim`,
+``SCHEDULES`` in :mod:`klayer.nn.schedules`, ``PROTOCOLS`` in :mod:`klayer.data`); only the
 float types, which several modules accept, are listed here.
 """
 

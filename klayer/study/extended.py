@@ -23,12 +23,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from klayer import gradcheck as G
+from klayer.nn import gradcheck as G
 from klayer import runs
 from klayer.config import TrainConfig
-from klayer.network import Network
+from klayer.data import cifar_problem
+from klayer.nn.network import Network
 from klayer.search import dataset_for, make_executor
-from klayer.study import HIDDEN_3, Budget, Run, run_all
+from klayer.study.sections import HIDDEN_3, Budget, Run, run_all
 
 # (name, label, changes to the baseline configuration); the label names the run in the
 # report (Run.label)
@@ -137,7 +138,7 @@ def gradcheck_cases(budget: Budget, X, y, lam: float) -> list[GradcheckCase]:
 def evaluate_statistics(study_runs: list[Run], data, batches: int = PRECISE_BATCHES
                         ) -> list[BNEvaluation]:
     """Moving averages, PreciseBN and adaptive BN test accuracy of each batch-norm run."""
-    from klayer.bn_stats import population_statistics, use_statistics
+    from klayer.levers.bn_stats import population_statistics, use_statistics
 
     evaluations = []
     for run in study_runs:
@@ -167,7 +168,7 @@ def run_extended(out: Path, budget: Budget, base: TrainConfig, depth_pairs: dict
     seconds = {}
     t0 = time.perf_counter()
     emit("section vi: gradient checks of the new layers")
-    X, y = G.cifar_problem(budget.gradcheck_dims, budget.gradcheck_samples, base.data_dir)
+    X, y = cifar_problem(budget.gradcheck_dims, budget.gradcheck_samples, base.data_dir)
     lam = 0.01
     cases = gradcheck_cases(budget, X, y, lam)
     seconds["gradcheck"] = time.perf_counter() - t0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from klayer.network import Network
+from klayer.nn.network import Network
 
 
 def population_statistics(net: Network, X, batch_size: int = 100,
@@ -30,7 +30,7 @@ def population_statistics(net: Network, X, batch_size: int = 100,
 
     The batches are disjoint, drawn in a random order from a generator seeded with
     ``seed``; ``num_batches`` None (or more than X holds) uses every whole batch of X.
-    augment: an :class:`klayer.augment.Augmentation` applied to each batch, or None.
+    augment: an :class:`klayer.levers.augment.Augmentation` applied to each batch, or None.
     Returns ``{"running_mean{l}": μ_l, "running_var{l}": v_l}`` in the network's dtype.
     """
     if not net.batch_norm:

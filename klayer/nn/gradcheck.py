@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klayer import layers as L
-from klayer.network import Network
+from klayer.nn import layers as L
+from klayer.nn.network import Network
 
 DEFAULT_H = 1e-5
 DEFAULT_FLOOR = 1e-2
@@ -166,7 +166,7 @@ def relu_margin(net: Network, X, masks=None) -> float:
     A centred difference across a ReLU kink measures no derivative: moving one weight by
     h = 1e-5 moves a pre-activation by about h·|x|, so an input within ~1e-4 of 0 can
     make a correct implementation fail. This records the inputs by wrapping
-    :func:`klayer.layers.relu_forward` for the one forward pass.
+    :func:`klayer.nn.layers.relu_forward` for the one forward pass.
     """
     smallest, real = [np.inf], L.relu_forward
 
@@ -199,18 +199,6 @@ def random_problem(dims: int, samples: int, num_classes: int = 10, seed: int = 0
     """Standard-normal inputs X: (samples, dims) and random labels, for checks."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((samples, dims)), rng.integers(0, num_classes, samples)
-
-
-def cifar_problem(dims: int, samples: int, data_dir=None):
-    """The first ``samples`` CIFAR-10 training images, their first ``dims`` standardised
-    dimensions, float64, and their labels (the data must be present: no download)."""
-    from klayer.data import load_cifar10
-
-    data = load_cifar10(data_dir, protocol="single", subset=max(samples, 100),
-                        dtype="float64", download=False)
-    if not 1 <= dims <= data.input_size:
-        raise ValueError(f"dims must be in [1, {data.input_size}] for CIFAR-10, got {dims}")
-    return data.X_train[:samples, :dims].copy(), data.y_train[:samples].copy()
 
 
 def markdown_table(rows: list[GradCheckRow], title: str | None = None) -> str:

@@ -3,12 +3,12 @@
     p̄(x) = ½ (softmax(f(x)) + softmax(f(mirror(x))))
 
 with f the network in eval mode and mirror the left-right flip that training's
-augmentation uses (:func:`klayer.augment.mirror`). Flips are label-preserving for
+augmentation uses (:func:`klayer.levers.augment.mirror`). Flips are label-preserving for
 CIFAR-10, so a network trained with them sees both views as the same class; averaging
 the two probability vectors removes part of its error that is not mirror-symmetric.
 It costs a second forward pass. Results with it are reported apart from plain accuracy.
 
-When the network takes transformed inputs (whitened rows, :mod:`klayer.whiten`), the
+When the network takes transformed inputs (whitened rows, :mod:`klayer.levers.whiten`), the
 mirror is taken in pixel space and ``preprocess`` maps both views afterwards.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from klayer.augment import IMAGE_SHAPE, mirror
-from klayer.layers import softmax
+from klayer.levers.augment import IMAGE_SHAPE, mirror
+from klayer.nn.layers import softmax
 
 
 def flip_average_scores(net, X, preprocess=None, chunk: int = 2000,

@@ -16,7 +16,7 @@ Two budgets: "full" (the study's protocol: all 45,000 training images, the cours
 assignment's cycle lengths) and "quick" (a 5,000-image subset and short cycles, the same
 sections, a few minutes in all: for smoke tests and CI).
 
-Section vi (:mod:`klayer.extended`) builds on the runs made here; ``klayer reproduce``
+Section vi (:mod:`klayer.study.extended`) builds on the runs made here; ``klayer reproduce``
 composes the two.
 """
 
@@ -29,10 +29,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from klayer import gradcheck as G
+from klayer.nn import gradcheck as G
 from klayer import runs
 from klayer import search
 from klayer.config import TrainConfig, toml_value
+from klayer.data import cifar_problem
 
 HIDDEN_3 = (50, 50)
 HIDDEN_9 = (50, 30, 20, 20, 10, 10, 10, 10)
@@ -286,7 +287,7 @@ class StudyResult:
     # the sum of their jobs' times (they share the workers, see run_study)
     seconds: dict
     out: Path
-    extended: object = None  # section vi (klayer.extended.ExtendedResult), added by its caller
+    extended: object = None  # section vi (klayer.study.extended.ExtendedResult), added by its caller
     workers: int = 1
     wall: float = 0.0  # wall-clock seconds of sections ii to v together
 
@@ -315,7 +316,7 @@ def run_study(out, budget: Budget = FULL, data_dir=None, workers: int = 1, dtype
 
     t0 = time.perf_counter()
     emit("section i: gradient checks")
-    X, y = G.cifar_problem(budget.gradcheck_dims, budget.gradcheck_samples, data_dir)
+    X, y = cifar_problem(budget.gradcheck_dims, budget.gradcheck_samples, data_dir)
     lam = 0.01
     tables = gradcheck_section(budget, X, y, lam)
     seconds = {"gradcheck": time.perf_counter() - t0}

@@ -22,7 +22,7 @@ the draws of the others.
 :class:`Mixing` (MixUp, CutMix) also changes the labels: it returns the mixed batch and
 ``(y_a, y_b, λ)``, from which :func:`soft_targets` builds the target distribution.
 Mixing comes after the geometric augmentation and before any whitening
-(:mod:`klayer.whiten`); CutMix pastes pixels, so it must see pixel-space images.
+(:mod:`klayer.levers.whiten`); CutMix pastes pixels, so it must see pixel-space images.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def soft_targets(y_a, y_b, lam, num_classes: int, smoothing: float = 0.0,
     y_a, y_b: (n,) integer labels; lam: (n,) weights in [0, 1] (a number: the same for
     all rows). λ = 1 and ε = 0 give the one-hot targets of y_a.
     The cross-entropy against T is -(1/n) Σ_i Σ_c t_ic log p_ic, with gradient
-    (P - T)/n on the scores, which :func:`klayer.layers.softmax_cross_entropy` computes
+    (P - T)/n on the scores, which :func:`klayer.nn.layers.softmax_cross_entropy` computes
     from T, or from ``(y_a, y_b, lam)`` directly without building T.
     """
     y_a, y_b, lam = np.asarray(y_a), np.asarray(y_b), np.asarray(lam, np.float64)
