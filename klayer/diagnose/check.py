@@ -215,6 +215,10 @@ def render(d: Diagnosis, markdown: bool) -> str:
     wrong = [n for n, t in d.tensors.items() if t["status"] == "wrong"]
     if d.verdict == "correct":
         lines.append(f"verdict: correct (every tensor within {TOL:g} of klayer's exact gradient)")
+        biases = [f"b{l}" for l in range(1, len(d.tensors)) if f"gamma{l}" in d.tensors]
+        lines.append(f"note: {', '.join(biases)} feed batch norm, so their exact gradient is 0; "
+                     "a relative error of ~1 there in your own check is a false alarm "
+                     "(bn-bias-false-alarm)")
     else:
         lines.append(f"verdict: wrong ({', '.join(wrong)} differ from klayer's exact gradient)")
         lines += ["", "likely bugs, closest first:"]
