@@ -79,7 +79,8 @@ CATALOGUE = [
         "γ_l and β_l are right, W_l and everything below wrong; b_l stays 0",
         "keep the variance term: - ŝ ⊙ mean(g ⊙ ŝ) inside the bracket of (8)",
         "(8) ∂J/∂s = (1/sqrt(v + ε)) ⊙ (g - mean(g) - ŝ ⊙ mean(g ⊙ ŝ))",
-        "v depends on every s_i too; that path contributes -ŝ ⊙ mean(g ⊙ ŝ)". Without it the gradient still sums to 0 over the batch (so b_l "
+        "v depends on every s_i too; that path contributes -ŝ ⊙ mean(g ⊙ ŝ). "
+        "Without it the gradient still sums to 0 over the batch (so b_l "
         "looks right) but W_l and everything below are wrong."),
     Bug("relu-mask-from-wrong-tensor", "analytic",
         "ReLU derivative taken from the scores before batch norm",
