@@ -115,9 +115,9 @@ CATALOGUE = [
         "variance."),
     Bug("numeric-with-running-stats", "numerical",
         "the finite-difference cost uses fixed (moving-average) mean and variance",
-        "the analytic gradient is right but disagrees with the numeric one for W_l of "
-        "batch-norm layers and below, while γ, β and the last layer agree; b_l shows a "
-        "non-zero numeric gradient",
+        "the analytic gradient is right but disagrees with the numeric one for W of every "
+        "batch-norm layer and for everything below the last one, while its γ, β and the last "
+        "layer agree; b_l shows a non-zero numeric gradient",
         "evaluate the cost for the numerical gradient in training mode, with the batch "
         "statistics recomputed at every perturbation",
         "(1)-(2) μ and v are functions of s, not constants",
