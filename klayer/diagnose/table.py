@@ -216,7 +216,8 @@ def explain(text: str) -> tuple[str, list[dict]]:
         alarm = [n for n, c in res["pattern"].items()
                  if re.fullmatch(r"b\d+", n) and c == "wrong" and int(n[1:]) < res["layers"]]
         if alarm:
-            lines.append(f"note: {', '.join(alarm)} feed batch norm, whose true gradient is 0: "
+            verb = "feeds" if len(alarm) == 1 else "feed"
+            lines.append(f"note: {', '.join(alarm)} {verb} batch norm, whose true gradient is 0: "
                          "a relative error of ~1 there is what correct code shows too "
                          "(bn-bias-false-alarm) and says nothing")
         lines.append("")
