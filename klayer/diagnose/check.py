@@ -121,7 +121,7 @@ def _entry(bug: str, d: float, exact_match: bool) -> dict:
             "breaks": b.breaks, "fix": b.fix, "explanation": b.explanation}
 
 
-@dataclass
+@dataclass(repr=False)
 class Diagnosis:
     """What :func:`check` found: ``verdict`` "correct" or "wrong"; ``likely``, the
     catalogued bugs closest to the user's gradients (empty when correct); ``tensors``,
@@ -147,6 +147,8 @@ class Diagnosis:
 
     def __str__(self) -> str:
         return render(self, markdown=False)
+
+    __repr__ = __str__
 
     def _repr_markdown_(self) -> str:
         return render(self, markdown=True)
