@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klayer.diagnose.metrics import scaled_errors
 from klayer.nn import gradcheck as G
 from klayer.nn import layers as L
 
@@ -297,8 +298,6 @@ VISIBLE = 1e-3  # a planted bug must move some tensor by this much (scaled error
 def all_visible(case) -> bool:
     """Every analytic bug moves some gradient tensor by more than VISIBLE (scaled), and
     no two bugs give the same gradients."""
-    from klayer.diagnose.check import scaled_errors
-
     exact = case.exact_gradients()
     planted = {}
     for bug in ANALYTIC:

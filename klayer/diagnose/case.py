@@ -321,10 +321,5 @@ def case_from_arrays(arrays: dict, what: str = "CASE") -> Case:
     return case
 
 
-def forward_scores(case: Case) -> np.ndarray:
-    """The scores s_k (n, K) of the case (train-mode batch norm), core convention."""
-    return case.network().forward(case.X, "train").scores
-
-
 __all__ = ["Case", "make_case", "case_arrays", "case_from_arrays", "grads_to_core",
            "from_core", "save", "load", "as_dict", "LAYOUTS"]

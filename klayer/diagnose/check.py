@@ -31,31 +31,19 @@ import numpy as np
 
 from klayer.diagnose import bugs as B
 from klayer.diagnose import case as C
+from klayer.diagnose.metrics import TOL, scales, scaled_errors
 
-TOL = 1e-5
 NUMERIC_TOL = 1e-5  # a float64 centred difference (h = 1e-5) agrees to ~1e-9
 SHOWN = 3  # likely bugs listed
 
 
-def _scales(exact: dict) -> dict:
-    top = max(float(np.abs(e).max()) for e in exact.values())
-    return {name: max(float(np.abs(e).max()), 1e-3 * top, 1e-300) for name, e in exact.items()}
-
-
-def scaled_errors(grads: dict, exact: dict) -> dict:
-    """error_t per tensor (see the module docstring)."""
-    scales = _scales(exact)
-    return {name: float(np.abs(grads[name] - exact[name]).max()) / scales[name]
-            for name in exact}
-
-
 def distance(user: dict, planted: dict, exact: dict) -> float:
     """Mean over tensors of d_t (module docstring): 0 = same error pattern, 1 = unrelated."""
-    scales = _scales(exact)
+    scale = scales(exact)
     total = 0.0
     for name, e in exact.items():
         du, db = user[name] - e, planted[name] - e
-        floor = TOL * scales[name] * np.sqrt(e.size)
+        floor = TOL * scale[name] * np.sqrt(e.size)
         total += float(np.linalg.norm(du - db) / (np.linalg.norm(du) + np.linalg.norm(db)
                                                   + floor))
     return total / len(exact)
