@@ -50,6 +50,20 @@ def test_report_tables_fit_the_expected_bugs(results):
     assert "b1, b2 feed batch norm" in text and "bn-bias-false-alarm" in text
 
 
+def test_report_values_are_closest_in_size_to_frozen_statistics(results):
+    """The reported 0.3-0.6 are norm-wise errors; simulated, frozen batch statistics in
+    the numerical check come closest, a 1/(n-1) variance is ten times too small."""
+    _, res = results
+    for r in res:
+        ranked = [x["bug"] for x in r["by_size"]]
+        assert ranked[0] == "numeric-with-running-stats", r["title"]
+        assert ranked[-1] == "variance-not-biased"
+        assert "gamma-missing-in-backward" not in ranked  # invisible at γ = 1
+        assert r["by_size"][0]["distance"] < 0.15
+    three = res[1]["by_size"][0]["simulated"]
+    assert set(three) == {"W1", "beta1", "gamma1", "W2"}
+
+
 def test_a_simulated_bug_table_is_attributed_to_that_bug():
     case = T.states(3)["at initialisation (γ = 1, β = 0)"]
     sim = T.simulate(case, "relu-mask-from-wrong-tensor")
