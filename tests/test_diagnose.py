@@ -373,6 +373,23 @@ def test_correct_student_is_called_correct(cases, layout, fmt, tmp_path, capsys)
     assert "wrong" not in out.split("verdict")[0]
 
 
+def test_correct_float32_student_is_called_correct(cases, tmp_path, capsys):
+    case = read_case(cases["rows", "npz"])
+    for key in ("X", "Y"):
+        case[key] = case[key].astype(np.float32)
+    for key in ("W", "b", "gamma", "beta"):
+        case[key] = [v.astype(np.float32) for v in case[key]]
+    case["lam"], case["eps"] = np.float32(case["lam"]), np.float32(case["eps"])
+    grads = RowStudent(case).gradients()
+    assert grads["W1"].dtype == np.float32
+    save(tmp_path / "grads.npz", grads)
+    status, out, err = run(["diagnose", "check", cases["rows", "npz"], tmp_path / "grads.npz",
+                            "--json"], capsys)
+    assert status == 0, out
+    errors = [t["error"] for t in json.loads(out)["tensors"].values()]
+    assert 1e-9 < max(errors) < 1e-5  # float32 rounding: visible, and within tolerance
+
+
 @pytest.mark.parametrize("bug", ANALYTIC)
 @pytest.mark.parametrize("fmt", ["npz", "mat"])
 @pytest.mark.parametrize("layout", ["columns", "rows"])

@@ -1,10 +1,11 @@
 """Check a user's gradients against klayer's exact ones and rank the catalogued bugs.
 
 The error of one tensor is its largest entry-wise difference, scaled by the size of that
-tensor's exact gradient (by 1e-3 of the largest gradient entry of the whole network when
-the exact tensor is ~0, as ∂J/∂b_l under batch norm is):
+tensor's exact gradient (by the largest gradient entry of the whole network when the
+exact tensor is ~0, as ∂J/∂b_l under batch norm is):
 
-    error_t = max_i |g_i - e_i| / max(max_i |e_i|, 1e-3 · max_all |e|)
+    error_t = max_i |g_i - e_i| / scale_t,  scale_t = max_i |e_i|, or max_all |e| if that
+                                            is below 1e-6 · max_all |e|
 
 A tensor is right when error_t ≤ TOL (1e-5: float64 code agrees to ~1e-14, float32 code
 to ~1e-6).
