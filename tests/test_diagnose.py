@@ -553,6 +553,15 @@ def test_case_file_holds_the_model_in_its_layout(cases, layout):
     assert G.relu_margin(case.network(), case.X) > G.KINK_MARGIN
 
 
+def test_without_l2_the_l2_bug_is_not_a_candidate(tmp_path, capsys):
+    path = tmp_path / "case.npz"
+    assert cli.main(["diagnose", "make-case", str(path), "--lambda", "0"]) == 0
+    grads = ColumnStudent(read_case(path), "variance-term-missing").gradients()
+    d = D.check(path, grads)
+    assert d.likely[0]["bug"] == "variance-term-missing"
+    assert "l2-factor" not in [r["bug"] for r in d.ranking]
+
+
 def test_both_layouts_describe_the_same_problem(cases):
     a = C.case_from_arrays(dict(np.load(cases["columns", "npz"])))
     b = C.case_from_arrays(dict(np.load(cases["rows", "npz"])))

@@ -66,7 +66,8 @@ def register(subparsers) -> None:
     m.add_argument("--classes", type=_checked(_at_least_2, "classes", int), default=4,
                    metavar="K", help="classes K (default 4)")
     m.add_argument("--lambda", dest="lam", type=_checked(checks.number, "lambda"),
-                   default=0.1, metavar="L", help="L2 coefficient λ (default 0.1)")
+                   default=0.1, metavar="L",
+                   help="L2 coefficient λ (default 0.1; with 0 the l2-factor bug cannot show)")
     m.add_argument("--eps", type=_checked(partial(checks.number, strict=True), "eps"),
                    default=1e-5, help="batch-norm ε (default 1e-5)")
     m.add_argument("--layout", choices=("columns", "rows"), default="columns",

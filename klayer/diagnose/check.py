@@ -61,7 +61,7 @@ def magnitude_distance(user: dict, planted: dict, exact: dict) -> float:
 def rank_analytic(case, user: dict, exact: dict) -> list[dict]:
     """Every analytic bug with its distance to the user's gradients, closest first."""
     out = []
-    for bug in B.ANALYTIC:
+    for bug in B.visible_bugs(case):  # (l2-factor cannot explain anything when λ = 0)
         planted = B.planted_gradients(case, bug)
         out.append(_entry(bug, distance(user, planted, exact),
                           max(scaled_errors(user, planted).values()) <= TOL))
