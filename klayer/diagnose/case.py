@@ -75,12 +75,6 @@ class Case:
         """klayer's gradient of the cost (train-mode batch norm), in the core's convention."""
         return self.network().loss(self.X, self.y, self.lam, mode="train").grads
 
-    def cost(self, params=None) -> float:
-        net = self.network()
-        if params is not None:
-            net.params = params
-        return net.loss(self.X, self.y, self.lam, mode="train", grads=False).cost
-
 
 # --- making a case -----------------------------------------------------------------------
 
