@@ -55,6 +55,7 @@ def test_catalogue_page_matches_the_catalogue():
     for bug in B.CATALOGUE:
         row = next(line for line in text.splitlines() if line.startswith(f"| `{bug.id}` |"))
         assert bug.symptom in row and bug.fix in row and bug.title in row
+        assert row.count("|") == 6  # five cells: no stray "|" inside one
 
 
 def test_study_section_says_what_the_command_says():

@@ -95,10 +95,10 @@ CATALOGUE = [
         "λ W instead of 2 λ W for the regularisation term",
         "only the W tensors are wrong (b, γ, β right); the error grows with λ and vanishes "
         "at λ = 0",
-        "the derivative of λ ||W||² is 2 λ W",
+        "the derivative of λ ‖W‖² is 2 λ W",
         "(9) ∂J/∂W_l = Σ_i ∂J/∂s_i x_i^T + 2λ W_l",
-        "The cost has λ Σ ||W_l||² (no 1/2 in front), whose derivative is 2λ W_l. Code "
-        "written for the ½λ||W||² convention adds λ W_l."),
+        "The cost has λ Σ ‖W_l‖² (no 1/2 in front), whose derivative is 2λ W_l. Code "
+        "written for the ½λ‖W‖² convention adds λ W_l."),
     Bug("loss-not-averaged", "analytic",
         "the cross-entropy gradient not divided by the batch size",
         "every tensor is n times too large (W apart from its 2λW term), with the right sign",
@@ -149,8 +149,8 @@ CATALOGUE = [
         "numeric gradient computed in float32",
         "noisy errors of 1e-3 to 1 on every tensor, with random signs",
         "compute the numerical gradient (and the cost it differences) in float64",
-        "(numeric) roundoff of J is ε_machine |J| / h",
-        "In float32 the cost carries a rounding error of about 6e-8 |J|; divided by h = 1e-5 "
+        "(numeric) roundoff of J is about ε_machine · abs(J) / h",
+        "In float32 the cost carries a rounding error of about 6e-8 · abs(J); divided by h = 1e-5 "
         "this is ~1e-2 of noise on every numeric entry, far above any tolerance."),
 ]
 BUGS = {b.id: b for b in CATALOGUE}
