@@ -12,6 +12,7 @@ gradients to .npz or .mat, as a student would; the tests then run `klayer diagno
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -568,6 +569,17 @@ def test_both_layouts_describe_the_same_problem(cases):
     np.testing.assert_array_equal(a.X, b.X)
     for name in a.names:
         np.testing.assert_array_equal(a.params[name], b.params[name])
+
+
+def test_diagnose_help_lists_every_flag_of_its_actions(capsys):
+    """`klayer diagnose --help` names every action's flags (the README's command lines are
+    checked against it)."""
+    assert cli.main(["diagnose", "--help"]) == 0
+    top = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    for action in ("make-case", "check", "table"):
+        assert cli.main(["diagnose", action, "--help"]) == 0
+        flags = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out)) - {"--help"}
+        assert flags <= top, action
 
 
 def test_help_documents_the_model(capsys):

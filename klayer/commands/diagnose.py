@@ -28,6 +28,16 @@ beta1..beta{k-1}, lam (λ), eps (ε) and layout. Compute the gradients of J at t
 parameters, on all n examples at once, with batch norm in training mode, and save them
 under the same names (W1, b1, gamma1, beta1, ...) for `klayer diagnose check`."""
 
+ACTIONS = """\
+actions (klayer diagnose ACTION --help for each):
+  make-case CASE [--hidden 8,6] [--dims D] [--samples N] [--classes K] [--lambda L]
+            [--eps E] [--layout columns|rows] [--seed S]
+  check CASE GRADS [--numeric NUMGRADS] [--json]
+  table FILE.md [--json]
+
+steps: klayer diagnose make-case case.npz; your code writes its gradients on that case to
+grads.npz (W1, b1, gamma1, beta1, ...); klayer diagnose check case.npz grads.npz"""
+
 _at_least_0 = partial(checks.integer, minimum=0)
 _at_least_3 = partial(checks.integer, minimum=3)
 _at_least_2 = partial(checks.integer, minimum=2)
@@ -45,8 +55,7 @@ def register(subparsers) -> None:
                     "compute your gradients on it, and let klayer compare them with its exact "
                     "ones and rank the catalogued bugs (docs/diagnose.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="steps: klayer diagnose make-case case.npz; (your code) -> grads.npz; "
-               "klayer diagnose check case.npz grads.npz",
+        epilog=ACTIONS,
     )
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
