@@ -18,8 +18,8 @@ import os
 import sys
 
 # Command modules, in the order ``klayer --help`` lists them.
-COMMANDS = ["data", "gradcheck", "train", "evaluate", "predict", "export", "search",
-            "reproduce"]
+COMMANDS = ["data", "gradcheck", "diagnose", "train", "evaluate", "predict", "export",
+            "search", "reproduce"]
 
 USAGE_ERROR = 2
 BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
