@@ -61,7 +61,7 @@ def test_catalogue_page_matches_the_catalogue():
 def test_study_section_says_what_the_command_says():
     study = (DOCS / "study.md").read_text(encoding="utf-8")
     section = study.split("## What `klayer diagnose` says about the course report's")[1]
-    _, results = T.explain((ROOT / "tests" / "data" / "seed_gradcheck_tables.md").read_text())
+    _, results = T.explain((ROOT / "tests" / "data" / "course_report_tables.md").read_text())
     fits = {f["bug"] for f in results[0]["consistent"]}
     listed = set(re.findall(r"^\| `([\w-]+)` \|", section, re.M))
     assert listed == fits

@@ -10,7 +10,7 @@ import pytest
 from klayer import cli
 from klayer.diagnose import table as T
 
-FIXTURE = Path(__file__).parent / "data" / "seed_gradcheck_tables.md"
+FIXTURE = Path(__file__).parent / "data" / "course_report_tables.md"
 # what both batch-norm tables of the fixture show: W of every batch-norm layer wrong,
 # γ and β of the last batch-norm layer right, the last layer right
 FITS = {"variance-not-biased", "gamma-missing-in-backward", "mean-term-missing",
