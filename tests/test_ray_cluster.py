@@ -38,7 +38,7 @@ from klayer import runs
 from klayer.config import TrainConfig
 from klayer.runs import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 
-pytestmark = [pytest.mark.ray, pytest.mark.cifar]
+pytestmark = [pytest.mark.ray, pytest.mark.cifar, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 STARTED = "Ray runtime started"
 _NAMESPACES = itertools.count()

@@ -9,6 +9,8 @@ import pytest
 from klayer.cli import main
 from klayer.study.extended import GRADCHECK_CASES, TECHNIQUES
 
+pytestmark = pytest.mark.slow  # one `klayer reproduce --quick --extended` for the module
+
 SECTIONS = ["## i) Gradient verification", "## ii) 3-layer network", "## iii) 9-layer network",
             "## iv) λ search", "## v) Initialisation sensitivity", "## vi) Beyond the study",
             "## Time"]

@@ -295,6 +295,7 @@ def test_command_line(cifar_dir, tmp_path, capsys):
     assert "set by a flag and searched" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.cifar
 def test_resume_after_sigkill_keeps_finished_trials(cifar_dir, tmp_path):
     """The search process is killed (SIGKILL, by the test-only KLAYER_FAULT hook) in the

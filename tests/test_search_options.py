@@ -133,6 +133,7 @@ def searches(cifar_dir, tmp_path_factory):
 # --- every extended option is a search dimension ------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.cifar
 @pytest.mark.parametrize("option", DIMENSIONS)
 def test_option_is_a_search_dimension(searches, option):
@@ -155,6 +156,7 @@ def test_option_is_a_search_dimension(searches, option):
                    == (10, 10) for r in complete)
 
 
+@pytest.mark.slow
 @pytest.mark.cifar
 def test_precise_bn_trial_recomputes_the_statistics(searches):
     """precise_bn = 2 keeps the moving-average results beside the PreciseBN ones."""
@@ -166,6 +168,7 @@ def test_precise_bn_trial_recomputes_the_statistics(searches):
 # --- objective: final or best -------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.cifar
 def test_objective_best_and_final_on_the_same_trials(searches):
     best, final = searches["dropout"], searches["dropout_final"]
@@ -191,6 +194,7 @@ def test_objective_best_and_final_on_the_same_trials(searches):
     assert differ, "no trial's best history point beat its final one: nothing was tested"
 
 
+@pytest.mark.slow
 @pytest.mark.cifar
 def test_objective_picks_best_toml(searches):
     """best.toml is the trial with the highest objective."""
@@ -203,6 +207,7 @@ def test_objective_picks_best_toml(searches):
 # --- TPE ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.cifar
 def test_tpe_random_search_runs_n_trials_reproducibly(searches):
     a, b, c = searches["tpe_a"], searches["tpe_b"], searches["tpe_c"]
@@ -224,6 +229,7 @@ def test_tpe_random_search_runs_n_trials_reproducibly(searches):
 # --- invalid combinations ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.cifar
 @pytest.mark.parametrize("name", PAIRS)
 def test_invalid_combination_is_a_failed_trial_with_its_reason(searches, name):
@@ -244,6 +250,7 @@ def test_invalid_combination_is_a_failed_trial_with_its_reason(searches, name):
     assert (search.out / "best.toml").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.cifar
 def test_search_where_no_trial_can_run(searches):
     search = searches["all_bad"]
