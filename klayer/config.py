@@ -293,35 +293,35 @@ def _cross_checks(v: dict) -> None:
     """The rules that involve more than one option."""
     if v["batch_norm"] and v["hidden_sizes"] and v["batch_size"] < 2:
         raise UserError(f"config: batch_size must be an integer >= 2 with batch norm "
-                         f"(batch statistics need two examples), got {v['batch_size']}")
+                        f"(batch statistics need two examples), got {v['batch_size']}")
     if v["batch_norm"] and v["layer_norm"]:
         raise UserError("config: batch_norm and layer_norm are alternatives; set "
-                         "batch_norm = false to use layer_norm")
+                        "batch_norm = false to use layer_norm")
     if v["precise_bn"] and not (v["batch_norm"] and v["hidden_sizes"]):
         raise UserError("config: precise_bn recomputes batch-norm statistics; it needs "
-                         "batch_norm = true and a hidden layer")
+                        "batch_norm = true and a hidden layer")
     if v["translate"] >= 16:
         raise UserError(f"config: translate must be under 16 pixels, got {v['translate']}")
     if v["decay_rate"] > 1:
         raise UserError(f"config: decay_rate must be in (0, 1], got {v['decay_rate']}")
     if v["warmup_steps"] and v["schedule"] == "cyclic":
         raise UserError("config: warmup_steps does not apply to the cyclic schedule, which "
-                         "starts at eta_min already; set it to 0 or choose another schedule")
+                        "starts at eta_min already; set it to 0 or choose another schedule")
     if v["warmup_steps"] >= v["cycles"] * 2 * v["n_s"]:
         raise UserError(f"config: warmup_steps ({v['warmup_steps']}) must be fewer than "
-                         f"the {v['cycles'] * 2 * v['n_s']} training steps")
+                        f"the {v['cycles'] * 2 * v['n_s']} training steps")
     if v["pad_mode"] != "mean" and not v["translate"]:
         raise UserError(f"config: pad_mode {v['pad_mode']!r} says how translations pad; "
-                         "set translate too, or leave pad_mode at mean")
+                        "set translate too, or leave pad_mode at mean")
     if v["whiten_components"] is not None and v["whiten"] != "pca":
         raise UserError("config: whiten_components applies to whiten = \"pca\"; set "
-                         "whiten = \"pca\" or leave whiten_components out")
+                        "whiten = \"pca\" or leave whiten_components out")
     if v["whiten"] == "none" and v["whiten_eps"] != 0.01:
         raise UserError("config: whiten_eps applies to whitening; set whiten = \"zca\" or "
-                         "\"pca\", or leave whiten_eps out")
+                        "\"pca\", or leave whiten_eps out")
     if v["eta_min"] > v["eta_max"]:
         raise UserError(f"config: eta_min ({v['eta_min']}) must not exceed "
-                         f"eta_max ({v['eta_max']})")
+                        f"eta_max ({v['eta_max']})")
 
 
 def _reject_unknown(options: dict, what: str) -> None:
@@ -329,7 +329,7 @@ def _reject_unknown(options: dict, what: str) -> None:
     unknown = sorted(set(options) - set(known), key=str)
     if unknown:
         raise UserError(f"unknown config {what}(s) {', '.join(map(str, unknown))}; "
-                         f"allowed: {', '.join(known)}")
+                        f"allowed: {', '.join(known)}")
 
 
 # --- command-line flags -----------------------------------------------------------------

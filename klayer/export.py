@@ -96,7 +96,7 @@ def onnx_model(net: Network, standardizer, class_names, *, input_layout: str = "
         raise UserError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
     if input_layout == "hwc" and net.input_size != 3 * 32 * 32:
         raise UserError(f"input_layout 'hwc' needs 32x32 RGB inputs (3072 values), but the "
-                         f"network takes {net.input_size}")
+                        f"network takes {net.input_size}")
     nodes, initializers = [], []
 
     def const(name, array):

@@ -112,8 +112,8 @@ def check_fits(estimate: dict, what: str, available: int | None = None) -> None:
         return
     largest = max(estimate, key=estimate.get)
     raise UserError(f"{what} needs ~{_gib(need)} GiB (of which {largest.replace('_', ' ')} "
-                     f"{_gib(estimate[largest])} GiB), {_gib(available)} GiB available; "
-                     f"reduce --hidden / --batch-size / --subset or use --dtype float32")
+                    f"{_gib(estimate[largest])} GiB), {_gib(available)} GiB available; "
+                    f"reduce --hidden / --batch-size / --subset or use --dtype float32")
 
 
 def _gib(n: int) -> str:

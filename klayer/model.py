@@ -42,7 +42,7 @@ def to_planes(images) -> np.ndarray:
         return images
     if images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, CHANNELS):
         raise UserError(f"pixels must have shape (n, {PIXELS}) or (n, {SIZE}, {SIZE}, "
-                         f"{CHANNELS}), got {images.shape}")
+                        f"{CHANNELS}), got {images.shape}")
     return images.transpose(0, 3, 1, 2).reshape(len(images), PIXELS)
 
 
@@ -78,7 +78,7 @@ class LoadedModel:
                 raise UserError(f"pixels must be uint8 or real numbers, got dtype {X.dtype}")
             if X.size and not (np.isfinite(X).all() and X.min() >= 0 and X.max() <= 255):
                 raise UserError("pixels must be raw values in [0, 255] (not standardised or "
-                                 f"scaled), got range [{X.min()}, {X.max()}]")
+                                f"scaled), got range [{X.min()}, {X.max()}]")
         return self.standardizer.transform(X, self.network.dtype)
 
 
@@ -87,13 +87,13 @@ def check_applicable(net: Network, standardizer) -> None:
     :class:`LoadedModel` and the exports of :mod:`klayer.export` need)."""
     if standardizer is None:
         raise UserError("the model has no standardisation statistics (it was not trained "
-                         "on CIFAR-10 by `klayer train`), so it cannot take raw pixels")
+                        "on CIFAR-10 by `klayer train`), so it cannot take raw pixels")
     if standardizer.mean.shape != (net.input_size,):
         raise UserError(f"the standardizer has {standardizer.mean.size} dimensions but the "
-                         f"network takes {net.input_size}")
+                        f"network takes {net.input_size}")
     if net.batch_norm and not net.running_initialised:
         raise UserError("the network has batch norm but no moving averages yet (saved "
-                         "before its first training step): train it first")
+                        "before its first training step): train it first")
 
 
 def load_model(run) -> LoadedModel:

@@ -69,11 +69,11 @@ class Population(Network):
             for name, value in hp[0].items():
                 if name not in MEMBER_OPTIONS and other[name] != value:
                     raise UserError(f"population members must share {name}: member 0 has "
-                                     f"{value!r}, member {k} has {other[name]!r}")
+                                    f"{value!r}, member {k} has {other[name]!r}")
         initialised = {net.running_initialised for net in members}
         if len(initialised) > 1:
             raise UserError("population members must all have batch-norm moving averages "
-                             "or none")
+                            "or none")
         super().__init__(**{**hp[0], "dropout": 0.0, "label_smoothing": 0.0})
         self.member_hyperparameters = hp
         self.dropout = np.array([h["dropout"] for h in hp])
@@ -183,7 +183,7 @@ class Population(Network):
         got = {l: np.shape(m) for l, m in masks.items()}
         if got != want:
             raise UserError(f"dropout masks must be {want} for this population and batch "
-                             f"(use dropout_masks), got {got}")
+                            f"(use dropout_masks), got {got}")
 
 
 def select_optimizer(optimizer, keep):
@@ -274,13 +274,13 @@ def check_population(configs) -> None:
         unsupported = _unsupported(config)
         if unsupported:
             raise UserError(f"population training does not implement "
-                             f"{', '.join(unsupported)} (member {k}); train that config alone")
+                            f"{', '.join(unsupported)} (member {k}); train that config alone")
     for name in SHARED_OPTIONS:
         first = getattr(configs[0], name)
         for k, config in enumerate(configs[1:], 1):
             if getattr(config, name) != first:
                 raise UserError(f"population configs must share {name}: member 0 has "
-                                 f"{first!r}, member {k} has {getattr(config, name)!r}")
+                                f"{first!r}, member {k} has {getattr(config, name)!r}")
 
 
 @dataclass
@@ -322,17 +322,17 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None,
     steps_per_epoch = n // B
     if steps_per_epoch == 0:
         raise UserError(f"the training set has {n} examples, fewer than one batch "
-                         f"(batch_size = {B}); use a larger subset or a smaller batch")
+                        f"(batch_size = {B}); use a larger subset or a smaller batch")
     augmentation = augment.from_config(first)
     if augmentation.active and d != augmentation.input_size:
         raise UserError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
-                         f"values per row), but the data has {d} columns")
+                        f"values per row), but the data has {d} columns")
     if resume and checkpoint_dir is None:
         raise UserError("resume needs the population's checkpoint folder (checkpoint_dir)")
     if not resume and checkpoint_dir is not None \
             and (Path(checkpoint_dir) / runs.CHECKPOINT_FILE).exists():
         raise UserError(f"{checkpoint_dir} already holds a checkpoint: resume it "
-                         "(resume=True) or choose another folder")
+                        "(resume=True) or choose another folder")
     run = _PopulationRun(configs, d, num_classes)
     start = 0
     if resume:
@@ -479,7 +479,7 @@ class _PopulationRun:
         ckpt = runs.load_checkpoint(folder)
         if ckpt.config_hash != self.config_hash():
             raise UserError(f"the checkpoint in {folder} belongs to other configs; resume "
-                             "with the configs it was started with")
+                            "with the configs it was started with")
         for k, member in enumerate(ckpt.history):
             self.histories[k] = member["history"]
             if member["dropped"] is not None:
@@ -498,7 +498,7 @@ class _PopulationRun:
                 {k: a.shape for k, a in self.pop.params.items()} \
                 or {k: a.shape for k, a in ckpt.buffers.items()} != want_buffers:
             raise UserError(f"{folder}: the checkpoint's arrays do not fit these configs; "
-                             "start again without resume")
+                            "start again without resume")
         self.pop.params = {k: np.array(a) for k, a in ckpt.params.items()}
         self.pop.buffers = {k: np.array(a) for k, a in ckpt.buffers.items()}
         self.pop.running_initialised = ckpt.running_initialised

@@ -196,7 +196,7 @@ def read_history(path) -> list[dict]:
         rows = list(csv.DictReader(f))
     if rows and set(rows[0]) != set(HISTORY_FIELDS):
         raise UserError(f"{path}: columns {sorted(rows[0])} are not klayer history columns "
-                         f"{list(HISTORY_FIELDS)}")
+                        f"{list(HISTORY_FIELDS)}")
     return [{k: int(r[k]) if k == "step" else float(r[k]) for k in HISTORY_FIELDS}
             for r in rows]
 
@@ -297,8 +297,8 @@ def load_checkpoint(run_dir) -> Checkpoint:
         raise FileNotFoundError(f"no checkpoint to resume in {run_dir}: {CHECKPOINT_FILE} is "
                                 "missing (the run never finished its first step)")
     raise UserError(f"no usable checkpoint in {run_dir} ({'; '.join(problems)}); start the "
-                     f"run again with `klayer train --restart --config "
-                     f"{run_dir / CONFIG_FILE} --out {run_dir}`")
+                    f"run again with `klayer train --restart --config "
+                    f"{run_dir / CONFIG_FILE} --out {run_dir}`")
 
 
 def _read_checkpoint(path: Path) -> Checkpoint:
@@ -398,7 +398,7 @@ class RunFolder:
         if self.resume:
             if read_config(self.path).config_hash() != self.config.config_hash():
                 raise UserError(f"{self.path} was started with another configuration "
-                                 f"(see its {CONFIG_FILE}); resume it with that one")
+                                f"(see its {CONFIG_FILE}); resume it with that one")
             self.finished = all((self.path / name).exists()
                                 for name in (MODEL_FILE, HEADER_FILE, SUMMARY_FILE))
             return
@@ -417,7 +417,7 @@ class RunFolder:
         ckpt = load_checkpoint(self.path)
         if ckpt.config_hash != self.config.config_hash():
             raise UserError(f"the checkpoint in {self.path} belongs to another configuration "
-                             f"than its {CONFIG_FILE}; start a new run instead")
+                            f"than its {CONFIG_FILE}; start a new run instead")
         if ckpt.source.name == PREVIOUS_CHECKPOINT_FILE:  # the newest is damaged: drop it,
             (self.path / CHECKPOINT_FILE).unlink(missing_ok=True)  # or it would replace this
         self.last_step = ckpt.step
@@ -461,12 +461,12 @@ class RunFolder:
                 whitening = Whitening.from_arrays(arrays, meta)
             except (KeyError, TypeError, ValueError) as exc:
                 raise UserError(f"{path} is not a klayer whitening ({exc}); delete it to "
-                                 "fit it again") from None
+                                "fit it again") from None
             c = self.config
             if (whitening.method, whitening.eps, whitening.components) != \
                     (c.whiten, c.whiten_eps, c.whiten_components):
                 raise UserError(f"{path} holds another whitening than {CONFIG_FILE} asks "
-                                 "for; delete it to fit it again")
+                                "for; delete it to fit it again")
             return whitening
         whitening = fit()
         if path is not None:
@@ -551,15 +551,15 @@ def load_model(path):
         net = Network.from_hyperparameters(header["architecture"])
     except (TypeError, ValueError) as exc:
         raise UserError(f"{header_path}: invalid architecture ({exc}); the header is "
-                         "damaged: restore it or retrain") from None
+                        "damaged: restore it or retrain") from None
     buffers = {k: arrays.pop(k) for k in list(arrays) if k.startswith("running_")}
     restore_network(net, arrays, buffers, header["running_initialised"], npz_path)
     standardizer = _header_standardizer(header, net, header_path)
     if model_checksum(data, header) != header["checksum"]:
         raise UserError(f"{header_path} or {npz_path.name} does not match the checksum in "
-                         f"{header_path.name}: a file was changed after it was saved "
-                         "(weights, class names, standardizer or architecture); restore "
-                         "it or retrain")
+                        f"{header_path.name}: a file was changed after it was saved "
+                        "(weights, class names, standardizer or architecture); restore "
+                        "it or retrain")
     return net, standardizer, header["class_names"]
 
 
@@ -578,7 +578,7 @@ def restore_network(net: Network, params: dict, buffers: dict, running_initialis
     for name, a in {**params, **buffers}.items():
         if not np.isfinite(a).all():
             raise UserError(f"{source}: {name} contains NaN or infinite values; the run "
-                             "diverged or the file is damaged: retrain it")
+                            "diverged or the file is damaged: retrain it")
     for name, a in buffers.items():
         if name.startswith("running_var") and (a < 0).any():
             raise UserError(f"{source}: {name} has negative variances; the file is damaged")
@@ -603,10 +603,10 @@ def _check_stored_arrays(stored: dict, expected: dict, source) -> None:
             got_shape, got_dtype = got[name]
             if got_shape != shape:
                 raise UserError(f"{source}: {name} has shape {got_shape} but the architecture "
-                                 f"in the header needs {shape}; retrain or restore the file")
+                                f"in the header needs {shape}; retrain or restore the file")
             if got_dtype != dtype:
                 raise UserError(f"{source}: {name} has dtype {got_dtype} but the header says "
-                                 f"{dtype}; retrain or restore the file")
+                                f"{dtype}; retrain or restore the file")
 
 
 def _declared_arrays(header: dict, path: Path) -> dict:
@@ -618,7 +618,7 @@ def _declared_arrays(header: dict, path: Path) -> dict:
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
             raise UserError(f"{path}: invalid architecture ({name} must be positive integers, "
-                             f"got {value!r}); the header is damaged: restore it or retrain")
+                            f"got {value!r}); the header is damaged: restore it or retrain")
         return values
 
     try:
@@ -630,7 +630,7 @@ def _declared_arrays(header: dict, path: Path) -> dict:
         batch_norm = bool(arch.get("batch_norm"))
     except (KeyError, TypeError) as exc:
         raise UserError(f"{path}: invalid architecture ({exc!r}); the header is damaged: "
-                         "restore it or retrain") from None
+                        "restore it or retrain") from None
     k = len(widths) - 1
     params, buffers = {}, {}
     for l in range(1, k + 1):
@@ -643,8 +643,8 @@ def _declared_arrays(header: dict, path: Path) -> dict:
     values = sum(int(np.prod(s)) for s in (*params.values(), *buffers.values()))
     if values > MAX_MODEL_VALUES:
         raise UserError(f"{path}: the architecture declares {values} parameters, more than "
-                         f"klayer loads ({MAX_MODEL_VALUES}); the header is damaged: restore "
-                         "it or retrain")
+                        f"klayer loads ({MAX_MODEL_VALUES}); the header is damaged: restore "
+                        "it or retrain")
     return {"parameters": (params, dtype), "moving averages": (buffers, dtype)}
 
 
@@ -669,7 +669,7 @@ def _npz_headers(data: bytes, path: Path) -> dict:
         return out
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise UserError(f"{path} is truncated or not a NumPy .npz file ({exc}); "
-                         "restore it or retrain") from None
+                        "restore it or retrain") from None
 
 
 def _read_header(path: Path) -> dict:
@@ -677,18 +677,18 @@ def _read_header(path: Path) -> dict:
         header = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); the header is damaged: "
-                         "restore it or retrain") from None
+                        "restore it or retrain") from None
     if not isinstance(header, dict) or header.get("format") != "klayer-model":
         raise UserError(f"{path} is not a klayer model header")
     version = header.get("format_version")
     if isinstance(version, int) and version < FORMAT_VERSION:
         raise UserError(f"{path} has model format {version!r}, written by an older klayer, "
-                         f"whose checksum does not cover the header; this klayer "
-                         f"({__version__}) reads format {FORMAT_VERSION}: retrain the model "
-                         "or re-save it (runs.save_model) with this klayer")
+                        f"whose checksum does not cover the header; this klayer "
+                        f"({__version__}) reads format {FORMAT_VERSION}: retrain the model "
+                        "or re-save it (runs.save_model) with this klayer")
     if version != FORMAT_VERSION:
         raise UserError(f"{path} has model format {version!r}; this klayer "
-                         f"({__version__}) reads format {FORMAT_VERSION}: use a matching klayer")
+                        f"({__version__}) reads format {FORMAT_VERSION}: use a matching klayer")
     required = ("architecture", "running_initialised", "standardizer", "class_names",
                 "checksum")
     missing = [k for k in required if k not in header]
@@ -715,7 +715,7 @@ def _header_standardizer(header: dict, net: Network, path: Path):
             from None
     if std.mean.shape != (net.input_size,):
         raise UserError(f"{path}: the standardizer has {std.mean.shape[0]} dimensions but the "
-                         f"network takes {net.input_size}; restore the header or retrain")
+                        f"network takes {net.input_size}; restore the header or retrain")
     return std
 
 
@@ -731,4 +731,4 @@ def _read_npz(data: bytes, path: Path, advice: str | None = "restore it or retra
             return {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
         raise UserError(f"{path} is truncated or not a NumPy .npz file ({exc})"
-                         + (f"; {advice}" if advice else "")) from None
+                        + (f"; {advice}" if advice else "")) from None

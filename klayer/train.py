@@ -366,7 +366,7 @@ def fit_whitening(config: TrainConfig, X_train) -> Whitening:
         symmetry = augment.mirror(np.arange(X_train.shape[1])[None])[0]
     if config.whiten_components is not None and config.whiten_components > X_train.shape[1]:
         raise UserError(f"whiten_components ({config.whiten_components}) must not exceed the "
-                         f"{X_train.shape[1]} values of a row")
+                        f"{X_train.shape[1]} values of a row")
     return Whitening.fit(X_train, config.whiten, config.whiten_eps, config.whiten_components,
                          symmetry=symmetry)
 
@@ -457,7 +457,7 @@ class TrainState:
         if self.ema is not None:
             if not ckpt.ema_state and self.step:
                 raise UserError(f"{ckpt.source} holds no weight average (ema); start the run "
-                                 "again")
+                                "again")
             if ckpt.ema_state:
                 self.ema.load_state_dict(ckpt.ema_state)
 
@@ -498,12 +498,12 @@ def checked_splits(data, dtype, num_classes) -> dict:
         X, y = np.asarray(X, dtype=dtype), np.asarray(y)
         if X.ndim != 2 or y.shape != (len(X),) or not np.issubdtype(y.dtype, np.integer):
             raise UserError(f"data: X_{name} must be (n, d) and y_{name} (n,) integer labels, "
-                             f"got {X.shape} and {y.shape} {y.dtype}")
+                            f"got {X.shape} and {y.shape} {y.dtype}")
         if not np.isfinite(X).all():
             raise UserError(f"data: X_{name} contains NaN or infinite values")
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise UserError(f"data: y_{name} must lie in [0, {num_classes}), "
-                             f"got [{y.min()}, {y.max()}]")
+                            f"got [{y.min()}, {y.max()}]")
         splits[name] = (X, y)
     if splits["val"][0].shape[1] != splits["train"][0].shape[1]:
         raise UserError("data: X_train and X_val have different numbers of columns")
@@ -527,7 +527,7 @@ def _record_initial(net: Network, Xb, yb, lam, record) -> None:
 def _steps_per_epoch(n: int, batch_size: int) -> int:
     if n < batch_size:
         raise UserError(f"the training set has {n} examples, fewer than one batch "
-                         f"(batch_size = {batch_size}); use a larger subset or a smaller batch")
+                        f"(batch_size = {batch_size}); use a larger subset or a smaller batch")
     return n // batch_size
 
 
@@ -535,8 +535,8 @@ def _augmentation(config: TrainConfig, input_size: int):
     augmentation = augment.from_config(config)
     if augmentation.active and input_size != augmentation.input_size:
         raise UserError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
-                         f"values per row), but the data has {input_size} columns; turn flip, "
-                         "translate and jitter off for this data")
+                        f"values per row), but the data has {input_size} columns; turn flip, "
+                        "translate and jitter off for this data")
     return augmentation
 
 
@@ -545,7 +545,7 @@ def _mixing(config: TrainConfig, input_size: int) -> augment.Mixing:
     size = augment.Augmentation().input_size
     if mixing.active and input_size != size:
         raise UserError(f"mixup and cutmix mix CIFAR-10 images ({size} values per row), but "
-                         f"the data has {input_size} columns; turn them off for this data")
+                        f"the data has {input_size} columns; turn them off for this data")
     return mixing
 
 

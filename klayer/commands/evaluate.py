@@ -61,7 +61,7 @@ def run(args) -> int:
     dataset, X, y, split = _test_split(net, standardizer, config, args.data_dir)
     if args.tta and X.shape[1] != 3072:
         raise UserError(f"--tta averages over mirrored CIFAR-10 images (3072 values), but "
-                         f"this model takes {X.shape[1]}; leave --tta out")
+                        f"this model takes {X.shape[1]}; leave --tta out")
     class_names = list(class_names or D.CLASS_NAMES)
     print(f"test split: {split}")
 
@@ -115,8 +115,8 @@ def _test_split(net, standardizer, config, data_dir):
     if not (np.allclose(dataset.standardizer.mean, standardizer.mean)
             and np.allclose(dataset.standardizer.std, standardizer.std)):
         raise UserError("the training images found now are not those the model was "
-                         "trained on (their statistics differ); point --data-dir at the "
-                         "run's data")
+                        "trained on (their statistics differ); point --data-dir at the "
+                        "run's data")
     n = len(dataset.y_test)
     if n < D.IMAGES_PER_BATCH:
         what = f"{n:,} images (subset {config.subset} of the run's config)"
@@ -131,7 +131,7 @@ def _other_statistics(args, net, X, y, config, run_dir, dataset) -> None:
 
     if not net.batch_norm:
         raise UserError("--precise-bn and --adaptive-bn recompute batch-norm statistics, but "
-                         "this network has no batch norm")
+                        "this network has no batch norm")
     batch = config.batch_size if config else 100
     saved = dict(net.buffers)
     moving = net.evaluate(X, y)["accuracy"]
@@ -139,7 +139,7 @@ def _other_statistics(args, net, X, y, config, run_dir, dataset) -> None:
     if args.precise_bn is not None:
         if config is None:
             raise UserError(f"--precise-bn needs the run's config.toml (in {run_dir}) to know "
-                             "its training images; evaluate the run folder, not a copied model")
+                            "its training images; evaluate the run folder, not a copied model")
         X_train = dataset.X_train.astype(net.dtype, copy=False)
         use_statistics(net, population_statistics(net, X_train, batch, args.precise_bn,
                                                   seed=config.seed))

@@ -47,13 +47,13 @@ def run(args) -> int:
     out = args.out or run_dir / FORMATS[args.format]
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the file to write, e.g. "
-                         f"{out / FORMATS[args.format]}")
+                        f"{out / FORMATS[args.format]}")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist; create it first")
     if args.format == "torch" and (args.input_layout, args.input_dtype) != ("planes",
                                                                             "float32"):
         raise UserError("--input-layout and --input-dtype apply to --format onnx; the "
-                         "PyTorch model takes float32 (n, 3072) pixels")
+                        "PyTorch model takes float32 (n, 3072) pixels")
     model = klayer.load_model(args.run)
     net, standardizer, class_names = model.network, model.standardizer, model.class_names
     config = runs.read_config(run_dir) if (run_dir / runs.CONFIG_FILE).exists() else None
@@ -63,7 +63,7 @@ def run(args) -> int:
             import onnx  # noqa: F401
         except ImportError:
             raise UserError('--format onnx needs the onnx package: pip install '
-                             '"klayer[onnx]" (or pip install onnx)') from None
+                            '"klayer[onnx]" (or pip install onnx)') from None
         proto = export.onnx_model(net, standardizer, class_names,
                                   input_layout=args.input_layout, input_dtype=args.input_dtype,
                                   config_hash=config.config_hash() if config else None)

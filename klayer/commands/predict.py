@@ -57,13 +57,13 @@ def read_image(path: Path, resize: bool = False) -> np.ndarray:
         width, height = image.size  # from the header: nothing decoded yet
         if (width, height) != (SIZE, SIZE) and not resize:
             raise UserError(f"{path} is {width}x{height} pixels; the model takes "
-                             f"{SIZE}x{SIZE} images (pass --resize to scale it)")
+                            f"{SIZE}x{SIZE} images (pass --resize to scale it)")
         if width > MAX_SIDE or height > MAX_SIDE:
             raise UserError(f"{path} is {width}x{height} pixels, more than --resize accepts "
-                             f"({MAX_SIDE}x{MAX_SIDE}): scale it down first")
+                            f"({MAX_SIDE}x{MAX_SIDE}): scale it down first")
         if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
             raise UserError(f"{path} is a grayscale image (mode {image.mode}); klayer "
-                             "classifies RGB images: convert it to RGB first")
+                            "classifies RGB images: convert it to RGB first")
         try:
             image.load()
         except (OSError, SyntaxError, ValueError, zlib.error) as exc:  # what decoders raise
@@ -89,7 +89,7 @@ def _open_image(path: Path):
         raise FileNotFoundError(f"image {path} does not exist") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UserError(f"{path} is refused: too many pixels to decode safely ({exc}); "
-                         f"klayer takes {SIZE}x{SIZE} images, or up to {MAX_SIDE}x{MAX_SIDE} "
-                         "with --resize") from None
+                        f"klayer takes {SIZE}x{SIZE} images, or up to {MAX_SIDE}x{MAX_SIDE} "
+                        "with --resize") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path} is not an image file Pillow can read ({exc})") from None

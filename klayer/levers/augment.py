@@ -50,7 +50,7 @@ def mirror(X, image_shape=IMAGE_SHAPE) -> np.ndarray:
     size = int(np.prod(image_shape))
     if X.ndim != 2 or X.shape[1] != size:
         raise UserError(f"mirroring works on images of shape {tuple(image_shape)}: X must be "
-                         f"(n, {size}), got {X.shape}")
+                        f"(n, {size}), got {X.shape}")
     n = len(X)
     return np.ascontiguousarray(mirror_images(X.reshape(n, *image_shape))).reshape(n, size)
 
@@ -67,7 +67,7 @@ class Augmentation:
         if isinstance(self.translate, bool) or not isinstance(self.translate, (int, np.integer)) \
                 or not 0 <= self.translate < min(self.image_shape[1:]):
             raise UserError(f"translate must be a whole number of pixels in "
-                             f"[0, {min(self.image_shape[1:])}), got {self.translate!r}")
+                            f"[0, {min(self.image_shape[1:])}), got {self.translate!r}")
         if not 0 <= self.jitter < 1:
             raise UserError(f"jitter must be in [0, 1), got {self.jitter!r}")
         if self.pad_mode not in PAD_MODES:
@@ -94,7 +94,7 @@ class Augmentation:
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.input_size:
             raise UserError(f"augmentation works on images of shape {self.image_shape}: X "
-                             f"must be (n, {self.input_size}), got {X.shape}")
+                            f"must be (n, {self.input_size}), got {X.shape}")
         if not self.active:
             return X.copy()
         n = len(X)
@@ -158,7 +158,7 @@ class Mixing:
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) \
                     or not (alpha >= 0 and np.isfinite(alpha)):
                 raise UserError(f"{name} must be a Beta parameter α >= 0 (0: off), "
-                                 f"got {alpha!r}")
+                                f"got {alpha!r}")
 
     @property
     def active(self) -> bool:
@@ -180,7 +180,7 @@ class Mixing:
         size = int(np.prod(self.image_shape))
         if X.ndim != 2 or X.shape[1] != size:
             raise UserError(f"mixing works on images of shape {self.image_shape}: X must be "
-                             f"(n, {size}), got {X.shape}")
+                            f"(n, {size}), got {X.shape}")
         if y.shape != (len(X),):
             raise UserError(f"y must hold one label per row of X ({len(X)}), got {y.shape}")
         n = len(X)
@@ -240,7 +240,7 @@ def soft_targets(y_a, y_b, lam, num_classes: int, smoothing: float = 0.0,
         lam = np.full(y_a.shape, lam)
     if y_a.ndim != 1 or y_b.shape != y_a.shape or np.shape(lam) != y_a.shape:
         raise UserError(f"y_a, y_b and lam must be (n,) arrays of one length, got "
-                         f"{y_a.shape}, {y_b.shape} and {np.shape(lam)}")
+                        f"{y_a.shape}, {y_b.shape} and {np.shape(lam)}")
     for name, labels in (("y_a", y_a), ("y_b", y_b)):
         if n and (not np.issubdtype(labels.dtype, np.integer)
                   or labels.min() < 0 or labels.max() >= num_classes):

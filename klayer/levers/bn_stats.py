@@ -70,7 +70,7 @@ def use_statistics(net: Network, buffers: dict) -> dict:
     """Put ``buffers`` into ``net``; return the buffers it had (to put them back)."""
     if set(buffers) != set(net.buffers) and net.running_initialised:
         raise UserError(f"statistics for {sorted(buffers)} do not match the network's "
-                         f"{sorted(net.buffers)}")
+                        f"{sorted(net.buffers)}")
     old = net.buffers
     net.buffers = {k: np.array(v) for k, v in buffers.items()}
     net.running_initialised = True

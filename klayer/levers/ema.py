@@ -109,7 +109,7 @@ class EMA:
         step = int(state["step"])
         if step < 0 or (step > 0) != bool(params):
             raise UserError(f"the checkpoint's EMA state is inconsistent: step {step} "
-                             f"with {len(params)} averaged parameters")
+                            f"with {len(params)} averaged parameters")
         self.step, self.params, self.buffers, self._scratch = step, params, buffers, {}
 
     # --- evaluation with the averaged weights ---------------------------------------------
@@ -135,7 +135,7 @@ class EMA:
                 net.buffers = {k: v.copy() for k, v in self.buffers.items()}
             else:
                 raise UserError("no averaged batch-norm statistics: pass bn_data (training "
-                                 "rows) to recompute them, or update() with the buffers")
+                                "rows) to recompute them, or update() with the buffers")
         except Exception:
             self.restore(net, previous)
             raise
@@ -161,4 +161,4 @@ class EMA:
 def _check_names(what: str, given: dict, averaged: dict) -> None:
     if given.keys() != averaged.keys():
         raise UserError(f"the EMA averages {what} {sorted(averaged)}, but got "
-                         f"{sorted(given)}: it belongs to another network")
+                        f"{sorted(given)}: it belongs to another network")

@@ -33,7 +33,7 @@ def flip_average_scores(net, X, preprocess=None, chunk: int = 2000,
     size = int(np.prod(image_shape))
     if X.ndim != 2 or X.shape[1] != size:
         raise UserError(f"flip averaging works on images of shape {tuple(image_shape)}: X "
-                         f"must be (n, {size}), got {X.shape}")
+                        f"must be (n, {size}), got {X.shape}")
     prepare = (lambda A: A) if preprocess is None else preprocess
     parts = []
     for start in range(0, len(X), chunk):

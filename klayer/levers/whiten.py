@@ -91,11 +91,11 @@ class Whitening:
         k = d if self.components is None else self.components
         if self.matrix.dtype not in (np.float32, np.float64):
             raise UserError(f"the whitening matrix must be float32 or float64, "
-                             f"got {self.matrix.dtype}")
+                            f"got {self.matrix.dtype}")
         if d < 1 or self.matrix.shape != (d, k) or self.eigenvalues.shape != (d,):
             raise UserError(f"whitening arrays do not fit together: mean {self.mean.shape}, "
-                             f"matrix {self.matrix.shape} (want ({d}, {k})), eigenvalues "
-                             f"{self.eigenvalues.shape}")
+                            f"matrix {self.matrix.shape} (want ({d}, {k})), eigenvalues "
+                            f"{self.eigenvalues.shape}")
         if self.method == "zca" and self.components is not None:
             raise UserError("ZCA keeps every direction: components must be None")
         for name in ("mean", "matrix", "eigenvalues"):
@@ -134,14 +134,14 @@ class Whitening:
             if isinstance(components, bool) or not isinstance(components, (int, np.integer)) \
                     or not 1 <= components <= d:
                 raise UserError(f"components must be a whole number in [1, {d}], "
-                                 f"got {components!r}")
+                                f"got {components!r}")
             components = int(components)
         mean, cov = _mean_and_covariance(X)
         if symmetry is not None:
             p = np.asarray(symmetry)
             if p.shape != (d,) or not np.array_equal(np.sort(p), np.arange(d)):
                 raise UserError(f"symmetry must be a permutation of range({d}) (the columns "
-                                 f"of X), got an array of shape {p.shape}")
+                                f"of X), got an array of shape {p.shape}")
             second = cov + np.outer(mean, mean)  # E[x x^T], then that of X and X[:, p]
             second = (second + second[np.ix_(p, p)]) / 2
             mean = (mean + mean[p]) / 2
@@ -166,7 +166,7 @@ class Whitening:
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.input_size:
             raise UserError(f"X must be (n, {self.input_size}) for this whitening, "
-                             f"got {X.shape}")
+                            f"got {X.shape}")
         if dt not in self._cast:
             self._cast[dt] = (self.matrix.astype(dt), (self.mean @ self.matrix).astype(dt))
         M, shift = self._cast[dt]
@@ -179,7 +179,7 @@ class Whitening:
             # a NaN or ±inf in a row of X makes its whole output row non-finite
             if not np.isfinite(part).all():
                 raise UserError("X contains NaN or infinite values; clean or re-standardise "
-                                 "the data before whitening")
+                                "the data before whitening")
         return out
 
     def fold_into(self, W, b) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +191,7 @@ class Whitening:
         W, b = np.asarray(W), np.asarray(b)
         if W.ndim != 2 or W.shape[1] != self.output_size or b.shape != (W.shape[0],):
             raise UserError(f"W must be (m, {self.output_size}) and b (m,) to fold this "
-                             f"whitening in, got {W.shape} and {b.shape}")
+                            f"whitening in, got {W.shape} and {b.shape}")
         folded = W.astype(np.float64) @ self.matrix.T
         shift = b - folded @ self.mean
         return folded.astype(W.dtype), shift.astype(b.dtype)

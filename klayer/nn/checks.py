@@ -84,7 +84,7 @@ def parse_widths(text: str, name: str = "hidden_sizes") -> tuple[int, ...]:
     parts = [part.strip() for part in text.split(",")]
     if not all(re.fullmatch(r"[0-9]+", part) and int(part) > 0 for part in parts):
         raise UserError(f"{name} must be comma-separated positive integers like 50,50 "
-                         f"(empty: no hidden layer), got {text!r}")
+                        f"(empty: no hidden layer), got {text!r}")
     return tuple(int(part) for part in parts)
 
 
@@ -109,7 +109,7 @@ def init(value, name: str, inits) -> str | float:
             and math.isfinite(value) and value > 0:
         return float(value)
     raise UserError(f"{name} must be one of {', '.join(inits)} or a number σ > 0 "
-                     f"(weights N(0, σ²)), got {value!r}")
+                    f"(weights N(0, σ²)), got {value!r}")
 
 
 def dtype(value, name: str = "dtype") -> np.dtype:

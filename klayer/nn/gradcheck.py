@@ -193,7 +193,7 @@ def seed_away_from_kinks(build, X, margin: float = KINK_MARGIN, tries: int = 50)
         if relu_margin(net, X, masks) > margin:
             return seed
     raise UserError(f"no seed in 0..{tries - 1} keeps the ReLU inputs {margin:g} away from 0 "
-                     "on these inputs; use more samples or narrower layers")
+                    "on these inputs; use more samples or narrower layers")
 
 
 def random_problem(dims: int, samples: int, num_classes: int = 10, seed: int = 0):

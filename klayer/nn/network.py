@@ -406,7 +406,7 @@ class Network:
         got = {l: np.shape(m) for l, m in masks.items()}
         if got != want:
             raise UserError(f"dropout masks must be {want} for this network and batch "
-                             f"(use dropout_masks), got {got}")
+                            f"(use dropout_masks), got {got}")
 
     def _checked_labels(self, y, n):
         y = np.asarray(y)
@@ -414,7 +414,7 @@ class Network:
             raise UserError(f"y must be {n} integer labels, got shape {y.shape} dtype {y.dtype}")
         if n and (y.min() < 0 or y.max() >= self.num_classes):
             raise UserError(f"labels y must lie in [0, {self.num_classes}), "
-                             f"got range [{y.min()}, {y.max()}]")
+                            f"got range [{y.min()}, {y.max()}]")
         return y
 
 

@@ -106,7 +106,7 @@ class Momentum:
             kind, _, name = key.partition("/")
             if kind != "velocity" or not name:
                 raise UserError(f"unexpected optimizer entry {key!r} for momentum: the "
-                                 "checkpoint was written with another optimizer")
+                                "checkpoint was written with another optimizer")
             self.velocity[name] = np.array(value)
             self._scratch[name] = np.empty_like(self.velocity[name])
 
@@ -160,7 +160,7 @@ class Adam:
     def load_state_dict(self, state: dict) -> None:
         if "t" not in state:
             raise UserError("the checkpoint's optimizer state has no Adam step count 't': "
-                             "it was written with another optimizer")
+                            "it was written with another optimizer")
         self.t = int(state["t"])
         self.m, self.v = {}, {}
         for key, value in state.items():

@@ -308,7 +308,7 @@ def _import_ray():
 
 def _no_cluster(address: str) -> UserError:
     return UserError(f"--ray {address}: no Ray cluster answers at this address; start one "
-                      "with `ray start --head` and pass its HOST:PORT, or use --ray local")
+                     "with `ray start --head` and pass its HOST:PORT, or use --ray local")
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

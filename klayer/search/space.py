@@ -85,7 +85,7 @@ class Dimension:
             return [_encode(c) for c in self.choices]
         if self.grid is None:
             raise UserError(f"search.space.{self.name}: a grid search needs `grid = N` "
-                             "for a range")
+                            "for a range")
         if self.kind == "log_uniform":
             return log_grid(self.low, self.high, self.grid)
         points = np.linspace(self.low, self.high, self.grid)
@@ -147,14 +147,14 @@ def parse_dimension(name: str, entry) -> Dimension:
     searchable = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SEARCHABLE]
     if name not in searchable:
         raise UserError(f"{where}: not a searchable training option; choose from "
-                         f"{', '.join(searchable)}")
+                        f"{', '.join(searchable)}")
     if not isinstance(entry, dict):
         raise UserError(f"{where} must be a table like {{ log_uniform = [1e-5, 1e-1], grid = 8 }}")
     kinds = [k for k in KINDS if k in entry]
     unknown = sorted(set(entry) - set(KINDS) - {"grid"})
     if len(kinds) != 1 or unknown:
         raise UserError(f"{where} needs exactly one of {', '.join(KINDS)} (and optionally "
-                         f"grid = N), got keys {', '.join(sorted(entry))}")
+                        f"grid = N), got keys {', '.join(sorted(entry))}")
     kind, value, grid = kinds[0], entry[kinds[0]], entry.get("grid")
     if kind == "choice":
         if grid is not None:
@@ -213,7 +213,7 @@ class SearchSpec:
                              ("objective", OBJECTIVES)):
             if getattr(self, key) not in allowed:
                 raise UserError(f"search: {key} must be one of {', '.join(allowed)}, "
-                                 f"got {getattr(self, key)!r}")
+                                f"got {getattr(self, key)!r}")
         for key, minimum in (("seed", 0), ("fine_trials", 1), ("population_size", 1)):
             check_int(getattr(self, key), key, minimum)
         if self.n_trials is not None:
@@ -228,7 +228,7 @@ class SearchSpec:
         for key in ("save_runs", "population"):
             if not isinstance(getattr(self, key), bool):
                 raise UserError(f"search: {key} must be true or false, got "
-                                 f"{getattr(self, key)!r}")
+                                f"{getattr(self, key)!r}")
 
     def first_round(self) -> "Round":
         """The grid or random round (named "search": a grid search continued as
@@ -256,11 +256,11 @@ def parse_search(options: dict) -> SearchSpec:
     table = options.pop("search", None)
     if not isinstance(table, dict):
         raise UserError("a search file needs a [search] table (method, n_trials, seed, ...) "
-                         "and [search.space.<option>] entries")
+                        "and [search.space.<option>] entries")
     unknown = sorted(set(table) - set(SEARCH_KEYS))
     if unknown:
         raise UserError(f"unknown [search] key(s) {', '.join(unknown)}; allowed: "
-                         f"{', '.join(SEARCH_KEYS)}")
+                        f"{', '.join(SEARCH_KEYS)}")
     table = dict(table)
     space = table.pop("space", {})
     if not isinstance(space, dict):
@@ -285,7 +285,7 @@ def load_search(path) -> SearchSpec:
     """A SearchSpec from a TOML file (see :func:`parse_search`)."""
     try:
         return parse_search(read_search_toml(path))
-    except UserError as exc:
+    except ValueError as exc:
         raise UserError(f"{path}: {exc}") from None
 
 

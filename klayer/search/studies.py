@@ -75,7 +75,7 @@ def open_study(storage, rnd: Round, spec: SearchSpec) -> optuna.Study:
     elif saved != meta:
         changed = sorted(k for k in meta if saved.get(k) != meta.get(k))
         raise UserError(f"the study '{rnd.name}' in {STUDY_FILE} belongs to another search "
-                         f"(different {', '.join(changed)}); use another --out folder")
+                        f"(different {', '.join(changed)}); use another --out folder")
     return study
 
 
