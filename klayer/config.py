@@ -34,6 +34,7 @@ from klayer.nn import checks
 from klayer.levers.augment import PAD_MODES
 from klayer.nn.checks import DTYPES
 from klayer.data import PROTOCOLS
+from klayer.nn.errors import UserError
 from klayer.nn.network import INITS, NORM_POSITIONS
 from klayer.nn.optim import OPTIMIZERS
 from klayer.nn.schedules import SCHEDULES
@@ -248,17 +249,17 @@ class TrainConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist") from None
         except IsADirectoryError:
-            raise ValueError(f"config file {path} is a folder; give a .toml file") from None
+            raise UserError(f"config file {path} is a folder; give a .toml file") from None
         except OSError as exc:
-            raise ValueError(f"cannot read config file {path}: {exc.strerror}") from None
+            raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
         except UnicodeDecodeError:
-            raise ValueError(f"{path}: not a TOML file (not UTF-8 text)") from None
+            raise UserError(f"{path}: not a TOML file (not UTF-8 text)") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML: {exc}") from None
+            raise UserError(f"{path}: not valid TOML: {exc}") from None
         try:
             return cls.from_dict(options)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
 
     def to_toml(self) -> str:
         """The options as TOML text, one ``key = value`` line each (None options omitted)."""
@@ -282,8 +283,8 @@ def _validate(c: TrainConfig) -> dict:
     for f in dataclasses.fields(c):
         try:
             values[f.name] = f.metadata["check"](getattr(c, f.name), f.name)
-        except ValueError as exc:
-            raise ValueError(f"config: {exc}") from None
+        except UserError as exc:
+            raise UserError(f"config: {exc}") from None
     _cross_checks(values)
     return values
 
@@ -291,44 +292,44 @@ def _validate(c: TrainConfig) -> dict:
 def _cross_checks(v: dict) -> None:
     """The rules that involve more than one option."""
     if v["batch_norm"] and v["hidden_sizes"] and v["batch_size"] < 2:
-        raise ValueError(f"config: batch_size must be an integer >= 2 with batch norm "
-                         f"(batch statistics need two examples), got {v['batch_size']}")
+        raise UserError(f"config: batch_size must be an integer >= 2 with batch norm "
+                        f"(batch statistics need two examples), got {v['batch_size']}")
     if v["batch_norm"] and v["layer_norm"]:
-        raise ValueError("config: batch_norm and layer_norm are alternatives; set "
-                         "batch_norm = false to use layer_norm")
+        raise UserError("config: batch_norm and layer_norm are alternatives; set "
+                        "batch_norm = false to use layer_norm")
     if v["precise_bn"] and not (v["batch_norm"] and v["hidden_sizes"]):
-        raise ValueError("config: precise_bn recomputes batch-norm statistics; it needs "
-                         "batch_norm = true and a hidden layer")
+        raise UserError("config: precise_bn recomputes batch-norm statistics; it needs "
+                        "batch_norm = true and a hidden layer")
     if v["translate"] >= 16:
-        raise ValueError(f"config: translate must be under 16 pixels, got {v['translate']}")
+        raise UserError(f"config: translate must be under 16 pixels, got {v['translate']}")
     if v["decay_rate"] > 1:
-        raise ValueError(f"config: decay_rate must be in (0, 1], got {v['decay_rate']}")
+        raise UserError(f"config: decay_rate must be in (0, 1], got {v['decay_rate']}")
     if v["warmup_steps"] and v["schedule"] == "cyclic":
-        raise ValueError("config: warmup_steps does not apply to the cyclic schedule, which "
-                         "starts at eta_min already; set it to 0 or choose another schedule")
+        raise UserError("config: warmup_steps does not apply to the cyclic schedule, which "
+                        "starts at eta_min already; set it to 0 or choose another schedule")
     if v["warmup_steps"] >= v["cycles"] * 2 * v["n_s"]:
-        raise ValueError(f"config: warmup_steps ({v['warmup_steps']}) must be fewer than "
-                         f"the {v['cycles'] * 2 * v['n_s']} training steps")
+        raise UserError(f"config: warmup_steps ({v['warmup_steps']}) must be fewer than "
+                        f"the {v['cycles'] * 2 * v['n_s']} training steps")
     if v["pad_mode"] != "mean" and not v["translate"]:
-        raise ValueError(f"config: pad_mode {v['pad_mode']!r} says how translations pad; "
-                         "set translate too, or leave pad_mode at mean")
+        raise UserError(f"config: pad_mode {v['pad_mode']!r} says how translations pad; "
+                        "set translate too, or leave pad_mode at mean")
     if v["whiten_components"] is not None and v["whiten"] != "pca":
-        raise ValueError("config: whiten_components applies to whiten = \"pca\"; set "
-                         "whiten = \"pca\" or leave whiten_components out")
+        raise UserError("config: whiten_components applies to whiten = \"pca\"; set "
+                        "whiten = \"pca\" or leave whiten_components out")
     if v["whiten"] == "none" and v["whiten_eps"] != 0.01:
-        raise ValueError("config: whiten_eps applies to whitening; set whiten = \"zca\" or "
-                         "\"pca\", or leave whiten_eps out")
+        raise UserError("config: whiten_eps applies to whitening; set whiten = \"zca\" or "
+                        "\"pca\", or leave whiten_eps out")
     if v["eta_min"] > v["eta_max"]:
-        raise ValueError(f"config: eta_min ({v['eta_min']}) must not exceed "
-                         f"eta_max ({v['eta_max']})")
+        raise UserError(f"config: eta_min ({v['eta_min']}) must not exceed "
+                        f"eta_max ({v['eta_max']})")
 
 
 def _reject_unknown(options: dict, what: str) -> None:
     known = [f.name for f in dataclasses.fields(TrainConfig)]
     unknown = sorted(set(options) - set(known), key=str)
     if unknown:
-        raise ValueError(f"unknown config {what}(s) {', '.join(map(str, unknown))}; "
-                         f"allowed: {', '.join(known)}")
+        raise UserError(f"unknown config {what}(s) {', '.join(map(str, unknown))}; "
+                        f"allowed: {', '.join(known)}")
 
 
 # --- command-line flags -----------------------------------------------------------------

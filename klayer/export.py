@@ -49,6 +49,7 @@ import json
 
 import numpy as np
 
+from klayer.nn.errors import UserError
 from klayer.version import __version__
 from klayer.model import check_applicable
 from klayer.nn.network import Network
@@ -90,12 +91,12 @@ def onnx_model(net: Network, standardizer, class_names, *, input_layout: str = "
 
     check_applicable(net, standardizer)
     if input_layout not in INPUT_LAYOUTS:
-        raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {input_layout!r}")
+        raise UserError(f"input_layout must be one of {INPUT_LAYOUTS}, got {input_layout!r}")
     if input_dtype not in INPUT_DTYPES:
-        raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
+        raise UserError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
     if input_layout == "hwc" and net.input_size != 3 * 32 * 32:
-        raise ValueError(f"input_layout 'hwc' needs 32x32 RGB inputs (3072 values), but the "
-                         f"network takes {net.input_size}")
+        raise UserError(f"input_layout 'hwc' needs 32x32 RGB inputs (3072 values), but the "
+                        f"network takes {net.input_size}")
     nodes, initializers = [], []
 
     def const(name, array):

@@ -19,6 +19,8 @@ from decimal import Decimal
 
 import numpy as np
 
+from klayer.nn.errors import UserError
+
 CIFAR_TRAIN = 50_000  # images in the five training batches
 CIFAR_BATCH = 10_000  # images in one batch (the test set, a single-protocol split)
 EVAL_CHUNK = 10_000  # rows per forward pass when evaluating (Network.scores)
@@ -109,9 +111,9 @@ def check_fits(estimate: dict, what: str, available: int | None = None) -> None:
     if available is None or need <= available:
         return
     largest = max(estimate, key=estimate.get)
-    raise ValueError(f"{what} needs ~{_gib(need)} GiB (of which {largest.replace('_', ' ')} "
-                     f"{_gib(estimate[largest])} GiB), {_gib(available)} GiB available; "
-                     f"reduce --hidden / --batch-size / --subset or use --dtype float32")
+    raise UserError(f"{what} needs ~{_gib(need)} GiB (of which {largest.replace('_', ' ')} "
+                    f"{_gib(estimate[largest])} GiB), {_gib(available)} GiB available; "
+                    f"reduce --hidden / --batch-size / --subset or use --dtype float32")
 
 
 def _gib(n: int) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from klayer.data import Standardizer
+from klayer.nn.errors import UserError
 from klayer.nn.layers import softmax
 from klayer.nn.network import Network
 
@@ -40,8 +41,8 @@ def to_planes(images) -> np.ndarray:
     if images.ndim == 2:
         return images
     if images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, CHANNELS):
-        raise ValueError(f"pixels must have shape (n, {PIXELS}) or (n, {SIZE}, {SIZE}, "
-                         f"{CHANNELS}), got {images.shape}")
+        raise UserError(f"pixels must have shape (n, {PIXELS}) or (n, {SIZE}, {SIZE}, "
+                        f"{CHANNELS}), got {images.shape}")
     return images.transpose(0, 3, 1, 2).reshape(len(images), PIXELS)
 
 
@@ -71,13 +72,13 @@ class LoadedModel:
         X = to_planes(pixels)
         d = self.network.input_size
         if X.ndim != 2 or X.shape[1] != d:
-            raise ValueError(f"pixels must have shape (n, {d}) for this model, got {X.shape}")
+            raise UserError(f"pixels must have shape (n, {d}) for this model, got {X.shape}")
         if X.dtype != np.uint8:
             if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
-                raise ValueError(f"pixels must be uint8 or real numbers, got dtype {X.dtype}")
+                raise UserError(f"pixels must be uint8 or real numbers, got dtype {X.dtype}")
             if X.size and not (np.isfinite(X).all() and X.min() >= 0 and X.max() <= 255):
-                raise ValueError("pixels must be raw values in [0, 255] (not standardised or "
-                                 f"scaled), got range [{X.min()}, {X.max()}]")
+                raise UserError("pixels must be raw values in [0, 255] (not standardised or "
+                                f"scaled), got range [{X.min()}, {X.max()}]")
         return self.standardizer.transform(X, self.network.dtype)
 
 
@@ -85,14 +86,14 @@ def check_applicable(net: Network, standardizer) -> None:
     """Raise ValueError unless ``net`` with ``standardizer`` can classify raw pixels (what
     :class:`LoadedModel` and the exports of :mod:`klayer.export` need)."""
     if standardizer is None:
-        raise ValueError("the model has no standardisation statistics (it was not trained "
-                         "on CIFAR-10 by `klayer train`), so it cannot take raw pixels")
+        raise UserError("the model has no standardisation statistics (it was not trained "
+                        "on CIFAR-10 by `klayer train`), so it cannot take raw pixels")
     if standardizer.mean.shape != (net.input_size,):
-        raise ValueError(f"the standardizer has {standardizer.mean.size} dimensions but the "
-                         f"network takes {net.input_size}")
+        raise UserError(f"the standardizer has {standardizer.mean.size} dimensions but the "
+                        f"network takes {net.input_size}")
     if net.batch_norm and not net.running_initialised:
-        raise ValueError("the network has batch norm but no moving averages yet (saved "
-                         "before its first training step): train it first")
+        raise UserError("the network has batch norm but no moving averages yet (saved "
+                        "before its first training step): train it first")
 
 
 def load_model(run) -> LoadedModel:
@@ -107,8 +108,8 @@ def load_model(run) -> LoadedModel:
     net, standardizer, class_names = runs.load_model(run)
     try:
         check_applicable(net, standardizer)
-    except ValueError as exc:
-        raise ValueError(f"{run}: {exc}") from None
+    except UserError as exc:
+        raise UserError(f"{run}: {exc}") from None
     if class_names is None:
         class_names = (list(D.CLASS_NAMES) if net.num_classes == len(D.CLASS_NAMES)
                        else [str(c) for c in range(net.num_classes)])

@@ -39,6 +39,7 @@ import numpy as np
 from klayer.levers import augment
 from klayer.nn import layers as L
 from klayer import runs
+from klayer.nn.errors import UserError
 from klayer.nn.network import LossResult, Network
 from klayer.nn.optim import make_optimizer
 from klayer.nn.schedules import PerMember, make_schedule
@@ -62,17 +63,17 @@ class Population(Network):
     def __init__(self, members):
         members = list(members)
         if not members:
-            raise ValueError("a population needs at least one member network")
+            raise UserError("a population needs at least one member network")
         hp = [net.hyperparameters() for net in members]
         for k, other in enumerate(hp[1:], 1):
             for name, value in hp[0].items():
                 if name not in MEMBER_OPTIONS and other[name] != value:
-                    raise ValueError(f"population members must share {name}: member 0 has "
-                                     f"{value!r}, member {k} has {other[name]!r}")
+                    raise UserError(f"population members must share {name}: member 0 has "
+                                    f"{value!r}, member {k} has {other[name]!r}")
         initialised = {net.running_initialised for net in members}
         if len(initialised) > 1:
-            raise ValueError("population members must all have batch-norm moving averages "
-                             "or none")
+            raise UserError("population members must all have batch-norm moving averages "
+                            "or none")
         super().__init__(**{**hp[0], "dropout": 0.0, "label_smoothing": 0.0})
         self.member_hyperparameters = hp
         self.dropout = np.array([h["dropout"] for h in hp])
@@ -94,7 +95,7 @@ class Population(Network):
             for name, value in options.items():
                 if isinstance(value, (list, tuple, np.ndarray)):
                     if len(value) != size:
-                        raise ValueError(f"{name} has {len(value)} values for {size} members")
+                        raise UserError(f"{name} has {len(value)} values for {size} members")
                     value = value[k]
                 member[name] = value
             per_member.append(Network(input_size, hidden_sizes, num_classes, **member))
@@ -174,15 +175,15 @@ class Population(Network):
     def _per_member_lam(self, lam) -> np.ndarray:
         lam = np.broadcast_to(np.asarray(lam, np.float64), (self.size,))
         if not np.all(np.isfinite(lam) & (lam >= 0)):
-            raise ValueError(f"lam (λ) must be finite numbers >= 0, got {lam}")
+            raise UserError(f"lam (λ) must be finite numbers >= 0, got {lam}")
         return lam
 
     def _check_masks(self, masks, n):
         want = {l: (self.size, n, self.sizes[l]) for l in range(1, self.num_layers)}
         got = {l: np.shape(m) for l, m in masks.items()}
         if got != want:
-            raise ValueError(f"dropout masks must be {want} for this population and batch "
-                             f"(use dropout_masks), got {got}")
+            raise UserError(f"dropout masks must be {want} for this population and batch "
+                            f"(use dropout_masks), got {got}")
 
 
 def select_optimizer(optimizer, keep):
@@ -241,7 +242,7 @@ def group_configs(configs, max_size: int, available: int | None = None) -> list[
     from klayer import memory
 
     if max_size < 1:
-        raise ValueError(f"max_size must be at least 1, got {max_size}")
+        raise UserError(f"max_size must be at least 1, got {max_size}")
     available = memory.available_bytes() if available is None else available
     keyed: dict = {}
     groups: list[list[int]] = []
@@ -268,18 +269,18 @@ def check_population(configs) -> None:
     differ (see :data:`SHARED_OPTIONS`), or an option population training does not
     implement."""
     if not configs:
-        raise ValueError("a population needs at least one config")
+        raise UserError("a population needs at least one config")
     for k, config in enumerate(configs):
         unsupported = _unsupported(config)
         if unsupported:
-            raise ValueError(f"population training does not implement "
-                             f"{', '.join(unsupported)} (member {k}); train that config alone")
+            raise UserError(f"population training does not implement "
+                            f"{', '.join(unsupported)} (member {k}); train that config alone")
     for name in SHARED_OPTIONS:
         first = getattr(configs[0], name)
         for k, config in enumerate(configs[1:], 1):
             if getattr(config, name) != first:
-                raise ValueError(f"population configs must share {name}: member 0 has "
-                                 f"{first!r}, member {k} has {getattr(config, name)!r}")
+                raise UserError(f"population configs must share {name}: member 0 has "
+                                f"{first!r}, member {k} has {getattr(config, name)!r}")
 
 
 @dataclass
@@ -320,18 +321,18 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None,
     B = first.batch_size
     steps_per_epoch = n // B
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set has {n} examples, fewer than one batch "
-                         f"(batch_size = {B}); use a larger subset or a smaller batch")
+        raise UserError(f"the training set has {n} examples, fewer than one batch "
+                        f"(batch_size = {B}); use a larger subset or a smaller batch")
     augmentation = augment.from_config(first)
     if augmentation.active and d != augmentation.input_size:
-        raise ValueError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
-                         f"values per row), but the data has {d} columns")
+        raise UserError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
+                        f"values per row), but the data has {d} columns")
     if resume and checkpoint_dir is None:
-        raise ValueError("resume needs the population's checkpoint folder (checkpoint_dir)")
+        raise UserError("resume needs the population's checkpoint folder (checkpoint_dir)")
     if not resume and checkpoint_dir is not None \
             and (Path(checkpoint_dir) / runs.CHECKPOINT_FILE).exists():
-        raise ValueError(f"{checkpoint_dir} already holds a checkpoint: resume it "
-                         "(resume=True) or choose another folder")
+        raise UserError(f"{checkpoint_dir} already holds a checkpoint: resume it "
+                        "(resume=True) or choose another folder")
     run = _PopulationRun(configs, d, num_classes)
     start = 0
     if resume:
@@ -477,8 +478,8 @@ class _PopulationRun:
         """Continue from ``folder``'s checkpoint; return the steps done."""
         ckpt = runs.load_checkpoint(folder)
         if ckpt.config_hash != self.config_hash():
-            raise ValueError(f"the checkpoint in {folder} belongs to other configs; resume "
-                             "with the configs it was started with")
+            raise UserError(f"the checkpoint in {folder} belongs to other configs; resume "
+                            "with the configs it was started with")
         for k, member in enumerate(ckpt.history):
             self.histories[k] = member["history"]
             if member["dropped"] is not None:
@@ -496,8 +497,8 @@ class _PopulationRun:
         if {k: a.shape for k, a in ckpt.params.items()} != \
                 {k: a.shape for k, a in self.pop.params.items()} \
                 or {k: a.shape for k, a in ckpt.buffers.items()} != want_buffers:
-            raise ValueError(f"{folder}: the checkpoint's arrays do not fit these configs; "
-                             "start again without resume")
+            raise UserError(f"{folder}: the checkpoint's arrays do not fit these configs; "
+                            "start again without resume")
         self.pop.params = {k: np.array(a) for k, a in ckpt.params.items()}
         self.pop.buffers = {k: np.array(a) for k, a in ckpt.buffers.items()}
         self.pop.running_initialised = ckpt.running_initialised

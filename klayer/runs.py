@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from klayer.nn.errors import UserError
 from klayer.version import __version__
 from klayer.config import TrainConfig
 from klayer.nn.network import Network
@@ -194,8 +195,8 @@ def read_history(path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if rows and set(rows[0]) != set(HISTORY_FIELDS):
-        raise ValueError(f"{path}: columns {sorted(rows[0])} are not klayer history columns "
-                         f"{list(HISTORY_FIELDS)}")
+        raise UserError(f"{path}: columns {sorted(rows[0])} are not klayer history columns "
+                        f"{list(HISTORY_FIELDS)}")
     return [{k: int(r[k]) if k == "step" else float(r[k]) for k in HISTORY_FIELDS}
             for r in rows]
 
@@ -295,9 +296,9 @@ def load_checkpoint(run_dir) -> Checkpoint:
     if all(p.endswith("is missing") for p in problems):
         raise FileNotFoundError(f"no checkpoint to resume in {run_dir}: {CHECKPOINT_FILE} is "
                                 "missing (the run never finished its first step)")
-    raise ValueError(f"no usable checkpoint in {run_dir} ({'; '.join(problems)}); start the "
-                     f"run again with `klayer train --restart --config "
-                     f"{run_dir / CONFIG_FILE} --out {run_dir}`")
+    raise UserError(f"no usable checkpoint in {run_dir} ({'; '.join(problems)}); start the "
+                    f"run again with `klayer train --restart --config "
+                    f"{run_dir / CONFIG_FILE} --out {run_dir}`")
 
 
 def _read_checkpoint(path: Path) -> Checkpoint:
@@ -319,7 +320,7 @@ def _read_checkpoint(path: Path) -> Checkpoint:
             source=path,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path} is not a klayer checkpoint ({exc})") from None
+        raise UserError(f"{path} is not a klayer checkpoint ({exc})") from None
 
 
 def _fault(where: str) -> int | None:
@@ -366,9 +367,9 @@ class RunFolder:
     def __init__(self, path, config: TrainConfig, resume: bool = False,
                  restart: bool = False):
         if resume and restart:
-            raise ValueError("resume a run or restart it, not both")
+            raise UserError("resume a run or restart it, not both")
         if resume and path is None:
-            raise ValueError("resume needs the run folder to continue (run_dir)")
+            raise UserError("resume needs the run folder to continue (run_dir)")
         self.path = None if path is None else Path(path)
         self.config, self.resume, self.restart = config, resume, restart
         self.last_step = None  # step of the last checkpoint written or read
@@ -396,14 +397,14 @@ class RunFolder:
             tmp.unlink()
         if self.resume:
             if read_config(self.path).config_hash() != self.config.config_hash():
-                raise ValueError(f"{self.path} was started with another configuration "
-                                 f"(see its {CONFIG_FILE}); resume it with that one")
+                raise UserError(f"{self.path} was started with another configuration "
+                                f"(see its {CONFIG_FILE}); resume it with that one")
             self.finished = all((self.path / name).exists()
                                 for name in (MODEL_FILE, HEADER_FILE, SUMMARY_FILE))
             return
         if any((self.path / name).exists() for name in RUN_FILES[:5]):
             if not self.restart:
-                raise ValueError(
+                raise UserError(
                     f"{self.path} already holds a run: resume it (klayer train --resume "
                     f"{self.path}), start it again (add --restart) or choose another "
                     "output folder")
@@ -415,8 +416,8 @@ class RunFolder:
         """The checkpoint to resume from (see :func:`load_checkpoint`)."""
         ckpt = load_checkpoint(self.path)
         if ckpt.config_hash != self.config.config_hash():
-            raise ValueError(f"the checkpoint in {self.path} belongs to another configuration "
-                             f"than its {CONFIG_FILE}; start a new run instead")
+            raise UserError(f"the checkpoint in {self.path} belongs to another configuration "
+                            f"than its {CONFIG_FILE}; start a new run instead")
         if ckpt.source.name == PREVIOUS_CHECKPOINT_FILE:  # the newest is damaged: drop it,
             (self.path / CHECKPOINT_FILE).unlink(missing_ok=True)  # or it would replace this
         self.last_step = ckpt.step
@@ -459,13 +460,13 @@ class RunFolder:
                 meta = json.loads(str(arrays.pop("meta")))
                 whitening = Whitening.from_arrays(arrays, meta)
             except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path} is not a klayer whitening ({exc}); delete it to "
-                                 "fit it again") from None
+                raise UserError(f"{path} is not a klayer whitening ({exc}); delete it to "
+                                "fit it again") from None
             c = self.config
             if (whitening.method, whitening.eps, whitening.components) != \
                     (c.whiten, c.whiten_eps, c.whiten_components):
-                raise ValueError(f"{path} holds another whitening than {CONFIG_FILE} asks "
-                                 "for; delete it to fit it again")
+                raise UserError(f"{path} holds another whitening than {CONFIG_FILE} asks "
+                                "for; delete it to fit it again")
             return whitening
         whitening = fit()
         if path is not None:
@@ -549,16 +550,16 @@ def load_model(path):
     try:
         net = Network.from_hyperparameters(header["architecture"])
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{header_path}: invalid architecture ({exc}); the header is "
-                         "damaged: restore it or retrain") from None
+        raise UserError(f"{header_path}: invalid architecture ({exc}); the header is "
+                        "damaged: restore it or retrain") from None
     buffers = {k: arrays.pop(k) for k in list(arrays) if k.startswith("running_")}
     restore_network(net, arrays, buffers, header["running_initialised"], npz_path)
     standardizer = _header_standardizer(header, net, header_path)
     if model_checksum(data, header) != header["checksum"]:
-        raise ValueError(f"{header_path} or {npz_path.name} does not match the checksum in "
-                         f"{header_path.name}: a file was changed after it was saved "
-                         "(weights, class names, standardizer or architecture); restore "
-                         "it or retrain")
+        raise UserError(f"{header_path} or {npz_path.name} does not match the checksum in "
+                        f"{header_path.name}: a file was changed after it was saved "
+                        "(weights, class names, standardizer or architecture); restore "
+                        "it or retrain")
     return net, standardizer, header["class_names"]
 
 
@@ -576,11 +577,11 @@ def restore_network(net: Network, params: dict, buffers: dict, running_initialis
                                   "moving averages": (expected_buffers, net.dtype)}, source)
     for name, a in {**params, **buffers}.items():
         if not np.isfinite(a).all():
-            raise ValueError(f"{source}: {name} contains NaN or infinite values; the run "
-                             "diverged or the file is damaged: retrain it")
+            raise UserError(f"{source}: {name} contains NaN or infinite values; the run "
+                            "diverged or the file is damaged: retrain it")
     for name, a in buffers.items():
         if name.startswith("running_var") and (a < 0).any():
-            raise ValueError(f"{source}: {name} has negative variances; the file is damaged")
+            raise UserError(f"{source}: {name} has negative variances; the file is damaged")
     net.params = {k: np.array(params[k]) for k in expected}
     net.buffers = {k: np.array(buffers[k]) for k in expected_buffers}
     net.running_initialised = bool(running_initialised)
@@ -594,18 +595,18 @@ def _check_stored_arrays(stored: dict, expected: dict, source) -> None:
                if k.startswith("running_") == (what == "moving averages")}
         missing, extra = sorted(set(shapes) - set(got)), sorted(set(got) - set(shapes))
         if missing or extra:
-            raise ValueError(
+            raise UserError(
                 f"{source}: {what} do not match the architecture in the header "
                 f"(missing {missing or 'none'}, unexpected {extra or 'none'}); the file was "
                 "written for another network or was edited: retrain or restore it")
         for name, shape in shapes.items():
             got_shape, got_dtype = got[name]
             if got_shape != shape:
-                raise ValueError(f"{source}: {name} has shape {got_shape} but the architecture "
-                                 f"in the header needs {shape}; retrain or restore the file")
+                raise UserError(f"{source}: {name} has shape {got_shape} but the architecture "
+                                f"in the header needs {shape}; retrain or restore the file")
             if got_dtype != dtype:
-                raise ValueError(f"{source}: {name} has dtype {got_dtype} but the header says "
-                                 f"{dtype}; retrain or restore the file")
+                raise UserError(f"{source}: {name} has dtype {got_dtype} but the header says "
+                                f"{dtype}; retrain or restore the file")
 
 
 def _declared_arrays(header: dict, path: Path) -> dict:
@@ -616,8 +617,8 @@ def _declared_arrays(header: dict, path: Path) -> dict:
     def sizes(value, name):
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-            raise ValueError(f"{path}: invalid architecture ({name} must be positive integers, "
-                             f"got {value!r}); the header is damaged: restore it or retrain")
+            raise UserError(f"{path}: invalid architecture ({name} must be positive integers, "
+                            f"got {value!r}); the header is damaged: restore it or retrain")
         return values
 
     try:
@@ -628,8 +629,8 @@ def _declared_arrays(header: dict, path: Path) -> dict:
         norm = bool(arch.get("batch_norm")) or bool(arch.get("layer_norm"))
         batch_norm = bool(arch.get("batch_norm"))
     except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: invalid architecture ({exc!r}); the header is damaged: "
-                         "restore it or retrain") from None
+        raise UserError(f"{path}: invalid architecture ({exc!r}); the header is damaged: "
+                        "restore it or retrain") from None
     k = len(widths) - 1
     params, buffers = {}, {}
     for l in range(1, k + 1):
@@ -641,9 +642,9 @@ def _declared_arrays(header: dict, path: Path) -> dict:
             buffers[f"running_mean{l}"] = buffers[f"running_var{l}"] = (m,)
     values = sum(int(np.prod(s)) for s in (*params.values(), *buffers.values()))
     if values > MAX_MODEL_VALUES:
-        raise ValueError(f"{path}: the architecture declares {values} parameters, more than "
-                         f"klayer loads ({MAX_MODEL_VALUES}); the header is damaged: restore "
-                         "it or retrain")
+        raise UserError(f"{path}: the architecture declares {values} parameters, more than "
+                        f"klayer loads ({MAX_MODEL_VALUES}); the header is damaged: restore "
+                        "it or retrain")
     return {"parameters": (params, dtype), "moving averages": (buffers, dtype)}
 
 
@@ -661,44 +662,44 @@ def _npz_headers(data: bytes, path: Path) -> dict:
                     elif version == (2, 0):
                         shape, _, dtype = np.lib.format.read_array_header_2_0(f)
                     else:
-                        raise ValueError(f"unsupported .npy version {version}")
+                        raise UserError(f"unsupported .npy version {version}")
                 if dtype.hasobject:
-                    raise ValueError(f"{info.filename} holds Python objects")
+                    raise UserError(f"{info.filename} holds Python objects")
                 out[info.filename.removesuffix(".npy")] = (shape, dtype)
         return out
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is truncated or not a NumPy .npz file ({exc}); "
-                         "restore it or retrain") from None
+        raise UserError(f"{path} is truncated or not a NumPy .npz file ({exc}); "
+                        "restore it or retrain") from None
 
 
 def _read_header(path: Path) -> dict:
     try:
         header = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); the header is damaged: "
-                         "restore it or retrain") from None
+        raise UserError(f"{path} is not valid JSON ({exc}); the header is damaged: "
+                        "restore it or retrain") from None
     if not isinstance(header, dict) or header.get("format") != "klayer-model":
-        raise ValueError(f"{path} is not a klayer model header")
+        raise UserError(f"{path} is not a klayer model header")
     version = header.get("format_version")
     if isinstance(version, int) and version < FORMAT_VERSION:
-        raise ValueError(f"{path} has model format {version!r}, written by an older klayer, "
-                         f"whose checksum does not cover the header; this klayer "
-                         f"({__version__}) reads format {FORMAT_VERSION}: retrain the model "
-                         "or re-save it (runs.save_model) with this klayer")
+        raise UserError(f"{path} has model format {version!r}, written by an older klayer, "
+                        f"whose checksum does not cover the header; this klayer "
+                        f"({__version__}) reads format {FORMAT_VERSION}: retrain the model "
+                        "or re-save it (runs.save_model) with this klayer")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path} has model format {version!r}; this klayer "
-                         f"({__version__}) reads format {FORMAT_VERSION}: use a matching klayer")
+        raise UserError(f"{path} has model format {version!r}; this klayer "
+                        f"({__version__}) reads format {FORMAT_VERSION}: use a matching klayer")
     required = ("architecture", "running_initialised", "standardizer", "class_names",
                 "checksum")
     missing = [k for k in required if k not in header]
     if missing:
-        raise ValueError(f"{path} lacks {missing}; the header is damaged: restore it or retrain")
+        raise UserError(f"{path} lacks {missing}; the header is damaged: restore it or retrain")
     if not isinstance(header["architecture"], dict):
-        raise ValueError(f"{path}: architecture must be a JSON object")
+        raise UserError(f"{path}: architecture must be a JSON object")
     names = header["class_names"]
     if names is not None and (not isinstance(names, list) or
                               len(names) != header["architecture"].get("num_classes")):
-        raise ValueError(f"{path}: class_names must list one name per class")
+        raise UserError(f"{path}: class_names must list one name per class")
     return header
 
 
@@ -710,11 +711,11 @@ def _header_standardizer(header: dict, net: Network, path: Path):
     try:
         std = Standardizer.from_dict(header["standardizer"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: invalid standardizer ({exc}); restore the header or retrain") \
+        raise UserError(f"{path}: invalid standardizer ({exc}); restore the header or retrain") \
             from None
     if std.mean.shape != (net.input_size,):
-        raise ValueError(f"{path}: the standardizer has {std.mean.shape[0]} dimensions but the "
-                         f"network takes {net.input_size}; restore the header or retrain")
+        raise UserError(f"{path}: the standardizer has {std.mean.shape[0]} dimensions but the "
+                        f"network takes {net.input_size}; restore the header or retrain")
     return std
 
 
@@ -725,9 +726,9 @@ def _read_npz(data: bytes, path: Path, advice: str | None = "restore it or retra
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             bad = z.testzip()
         if bad is not None:
-            raise ValueError(f"{bad} fails its CRC check")
+            raise UserError(f"{bad} fails its CRC check")
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path} is truncated or not a NumPy .npz file ({exc})"
-                         + (f"; {advice}" if advice else "")) from None
+        raise UserError(f"{path} is truncated or not a NumPy .npz file ({exc})"
+                        + (f"; {advice}" if advice else "")) from None

@@ -64,6 +64,7 @@ from klayer.levers import augment
 from klayer.levers.bn_stats import population_statistics, use_statistics
 from klayer.config import TrainConfig
 from klayer.levers.ema import EMA
+from klayer.nn.errors import UserError
 from klayer.nn.network import Network
 from klayer.levers.tta import flip_average_accuracy
 from klayer.levers.whiten import Whitening
@@ -77,7 +78,7 @@ MIX_STREAM = 4  # MixUp and CutMix
 EMA_BN_BATCHES = 50  # batches for the EMA weights' batch-norm statistics (without precise_bn)
 
 
-class DivergenceError(ValueError):
+class DivergenceError(UserError):
     """The cost or a parameter became NaN or infinite during training."""
 
     def __init__(self, message, step=None, eta=None, parameter=None):
@@ -364,8 +365,8 @@ def fit_whitening(config: TrainConfig, X_train) -> Whitening:
     if X_train.shape[1] == augment.Augmentation().input_size:
         symmetry = augment.mirror(np.arange(X_train.shape[1])[None])[0]
     if config.whiten_components is not None and config.whiten_components > X_train.shape[1]:
-        raise ValueError(f"whiten_components ({config.whiten_components}) must not exceed the "
-                         f"{X_train.shape[1]} values of a row")
+        raise UserError(f"whiten_components ({config.whiten_components}) must not exceed the "
+                        f"{X_train.shape[1]} values of a row")
     return Whitening.fit(X_train, config.whiten, config.whiten_eps, config.whiten_components,
                          symmetry=symmetry)
 
@@ -455,8 +456,8 @@ class TrainState:
         self.step, self.history = ckpt.step, ckpt.history
         if self.ema is not None:
             if not ckpt.ema_state and self.step:
-                raise ValueError(f"{ckpt.source} holds no weight average (ema); start the run "
-                                 "again")
+                raise UserError(f"{ckpt.source} holds no weight average (ema); start the run "
+                                "again")
             if ckpt.ema_state:
                 self.ema.load_state_dict(ckpt.ema_state)
 
@@ -493,19 +494,19 @@ def checked_splits(data, dtype, num_classes) -> dict:
         if X is None and name == "test":
             continue
         if X is None or y is None:
-            raise ValueError(f"data has no {name} set (X_{name}, y_{name})")
+            raise UserError(f"data has no {name} set (X_{name}, y_{name})")
         X, y = np.asarray(X, dtype=dtype), np.asarray(y)
         if X.ndim != 2 or y.shape != (len(X),) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"data: X_{name} must be (n, d) and y_{name} (n,) integer labels, "
-                             f"got {X.shape} and {y.shape} {y.dtype}")
+            raise UserError(f"data: X_{name} must be (n, d) and y_{name} (n,) integer labels, "
+                            f"got {X.shape} and {y.shape} {y.dtype}")
         if not np.isfinite(X).all():
-            raise ValueError(f"data: X_{name} contains NaN or infinite values")
+            raise UserError(f"data: X_{name} contains NaN or infinite values")
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
-            raise ValueError(f"data: y_{name} must lie in [0, {num_classes}), "
-                             f"got [{y.min()}, {y.max()}]")
+            raise UserError(f"data: y_{name} must lie in [0, {num_classes}), "
+                            f"got [{y.min()}, {y.max()}]")
         splits[name] = (X, y)
     if splits["val"][0].shape[1] != splits["train"][0].shape[1]:
-        raise ValueError("data: X_train and X_val have different numbers of columns")
+        raise UserError("data: X_train and X_val have different numbers of columns")
     return splits
 
 
@@ -525,17 +526,17 @@ def _record_initial(net: Network, Xb, yb, lam, record) -> None:
 
 def _steps_per_epoch(n: int, batch_size: int) -> int:
     if n < batch_size:
-        raise ValueError(f"the training set has {n} examples, fewer than one batch "
-                         f"(batch_size = {batch_size}); use a larger subset or a smaller batch")
+        raise UserError(f"the training set has {n} examples, fewer than one batch "
+                        f"(batch_size = {batch_size}); use a larger subset or a smaller batch")
     return n // batch_size
 
 
 def _augmentation(config: TrainConfig, input_size: int):
     augmentation = augment.from_config(config)
     if augmentation.active and input_size != augmentation.input_size:
-        raise ValueError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
-                         f"values per row), but the data has {input_size} columns; turn flip, "
-                         "translate and jitter off for this data")
+        raise UserError(f"augmentation needs CIFAR-10 images ({augmentation.input_size} "
+                        f"values per row), but the data has {input_size} columns; turn flip, "
+                        "translate and jitter off for this data")
     return augmentation
 
 
@@ -543,8 +544,8 @@ def _mixing(config: TrainConfig, input_size: int) -> augment.Mixing:
     mixing = augment.Mixing(mixup=config.mixup, cutmix=config.cutmix)
     size = augment.Augmentation().input_size
     if mixing.active and input_size != size:
-        raise ValueError(f"mixup and cutmix mix CIFAR-10 images ({size} values per row), but "
-                         f"the data has {input_size} columns; turn them off for this data")
+        raise UserError(f"mixup and cutmix mix CIFAR-10 images ({size} values per row), but "
+                        f"the data has {input_size} columns; turn them off for this data")
     return mixing
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,14 +13,21 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def cifar_dir() -> Path:
-    """The real CIFAR-10 python batches: $KLAYER_DATA, else ../shared/data/cifar-10-batches-py
-    beside the repository. Skips the test when absent (fails instead when $CI is true/1)."""
+def real_cifar_path() -> Path:
+    """Where the real CIFAR-10 batches are looked for: $KLAYER_DATA, else
+    ../shared/data/cifar-10-batches-py beside the repository."""
     env = os.environ.get("KLAYER_DATA")
     path = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "cifar-10-batches-py"
     if (path / "cifar-10-batches-py").is_dir():
         path = path / "cifar-10-batches-py"
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    """The real CIFAR-10 python batches (:func:`real_cifar_path`). Skips the test when
+    absent (fails instead when $CI is true/1)."""
+    path = real_cifar_path()
     if not (path / "data_batch_1").is_file():
         reason = f"CIFAR-10 not found at {path} (set KLAYER_DATA to its cifar-10-batches-py)"
         if os.environ.get("CI", "").lower() in ("true", "1"):
@@ -78,3 +86,45 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI", "").lower() in ("1", "true"):
     _hypothesis_settings.load_profile("ci")
+
+
+# --- the `cifar` marker is where the real data is -------------------------------------------
+# A test that takes the `cifar_dir` fixture, or that opens a file of the real CIFAR-10 in
+# the test process (an audit hook sees every open), fails unless it is marked `cifar`, so
+# that `-m "not cifar"` really runs without the data. (Files opened by a child process
+# are not seen; such tests get the folder through `cifar_dir`, which is checked.)
+
+_DATA_OPENED: list = []  # paths of the real data opened while the current test runs
+_REAL_DATA = [str(real_cifar_path().resolve())]
+
+
+def _audit_data(event: str, args) -> None:
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        try:
+            path = os.path.realpath(os.fsdecode(args[0]))
+        except (TypeError, ValueError, OSError):
+            return
+        if path.startswith(_REAL_DATA[0] + os.sep):
+            _DATA_OPENED.append(path)
+
+
+sys.addaudithook(_audit_data)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _DATA_OPENED.clear()
+    if "cifar_dir" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("cifar"):
+        pytest.fail("this test takes the real CIFAR-10 (cifar_dir) but is not marked "
+                    "@pytest.mark.cifar", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item):
+    result = yield
+    opened = sorted(set(_DATA_OPENED))
+    _DATA_OPENED.clear()
+    if opened and not item.get_closest_marker("cifar"):
+        pytest.fail(f"this test opened the real CIFAR-10 ({opened[0]}) but is not marked "
+                    "@pytest.mark.cifar", pytrace=False)
+    return result

@@ -241,3 +241,74 @@ def _split_top_level(text: str) -> list[str]:
 
 def _no_data(*args, **kwargs):
     raise OSError("no data in this test")
+
+
+# --- klayer's own bugs are not the user's errors ------------------------------------------
+
+
+def _planted_bug(*args, **kwargs):
+    raise ValueError("planted: an internal ValueError")
+
+
+def test_an_internal_error_is_exit_1_one_line_and_a_logged_traceback(monkeypatch, capsys,
+                                                                      tmp_path):
+    """A ValueError that is not a UserError is klayer's bug: status 1, one line saying so
+    and where the traceback is, never ``error: ...`` with status 2."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("KLAYER_DEBUG", raising=False)
+    monkeypatch.setattr("klayer.nn.gradcheck.check_gradients_for", _planted_bug)
+    status = cli.main(["gradcheck", "--hidden", "4", "--dims", "3", "--samples", "4"])
+    err = capsys.readouterr().err
+    assert status == 1
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    log = tmp_path / "cache" / "klayer" / "last-error.log"
+    assert lines[0].startswith("klayer gradcheck: internal error (a bug in klayer")
+    assert "ValueError: planted: an internal ValueError" in lines[0]
+    assert f"traceback in {log}" in lines[0] and "--debug" in lines[0]
+    assert ": error:" not in lines[0]
+    text = log.read_text()
+    assert "Traceback" in text and "_planted_bug" in text
+
+
+def test_debug_lets_an_internal_error_through(monkeypatch):
+    monkeypatch.setattr("klayer.nn.gradcheck.check_gradients_for", _planted_bug)
+    with pytest.raises(ValueError, match="planted"):
+        cli.main(["--debug", "gradcheck", "--hidden", "4", "--dims", "3", "--samples", "4"])
+
+
+def test_a_user_error_raised_deep_inside_is_exit_2(monkeypatch, capsys):
+    """The same place raising klayer.nn.errors.UserError is the user's error."""
+    from klayer.nn.errors import UserError
+
+    def refuse(*args, **kwargs):
+        raise UserError("planted: fix your input")
+
+    monkeypatch.setattr("klayer.nn.gradcheck.check_gradients_for", refuse)
+    status = cli.main(["gradcheck", "--hidden", "4", "--dims", "3", "--samples", "4"])
+    assert status == 2
+    assert capsys.readouterr().err == "klayer gradcheck: error: planted: fix your input\n"
+
+
+def test_an_internal_error_in_a_new_process_is_exit_1(tmp_path):
+    """The whole path in a fresh interpreter: a planted bug (a ValueError from NumPy on
+    an impossible reshape, raised inside the command) gives status 1 and one line."""
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    (plant / "sitecustomize.py").write_text(
+        "import klayer.nn.gradcheck as G\n"
+        "def broken(*a, **k):\n"
+        "    import numpy as np\n"
+        "    np.zeros(3).reshape(2, 2)\n"
+        "G.check_gradients_for = broken\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plant), str(REPO_ROOT)]),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("KLAYER_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "klayer.cli", "gradcheck", "--hidden", "4",
+                           "--dims", "3", "--samples", "4"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("klayer gradcheck: internal error (a bug in klayer")
+    assert "cannot reshape" in done.stderr and "Traceback" not in done.stderr
+    assert "Traceback" in (tmp_path / "cache" / "klayer" / "last-error.log").read_text()

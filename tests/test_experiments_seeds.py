@@ -6,7 +6,13 @@ import importlib.util
 import json
 import statistics
 
+import numpy as np
+import pytest
 from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.cifar
+TINY = ('hidden_sizes = [16]\nn_s = 10\ncycles = 1\nsubset = 600\nn_val = 200\n'
+        'evals_per_cycle = 2\n')
 
 
 def load_seeds_script():
@@ -49,3 +55,39 @@ def test_trains_each_seed_measures_it_and_prints_the_mean(tmp_path, cifar_dir, c
     again = capsys.readouterr().out
     assert "reusing" in again and again.split("\n\n", 1)[1] == printed.split("\n\n", 1)[1]
     assert [(out / f"seed{s}" / "measured.json").read_text() for s in (0, 1)] == before
+
+
+def test_an_interrupted_seed_continues_where_it_stopped_and_finishes(tmp_path, cifar_dir,
+                                                                      monkeypatch, capsys):
+    """Seed 0's child is killed (SIGKILL) after update step 10 of 20: seeds.py stops with
+    one line saying how to continue; run again, it resumes the run folder (not a new
+    run) and ends where an uninterrupted run of the seed ends, bit for bit."""
+    seeds = load_seeds_script()
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    data = ["--data-dir", str(cifar_dir)]
+    out = tmp_path / "runs"
+    args = ["--config", str(config), "--seeds", "0", "--out", str(out), *data]
+    with monkeypatch.context() as m:
+        m.setenv("KLAYER_FAULT", "step:10")
+        with pytest.raises(SystemExit, match="seed 0 failed .* run the same command again"):
+            seeds.main(args)
+    run = out / "seed0"
+    assert (run / "checkpoint.npz").is_file() and not (run / "summary.json").exists()
+    assert not (run / "measured.json").exists()
+
+    assert seeds.main(args) == 0
+    measured = json.loads((run / "measured.json").read_text())
+    assert measured["resumed"] is True and "--resume" in measured["command"]
+
+    whole = tmp_path / "whole"
+    assert seeds.main(["--config", str(config), "--seeds", "0", "--out", str(whole), *data]) == 0
+    capsys.readouterr()
+    done, reference = (json.loads((d / "seed0" / "summary.json").read_text())
+                       for d in (out, whole))
+    assert done["final"] == reference["final"]
+    with np.load(run / "model.npz", allow_pickle=False) as a, \
+            np.load(whole / "seed0" / "model.npz", allow_pickle=False) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            assert np.array_equal(a[name], b[name]), name

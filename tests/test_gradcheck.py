@@ -156,6 +156,7 @@ def test_cli_bad_arguments(capsys):
     assert "argument --hidden" in capsys.readouterr().err
 
 
+@pytest.mark.cifar
 def test_cli_on_cifar_images(cifar_dir, capsys):
     code = main(["gradcheck", "--hidden", "10,10", "--dims", "20", "--samples", "15",
                  "--cifar", "--data-dir", str(cifar_dir)])

@@ -49,6 +49,7 @@ def test_soft_target_loss_is_linear_in_the_targets(levers):
                                rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.cifar
 def test_script_runs_and_prints_the_table(levers, cifar_dir, capsys):
     levers.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--subset", "600",
                  "--variants", "baseline", "reflect", "mixup", "cutmix", "--bn-batches", "2"])

@@ -1,5 +1,12 @@
 """klayer.memory: what a run needs, known before it is spent; the search grid limit."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from klayer import memory
@@ -8,6 +15,11 @@ from klayer.config import TrainConfig
 from klayer.nn.network import Network
 
 GIB = 2**30
+REPO = Path(__file__).resolve().parent.parent
+# The estimate against the measured peak (tracemalloc, in a fresh process): within this
+# fraction either way. It counts the large arrays only, and an evaluation chunk's arrays
+# as a training batch's (eval mode keeps fewer), so it is high for wide networks.
+MARGIN = 0.35
 
 
 @pytest.mark.parametrize("options", [
@@ -82,3 +94,52 @@ def test_available_bytes_on_this_machine():
 ])
 def test_grid_size_is_counted_without_building_the_grid(doc, points):
     assert grid_size(doc) == points
+
+
+# --- the estimate against real runs ------------------------------------------------------
+
+SMALL = {"hidden_sizes": [256, 128], "n_s": 20, "cycles": 1, "evals_per_cycle": 2}
+SIZES = [2000, 500, 500, 3072]  # n_train, n_val, n_test, d: CIFAR-10's rows, fewer
+
+
+def measured(kind: str, options: dict, sizes=SIZES) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "memory_probe.py"), kind,
+                           json.dumps(options), json.dumps(sizes)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("solo", {**SMALL, "dtype": "float32"}),
+    ("solo", {**SMALL, "hidden_sizes": [1000, 1000], "batch_size": 500, "n_s": 5,
+              "dtype": "float64", "optimizer": "adam"}),
+    ("solo", {**SMALL, "hidden_sizes": [512], "batch_size": 200, "dropout": 0.3,
+              "optimizer": "momentum", "dtype": "float32"}),
+    ("trial", {**SMALL, "dtype": "float32"}),
+    ("population", {**SMALL, "dtype": "float32", "lams": [0.0, 1e-3, 1e-2, 1e-1]}),
+], ids=["solo", "solo-wide-adam-float64", "solo-dropout-momentum", "search-trial",
+        "population-of-4"])
+def test_the_estimate_is_the_peak_of_a_real_run_within_the_margin(kind, options):
+    """A small real run (generated data of CIFAR-10's width) in a fresh process: its
+    peak (every NumPy array, the data included) is the estimate within MARGIN."""
+    run = measured(kind, options)
+    ratio = run["peak"] / run["estimate"]
+    assert 1 - MARGIN <= ratio <= 1 + MARGIN, run
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"hidden_sizes": (300, 100), "dtype": "float64"},
+    {"batch_norm": False, "layer_norm": True, "hidden_sizes": (30, 20, 10)},
+])
+def test_the_gradients_figure_is_the_bytes_of_a_real_backward_pass(options):
+    config = TrainConfig(**options)
+    net = Network(64, config.hidden_sizes, 10, batch_norm=config.batch_norm,
+                  layer_norm=config.layer_norm, dtype=config.dtype)
+    rng = np.random.default_rng(0)
+    result = net.loss(rng.standard_normal((8, 64)).astype(config.dtype),
+                      rng.integers(0, 10, 8), lam=0.01)
+    assert set(result.grads) == set(net.params)
+    assert memory.estimate(config, input_size=64)["gradients"] == \
+        sum(g.nbytes for g in result.grads.values())

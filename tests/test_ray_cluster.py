@@ -1,8 +1,12 @@
 """``klayer search --ray HOST:PORT`` on a real two-node Ray cluster started here.
 
-The cluster is started with the ``ray`` CLI (a head node and a second node, one CPU each,
-token authentication, node addresses 127.0.0.1) in an environment without KLAYER_DATA or
-klayer on the path. Ray 2.60's GCS and raylets listen on every interface whatever
+The cluster is started with the ``ray`` CLI (token authentication, node addresses
+127.0.0.1): a head node with no CPU, so that it runs no trial, and a worker node with one
+CPU that runs from a Python environment of its own (a venv in which ``import klayer``
+fails: it sees Ray, NumPy and klayer's other dependencies, not klayer) without
+KLAYER_DATA. Every trial must run on that node, with the code the driver ships and the
+data it sends; an audit hook in the node's environment records any file it opens in the
+data folder. Ray 2.60's GCS and raylets listen on every interface whatever
 ``--node-ip-address`` says, so the nodes and the driver all run inside a network namespace
 of their own (``ip netns``) whose only interface is the loopback: nothing they open can be
 reached from outside this test. Within it: trials get the data through Ray's object store and
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -29,10 +34,11 @@ from pathlib import Path
 import optuna
 import pytest
 
+from klayer import runs
 from klayer.config import TrainConfig
 from klayer.runs import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cifar, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 STARTED = "Ray runtime started"
 _NAMESPACES = itertools.count()
@@ -89,14 +95,17 @@ class Cluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
 
-    def start(self, *flags) -> None:
+    def start(self, *flags, cpus: int = 1, python: str | None = None, env=None) -> None:
+        """A node; ``python``: the interpreter it runs (and starts its workers) with."""
         log = self.root / f"node{len(self.nodes)}.log"
+        ray = [python, "-m", "ray.scripts.scripts"] if python else [self.cli]
         with open(log, "w") as f:
             node = subprocess.Popen(
-                [*self.netns.prefix, self.cli, "start", "--block", "--node-ip-address", "127.0.0.1",
-                 "--num-cpus", "1", "--temp-dir", str(self.root / "t"),
+                [*self.netns.prefix, *ray, "start", "--block", "--node-ip-address", "127.0.0.1",
+                 "--num-cpus", str(cpus), "--temp-dir", str(self.root / "t"),
                  "--disable-usage-stats", *flags],
-                env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                env=env or self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=self.root)
         self.nodes.append(node)
         deadline = time.monotonic() + 60
         while STARTED not in log.read_text(errors="replace"):  # ray start reports readiness
@@ -114,15 +123,89 @@ class Cluster:
             node.wait(timeout=30)
 
 
+# The worker node's environment: ``python -m venv`` without klayer. Ray must be the very
+# version the head and the driver run (Ray refuses to mix versions), so the venv sees the
+# installed packages through a path file, which puts their folder on sys.path without
+# running the path files inside it: the editable install of klayer is one of those, so
+# ``import klayer`` fails there. A second path file loads the node's test hooks.
+NODE_HOOKS = '''
+import os, signal, sys
+
+_dir = os.environ.get("KLAYER_TEST_NODE_DIR")
+if _dir:
+    _data = os.environ.get("KLAYER_TEST_DATA_DIR") or "//none"
+
+    def _audit(event, args):  # files opened in the data folder, by any process of the node
+        if event == "open" and isinstance(args[0], (str, bytes)):
+            path = os.path.abspath(os.fsdecode(args[0]))
+            if path.startswith(_data):
+                with open(os.path.join(_dir, "data-opened.txt"), "a") as f:
+                    f.write(path + "\\n")
+
+    sys.addaudithook(_audit)
+    _kill = os.kill
+
+    def _kill_once(pid, sig):  # with a "kill-once" file, KLAYER_FAULT kills one attempt only
+        if pid == os.getpid() and sig == signal.SIGKILL and \\
+                os.path.exists(os.path.join(_dir, "kill-once")):
+            try:
+                os.close(os.open(os.path.join(_dir, "killed"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return  # a worker was killed already: this attempt goes on
+        _kill(pid, sig)
+
+    os.kill = _kill_once
+'''
+
+
+def worker_environment(root: Path) -> str:
+    """A venv without klayer (see above); returns its python."""
+    import site
+    import sysconfig
+
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; "
+                              "print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    installed = sorted({sysconfig.get_paths()["purelib"], *site.getsitepackages()})
+    (Path(purelib) / "installed.pth").write_text("\n".join(installed) + "\n")
+    (Path(purelib) / "klayer_test_node.py").write_text(NODE_HOOKS)
+    (Path(purelib) / "klayer_test_node.pth").write_text("import klayer_test_node\n")
+    return str(python)
+
+
+def node_ids(cluster) -> dict:
+    """{"head": id, "worker": id}: the head node is the one without CPUs."""
+    script = ("import json, ray; ray.init(address=%r, logging_level='error'); "
+              "print(json.dumps([[n['NodeID'], n['Resources'].get('CPU', 0)] "
+              "for n in ray.nodes() if n['Alive']]))" % cluster.address)
+    done = subprocess.run([*cluster.netns.prefix, sys.executable, "-c", script],
+                          env=cluster.env, capture_output=True, text=True, timeout=120,
+                          cwd=cluster.root, check=True)
+    nodes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(cpus for _, cpus in nodes) == [0, 1], nodes
+    return {("head" if cpus == 0 else "worker"): node for node, cpus in nodes}
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(cifar_dir):
     ray_cli()
     netns = Namespace()
     root = Path(tempfile.mkdtemp(prefix="kr", dir="/tmp"))  # Ray's socket paths are short
     try:
         nodes = Cluster(root, netns)
-        nodes.start("--head", "--port", str(nodes.port), "--include-dashboard", "false")
-        nodes.start("--address", nodes.address)
+        nodes.python = worker_environment(root)
+        nodes.hooks = root / "hooks"
+        nodes.hooks.mkdir()
+        nodes.start("--head", "--port", str(nodes.port), "--include-dashboard", "false",
+                    cpus=0)
+        nodes.start("--address", nodes.address, cpus=1, python=nodes.python,
+                    env={**nodes.env, "KLAYER_TEST_NODE_DIR": str(nodes.hooks),
+                         "KLAYER_TEST_DATA_DIR": str(Path(cifar_dir).resolve())})
+        nodes.ids = node_ids(nodes)
         yield nodes
     finally:
         if "nodes" in locals():
@@ -150,18 +233,55 @@ def table(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_trials_run_on_the_cluster_and_land_under_the_drivers_out(cluster, cifar_dir,
-                                                                   tmp_path):
+def test_the_worker_node_cannot_import_klayer_and_has_no_data_variable(cluster):
+    done = subprocess.run([cluster.python, "-c", "import klayer"], cwd=cluster.root,
+                          env=cluster.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "No module named 'klayer'" in done.stderr
+    done = subprocess.run([cluster.python, "-c", "import ray, numpy, optuna, threadpoolctl; "
+                           "print(ray.__version__)"], cwd=cluster.root, env=cluster.env,
+                          capture_output=True, text=True, timeout=60)
+    import ray
+
+    assert done.returncode == 0 and done.stdout.strip() == ray.__version__, done.stderr
+    assert "KLAYER_DATA" not in cluster.env and "PYTHONPATH" not in cluster.env
+
+
+def test_trials_run_on_the_worker_node_and_land_under_the_drivers_out(cluster, cifar_dir,
+                                                                      tmp_path):
     done = search(cluster, cifar_dir, tmp_path, "out")
     assert done.returncode == 0, done.stderr
     assert "2 trials (2 complete, 0 failed)" in done.stdout
     rows = table(tmp_path / "out")
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+    assert [r["node"] for r in rows] == [cluster.ids["worker"]] * 2  # the head has no CPU
     for row in rows:
         run_dir = Path(row["run_dir"])
         assert run_dir.parent == tmp_path / "out" / "runs"  # absolute, under the driver's --out
         assert (run_dir / SUMMARY_FILE).is_file() and (run_dir / MODEL_FILE).is_file()
         assert TrainConfig.from_toml(run_dir / CONFIG_FILE).out == str(run_dir)
+        assert runs.read_summary(run_dir)["node"] == cluster.ids["worker"]
+    # the node read nothing of the data folder: the data came from the driver
+    assert not (cluster.hooks / "data-opened.txt").exists()
+
+
+def test_a_worker_killed_once_mid_trial_is_retried_within_the_search(cluster, cifar_dir,
+                                                                      tmp_path):
+    """KLAYER_FAULT kills the first attempt's worker at step 3 (the node's hook lets
+    later attempts live): Ray runs the trial again and the search ends with status 0."""
+    (cluster.hooks / "kill-once").touch()
+    try:
+        done = search(cluster, cifar_dir, tmp_path, "out", extra_env={"KLAYER_FAULT": "step:3"})
+    finally:
+        (cluster.hooks / "kill-once").unlink()
+    assert (cluster.hooks / "killed").exists()  # a worker was killed, once
+    (cluster.hooks / "killed").unlink()
+    assert done.returncode == 0, done.stderr
+    assert "2 trials (2 complete, 0 failed)" in done.stdout
+    rows = table(tmp_path / "out")
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+    assert [r["node"] for r in rows] == [cluster.ids["worker"]] * 2
+    for row in rows:
+        assert runs.read_summary(row["run_dir"])["node"] == cluster.ids["worker"]
 
 
 def test_a_worker_killed_mid_trial_fails_the_trial_and_a_rerun_finishes(cluster, cifar_dir,

@@ -1,8 +1,12 @@
-"""The README's command lines use only flags that exist.
+"""The command lines of the README and the docs use only flags that exist.
 
-Every ``klayer <command> ...`` line of README.md — in its fenced bash blocks and in its
-inline code — names a registered command, and every ``--flag`` on it is one that
-``klayer <command> --help`` lists. The bash blocks' lines without placeholders (DIR, N,
+Every ``klayer <command> ...`` line of README.md and of the Markdown files under docs/,
+experiments/ and benchmarks/ — in their fenced bash blocks and in their inline code —
+names a registered command, and every ``--flag`` on it is one that ``klayer <command>
+--help`` lists. Every ``python experiments/….py`` and ``python benchmarks/….py`` line
+names a script that exists, whose ``--help`` lists each flag it uses, and is parsed whole
+by the script's own argparse (placeholders such as DIR replaced by a value) in a process
+that stops the script right after parsing: nothing is trained or timed. The bash blocks' lines without placeholders (DIR, N,
 a|b) are also parsed by the real parser, which must accept them whole: no unknown
 argument, no bad value, no missing argument. The table of "Beyond the study" names config
 keys that exist and flags that both `klayer train` and `klayer search` take. This catches
@@ -14,7 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +30,10 @@ import pytest
 from klayer.cli import COMMANDS, build_parser, main
 from klayer.config import TrainConfig
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+DOCS = [README, *sorted((REPO / "docs").rglob("*.md")), REPO / "experiments" / "README.md",
+        REPO / "benchmarks" / "README.md"]
 FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`([^`\n]+(?:\n[^`\n]+)?)`")  # may wrap onto a second line
 FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
@@ -33,7 +44,8 @@ def readme_commands(text: str) -> list[tuple[str, list[str]]]:
     lines = []
     for block in FENCED.finditer(text):
         if block.group(1) in ("bash", "sh", "shell", "console", ""):
-            lines += [("bash block", line) for line in block.group(2).splitlines()]
+            body = re.sub(r"\\\n\s*", " ", block.group(2))  # continued lines, joined
+            lines += [("bash block", line) for line in body.splitlines()]
     prose = FENCED.sub("", text)
     lines += [("inline code", " ".join(span.replace("\\|", "|").split()))
               for span in INLINE.findall(prose)]
@@ -51,7 +63,16 @@ def readme_commands(text: str) -> list[tuple[str, list[str]]]:
     return list(unique.values())
 
 
-COMMAND_LINES = readme_commands(README.read_text(encoding="utf-8"))
+def _all_commands() -> list:
+    unique = {}
+    for path in DOCS:
+        name = path.relative_to(REPO)
+        for where, tokens in readme_commands(path.read_text(encoding="utf-8")):
+            unique.setdefault(tuple(tokens), (f"{name}, {where}", tokens))
+    return list(unique.values())
+
+
+COMMAND_LINES = _all_commands()
 
 
 def help_text(command: str) -> str:
@@ -89,7 +110,7 @@ def test_readme_command_uses_existing_flags(where, tokens):
     unknown = sorted(used - known)
     assert not unknown, (f"the README ({where}) gives `klayer {' '.join(tokens)}`, but "
                          f"klayer {command} has no {', '.join(unknown)}")
-    if where != "bash block" or has_placeholder(tokens):
+    if not where.endswith("bash block") or has_placeholder(tokens):
         return  # inline code names a command or a flag; a bash block line is a command
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -148,3 +169,139 @@ def test_options_table_flags_exist_in_train_and_search(command):
                 for choice in token.split("|"):
                     assert re.search(rf"[{{,]{choice}[,}}]", text), \
                         f"klayer {command}: {choice!r} is not a choice (README: {span})"
+
+
+# --- python experiments/….py and python benchmarks/….py lines ---------------------------------
+
+SCRIPT = re.compile(r"(experiments|benchmarks)/[A-Za-z0-9_]+\.py")
+
+
+def script_commands(text: str) -> list[tuple[str, str, list[str]]]:
+    """(where, script, arguments) of every ``python experiments|benchmarks/x.py ...`` line."""
+    lines = []
+    for block in FENCED.finditer(text):
+        if block.group(1) in ("bash", "sh", "shell", "console", ""):
+            body = re.sub(r"\\\n\s*", " ", block.group(2))
+            lines += [("bash block", line) for line in body.splitlines()]
+    prose = FENCED.sub("", text)
+    lines += [("inline code", " ".join(span.replace("\\|", "|").split()))
+              for span in INLINE.findall(prose)]
+    found = []
+    for where, line in lines:
+        line = re.sub(r"(^|\s)#.*$", "", line)
+        for part in line.split("&&"):
+            tokens = [t.strip("[]") for t in part.split()]
+            tokens = [t for t in tokens if t]
+            for i, token in enumerate(tokens[:-1]):
+                if token in ("python", "python3") and SCRIPT.fullmatch(tokens[i + 1]):
+                    found.append((where, tokens[i + 1], tokens[i + 2:]))
+                    break
+    return found
+
+
+def _all_script_commands() -> list:
+    unique = {}
+    for path in DOCS:
+        name = path.relative_to(REPO)
+        for where, script, args in script_commands(path.read_text(encoding="utf-8")):
+            unique.setdefault((script, *args), (f"{name}, {where}", script, args))
+    return list(unique.values())
+
+
+SCRIPT_LINES = _all_script_commands()
+
+# Runs the scripts' argument parsing only, all in one process: argparse's parse_args is
+# replaced by one that parses and then stops the script (nothing is loaded, trained or
+# timed), and the peers PyTorch and JAX, which only the benchmarks' work needs, are
+# stand-ins (importing them takes seconds each).
+PARSE_ONLY = r"""
+import argparse, contextlib, importlib.abc, importlib.machinery, io, json, runpy, sys
+from unittest import mock
+
+class StandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "jax", "jaxlib"):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    def create_module(self, spec):
+        module = mock.MagicMock(name=spec.name)
+        module.__path__ = []
+        return module
+    def exec_module(self, module):
+        pass
+
+sys.meta_path.insert(0, StandIn())
+
+class Parsed(BaseException):
+    pass
+
+original = argparse.ArgumentParser.parse_args
+def parse_only(self, args=None, namespace=None):
+    original(self, args, namespace)
+    raise Parsed
+argparse.ArgumentParser.parse_args = parse_only
+results = []
+for script, argv in json.loads(sys.argv[1]):
+    sys.path.insert(0, script.rpartition("/")[0])
+    sys.argv = [script, *argv]
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(script, run_name="__main__")
+        status = "ran without parsing its arguments"
+    except Parsed:
+        status = "parsed"
+    except SystemExit as exc:
+        status = f"exit {exc.code}"
+    sys.path.remove(script.rpartition("/")[0])
+    results.append({"status": status, "out": out.getvalue(), "err": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+def filled(args: list[str]) -> list[str]:
+    """The arguments with each placeholder (DIR, K, …) replaced by a value, 1, that any
+    path, number or width list accepts."""
+    return ["1" if has_placeholder([t]) else t for t in args]
+
+
+@pytest.fixture(scope="module")
+def parsed_scripts() -> dict:
+    """{(script, *argv): result} for every script line, and each script's --help."""
+    runs = []
+    for _, script, args in SCRIPT_LINES:
+        if (REPO / script).is_file():
+            runs += [[script, ["--help"]], [script, filled(args)]]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, "-c", PARSE_ONLY, json.dumps(runs)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return {(script, *argv): result for (script, argv), result in zip(runs, results)}
+
+
+def test_the_docs_have_script_lines():
+    scripts = {script for _, script, _ in SCRIPT_LINES}
+    assert {"experiments/seeds.py", "experiments/levers.py",
+            "benchmarks/bench_step.py"} <= scripts
+    assert len(SCRIPT_LINES) >= 15
+
+
+@pytest.mark.parametrize("where, script, args", SCRIPT_LINES,
+                         ids=[" ".join([s, *a]) for _, s, a in SCRIPT_LINES])
+def test_script_line_uses_existing_flags(where, script, args, parsed_scripts):
+    assert (REPO / script).is_file(), f"{where} runs {script}, which does not exist"
+    usage = parsed_scripts[(script, "--help")]
+    assert usage["status"] == "exit 0", usage
+    own, _, passed_on = (args[:args.index("--")], "--", args[args.index("--") + 1:]) \
+        if "--" in args else (args, "", [])
+    used = {t.split("=")[0] for t in own if t.startswith("--")}
+    unknown = sorted(used - set(FLAG.findall(usage["out"])))
+    assert not unknown, f"{where}: `python {script} {' '.join(args)}`: no {', '.join(unknown)}"
+    if passed_on:  # experiments/seeds.py passes what follows -- to klayer train
+        assert script == "experiments/seeds.py", (where, args)
+        unknown = sorted({t.split("=")[0] for t in passed_on if t.startswith("--")}
+                         - help_flags("train"))
+        assert not unknown, f"{where}: klayer train has no {', '.join(unknown)}"
+    result = parsed_scripts[(script, *filled(args))]
+    assert result["status"] == "parsed", \
+        f"{where}: `python {script} {' '.join(args)}` is refused: {result['err'].strip()}"

@@ -9,6 +9,8 @@ import pytest
 from klayer.cli import main
 from klayer.study.extended import GRADCHECK_CASES, TECHNIQUES
 
+pytestmark = pytest.mark.slow  # one `klayer reproduce --quick --extended` for the module
+
 SECTIONS = ["## i) Gradient verification", "## ii) 3-layer network", "## iii) 9-layer network",
             "## iv) λ search", "## v) Initialisation sensitivity", "## vi) Beyond the study",
             "## Time"]
@@ -24,6 +26,7 @@ def quick_report(cifar_dir, tmp_path_factory):
     return out, (out / "REPORT.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.cifar
 def test_report_has_every_section(quick_report):
     _, text = quick_report
     positions = [text.index(section) for section in SECTIONS]
@@ -31,6 +34,7 @@ def test_report_has_every_section(quick_report):
     assert "**All checks pass.**" in text
 
 
+@pytest.mark.cifar
 def test_every_figure_named_exists_and_is_a_png(quick_report):
     out, text = quick_report
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -41,6 +45,7 @@ def test_every_figure_named_exists_and_is_a_png(quick_report):
         assert path.read_bytes()[:8] == PNG_MAGIC, name
 
 
+@pytest.mark.cifar
 def test_gradient_errors_within_tolerance(quick_report):
     _, text = quick_report
     section = text[text.index(SECTIONS[0]):text.index(SECTIONS[1])]
@@ -56,6 +61,7 @@ def test_gradient_errors_within_tolerance(quick_report):
             assert float(match.group(1)) <= limit, line
 
 
+@pytest.mark.cifar
 def test_sigma_1e4_without_bn_stays_at_chance_while_bn_learns(quick_report):
     _, text = quick_report
     row = next(line for line in text.splitlines() if line.startswith("| 0.0001 |"))
@@ -66,6 +72,7 @@ def test_sigma_1e4_without_bn_stays_at_chance_while_bn_learns(quick_report):
     assert "At σ = 0.0001 the network without batch norm does not learn" in text
 
 
+@pytest.mark.cifar
 def test_running_again_reuses_every_run(quick_report, cifar_dir, capsys):
     out, _ = quick_report
     summaries = lambda: {p: p.stat().st_mtime_ns for p in Path(out).glob("**/summary.json")}
@@ -82,6 +89,7 @@ def _section_vi(text):
     return text[text.index("## vi) Beyond the study"):text.index("## Time")]
 
 
+@pytest.mark.cifar
 def test_extended_gradient_checks_pass(quick_report):
     section = _section_vi(quick_report[1])
     section = section[section.index("### Gradient checks"):section.index("### Techniques")]
@@ -97,6 +105,7 @@ def test_extended_gradient_checks_pass(quick_report):
     assert "**All pass**" in section
 
 
+@pytest.mark.cifar
 def test_extended_techniques_table_has_every_technique_at_both_depths(quick_report):
     section = _section_vi(quick_report[1])
     section = section[section.index("### Techniques"):]
@@ -108,6 +117,7 @@ def test_extended_techniques_table_has_every_technique_at_both_depths(quick_repo
         float(cells[2]), float(cells[4])  # the changes are numbers
 
 
+@pytest.mark.cifar
 def test_extended_statistics_table_labels_adaptive_bn_transductive(quick_report):
     section = _section_vi(quick_report[1])
     assert "adaptive BN (transductive)" in section
@@ -121,6 +131,7 @@ def test_extended_statistics_table_labels_adaptive_bn_transductive(quick_report)
         assert abs((precise - moving) - change) < 0.011, row
 
 
+@pytest.mark.cifar
 def test_populations_are_named_and_the_steps_counted(quick_report):
     out, text = quick_report
     header = text[:text.index(SECTIONS[0])]
@@ -141,6 +152,7 @@ def test_populations_are_named_and_the_steps_counted(quick_report):
     assert rows["vi) beyond the study"] == [f"{2 * len(TECHNIQUES) * 800:,}", "0"]
 
 
+@pytest.mark.cifar
 def test_time_table_adds_up_the_wall_clock_time(quick_report):
     _, text = quick_report
     seconds = {line.split("|")[1].strip(): float(line.split("|")[2].strip(" *"))

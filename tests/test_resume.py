@@ -3,6 +3,7 @@ same model, bit for bit, as an uninterrupted run. The kill is deterministic: the
 test-only hook ``KLAYER_FAULT`` (see :mod:`klayer.runs`) makes the process kill itself
 right after an update step, or half-way through writing a checkpoint."""
 
+import json
 import os
 import signal
 import subprocess
@@ -122,3 +123,66 @@ def test_restart_after_both_checkpoints_are_lost(cifar_dir, tmp_path, uninterrup
 def test_restart_and_resume_exclude_each_other(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--restart"]) == 2
     assert "drop --restart" in capsys.readouterr().err
+
+
+# --- kill -9 and resume on generated data: every optimizer, schedule and dtype -------------
+
+def train_generated(options: dict, run_dir, resume: bool) -> None:
+    """Train on small generated data (four classes from the signs of two of 20 inputs)."""
+    from types import SimpleNamespace
+
+    from klayer.config import TrainConfig
+    from klayer.train import train
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 20))
+    y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0)
+    data = SimpleNamespace(X_train=X[:200], y_train=y[:200], X_val=X[200:300],
+                           y_val=y[200:300], X_test=X[300:], y_test=y[300:],
+                           class_names=list("abcd"), standardizer=None)
+    train(TrainConfig(**options), data, run_dir, resume=resume)
+
+
+# the same in a process of its own (which KLAYER_FAULT may kill)
+CHILD = ("import json, sys; sys.path.insert(0, sys.argv[4]); "
+         "from test_resume import train_generated; "
+         "train_generated(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] == 'resume')")
+
+
+SMALL = {"hidden_sizes": [16, 16], "n_s": 15, "cycles": 1, "batch_size": 20,
+         "evals_per_cycle": 3, "dropout": 0.1, "eta_max": 0.05}  # 10 steps an epoch
+
+
+def _child(options: dict, run: Path, mode: str, fault: str | None = None):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("KLAYER_FAULT", None)
+    if fault:
+        env["KLAYER_FAULT"] = fault
+    return subprocess.run([sys.executable, "-c", CHILD, json.dumps(options), str(run), mode,
+                           str(REPO / "tests")],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("options", [
+    {"optimizer": "sgd", "schedule": "cyclic", "dtype": "float64"},
+    {"optimizer": "momentum", "schedule": "constant", "dtype": "float32"},
+    {"optimizer": "adam", "schedule": "step", "decay_every": 7, "dtype": "float64",
+     "eta_max": 0.01},
+    {"optimizer": "sgd", "schedule": "cosine", "dtype": "float32"},
+    {"optimizer": "adam", "schedule": "cosine", "warmup_steps": 8, "dtype": "float32",
+     "eta_max": 0.01},
+], ids=lambda o: "-".join(str(o[k]) for k in ("optimizer", "schedule", "dtype")) +
+   ("-warmup" if o.get("warmup_steps") else ""))
+def test_kill_9_and_resume_ends_bit_identical(options, tmp_path):
+    """A training process killed (SIGKILL) at step 25 of 30, then resumed in a new
+    process, ends with the model, history and summary of an uninterrupted run."""
+    options = {**SMALL, **options}
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train_generated(options, straight, resume=False)  # in this process
+    killed = _child(options, run, "new", fault="step:25")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (run / runs.SUMMARY_FILE).exists()
+    assert runs.load_checkpoint(run).step == 20  # the end of epoch 2: at most an epoch lost
+    resumed = _child(options, run, "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_model(run, straight)

@@ -87,9 +87,12 @@ def test_klayer_train_on_a_folder_in_use_is_one_line(holder, data, monkeypatch, 
     from klayer.cli import main
 
     proc, folder = holder
-    monkeypatch.setattr("klayer.data.load_cifar10", lambda *args, **kwargs: data)
+    loaded = []  # the generated data stands in for CIFAR-10 (klayer train calls load_data)
+    monkeypatch.setattr("klayer.data.load_data",
+                        lambda *args, **kwargs: loaded.append(1) or data)
     assert main(["train", "--hidden", "8", "--n-s", "5", "--cycles", "1", "--batch-size", "20",
                  "--out", str(folder), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err == (f"klayer train: error: run folder {folder} is in use by process {proc.pid} "
                    "(klayer train); wait for it or use another --out\n")
+    assert loaded == [1]

@@ -151,6 +151,7 @@ if os.environ.get("KLAYER_TEST_PROBE"):
 """
 
 
+@pytest.mark.cifar
 def test_two_workers_give_the_same_results_as_one(random_spec, one_worker, tmp_path,
                                                   monkeypatch):
     import klayer
@@ -188,6 +189,7 @@ def test_pool_workers_share_the_cores_for_blas():
     assert isinstance(make_executor(2), PoolExecutor) and make_executor(2).pool is None
 
 
+@pytest.mark.cifar
 def test_failing_trials_are_recorded_and_the_search_goes_on(cifar_dir, tmp_path):
     doc = tiny(cifar_dir, {"eta_max": {"choice": [0.05, 1e4, -1.0]}}, save_runs=True)
     doc.update(dtype="float32", n_s=20)  # η_max = 1e4 overflows float32 within 20 steps
@@ -218,6 +220,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(cifar_dir, tmp_path)
     assert again.rows[:3] == result.rows  # the first trials are kept as they were
 
 
+@pytest.mark.cifar
 def test_a_worker_killed_mid_trial_fails_it_and_a_rerun_finishes(cifar_dir, tmp_path,
                                                                   monkeypatch):
     """A worker process that dies (here: the test hook kills it at step 3, in every
@@ -234,6 +237,7 @@ def test_a_worker_killed_mid_trial_fails_it_and_a_rerun_finishes(cifar_dir, tmp_
         assert (Path(row["run_dir"]) / "summary.json").is_file()
 
 
+@pytest.mark.cifar
 def test_the_run_folder_of_an_interrupted_trial_is_removed(cifar_dir, tmp_path):
     from klayer.search.studies import open_storage, open_study
 
@@ -251,6 +255,7 @@ def test_the_run_folder_of_an_interrupted_trial_is_removed(cifar_dir, tmp_path):
     assert (Path(result.rows[1]["run_dir"]) / "summary.json").is_file()
 
 
+@pytest.mark.cifar
 def test_coarse_to_fine_then_nothing_left_to_rerun(cifar_dir, tmp_path):
     doc = tiny(cifar_dir, {"lam": {"log_uniform": [1e-4, 1e-1], "grid": 3}},
                method="coarse-to-fine", fine_trials=2)
@@ -268,6 +273,7 @@ def test_coarse_to_fine_then_nothing_left_to_rerun(cifar_dir, tmp_path):
     assert (tmp_path / "lambda_search.png").stat().st_size > 0
 
 
+@pytest.mark.cifar
 def test_a_study_of_another_search_is_not_mixed_in(cifar_dir, tmp_path):
     run_search(parse_search(tiny(cifar_dir, {"lam": {"choice": [0.01]}})), tmp_path)
     other = parse_search(tiny(cifar_dir, {"lam": {"choice": [0.02]}}))
@@ -275,6 +281,7 @@ def test_a_study_of_another_search_is_not_mixed_in(cifar_dir, tmp_path):
         run_search(other, tmp_path)
 
 
+@pytest.mark.cifar
 def test_command_line(cifar_dir, tmp_path, capsys):
     flags = ["search", "--out", str(tmp_path), "--lambda-range", "1e-4,1e-1", "--grid", "2",
              "--batch-norm", "on", "--hidden", "8", "--n-s", "10", "--cycles", "1",
@@ -288,6 +295,8 @@ def test_command_line(cifar_dir, tmp_path, capsys):
     assert "set by a flag and searched" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.cifar
 def test_resume_after_sigkill_keeps_finished_trials(cifar_dir, tmp_path):
     """The search process is killed (SIGKILL, by the test-only KLAYER_FAULT hook) in the
     middle of its 4th trial, after step 5 of 20: exactly three trials are finished and
@@ -351,6 +360,7 @@ def _trials(out: Path, polling: bool = False):
         raise
 
 
+@pytest.mark.cifar
 def test_the_new_training_options_are_searchable(cifar_dir, tmp_path, capsys):
     """Dropout, the normalization's position, augmentation and label smoothing are
     search dimensions like λ; the flags of klayer train set them in the base config."""

@@ -133,6 +133,8 @@ def searches(cifar_dir, tmp_path_factory):
 # --- every extended option is a search dimension ------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.cifar
 @pytest.mark.parametrize("option", DIMENSIONS)
 def test_option_is_a_search_dimension(searches, option):
     """Both values of the option trained (COMPLETE trials), trials.csv shows them, and
@@ -154,6 +156,8 @@ def test_option_is_a_search_dimension(searches, option):
                    == (10, 10) for r in complete)
 
 
+@pytest.mark.slow
+@pytest.mark.cifar
 def test_precise_bn_trial_recomputes_the_statistics(searches):
     """precise_bn = 2 keeps the moving-average results beside the PreciseBN ones."""
     for row in searches["precise_bn"].complete():
@@ -164,6 +168,8 @@ def test_precise_bn_trial_recomputes_the_statistics(searches):
 # --- objective: final or best -------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.cifar
 def test_objective_best_and_final_on_the_same_trials(searches):
     best, final = searches["dropout"], searches["dropout_final"]
     assert "objective = validation accuracy (best over the history points)" in \
@@ -188,6 +194,8 @@ def test_objective_best_and_final_on_the_same_trials(searches):
     assert differ, "no trial's best history point beat its final one: nothing was tested"
 
 
+@pytest.mark.slow
+@pytest.mark.cifar
 def test_objective_picks_best_toml(searches):
     """best.toml is the trial with the highest objective."""
     for search in (searches["dropout"], searches["dropout_final"]):
@@ -199,6 +207,8 @@ def test_objective_picks_best_toml(searches):
 # --- TPE ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.cifar
 def test_tpe_random_search_runs_n_trials_reproducibly(searches):
     a, b, c = searches["tpe_a"], searches["tpe_b"], searches["tpe_c"]
     for search in (a, b, c):
@@ -219,6 +229,8 @@ def test_tpe_random_search_runs_n_trials_reproducibly(searches):
 # --- invalid combinations ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.cifar
 @pytest.mark.parametrize("name", PAIRS)
 def test_invalid_combination_is_a_failed_trial_with_its_reason(searches, name):
     space, bad, reason = PAIRS[name]
@@ -238,6 +250,8 @@ def test_invalid_combination_is_a_failed_trial_with_its_reason(searches, name):
     assert (search.out / "best.toml").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.cifar
 def test_search_where_no_trial_can_run(searches):
     search = searches["all_bad"]
     assert search.status != 0

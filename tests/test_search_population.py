@@ -102,6 +102,7 @@ def _config(row) -> TrainConfig:
     return runs.read_config(row["run_dir"]).replace(out=None)
 
 
+@pytest.mark.cifar
 def test_a_search_trains_populations_and_each_trial_is_its_member(spec, one_worker):
     rows = one_worker.rows
     assert [r["state"] for r in rows] == ["COMPLETE"] * 6
@@ -134,6 +135,7 @@ def test_a_search_trains_populations_and_each_trial_is_its_member(spec, one_work
     assert [int(r["population"]) for r in table] == [r["population"] for r in rows]
 
 
+@pytest.mark.cifar
 def test_two_workers_make_the_same_populations_and_results(spec, one_worker, tmp_path):
     two = run_search(spec, tmp_path, workers=2, blas_threads=1)
     keys = ("trial", "lam", "label_smoothing", "seed", "population", "val_accuracy",
@@ -144,6 +146,7 @@ def test_two_workers_make_the_same_populations_and_results(spec, one_worker, tmp
         assert (Path(row["run_dir"]) / runs.MODEL_FILE).is_file()
 
 
+@pytest.mark.cifar
 def test_no_population_trains_every_trial_alone(cifar_dir, tmp_path, capsys):
     flags = ["search", "--out", str(tmp_path), "--lambda-range", "1e-4,1e-1", "--grid", "3",
              "--batch-norm", "on", "--hidden", "8", "--n-s", "5", "--cycles", "1",
@@ -168,6 +171,7 @@ def test_no_population_trains_every_trial_alone(cifar_dir, tmp_path, capsys):
     assert "--population-size" in capsys.readouterr().err
 
 
+@pytest.mark.cifar
 def test_a_diverging_member_fails_and_the_others_complete(cifar_dir, tmp_path):
     doc = tiny(cifar_dir, {"eta_max": {"choice": [0.05, 1e4, 0.02]}})
     doc.update(dtype="float32", n_s=20, batch_norm=False)  # η_max = 1e4 overflows float32
@@ -193,6 +197,7 @@ def test_a_diverging_member_fails_and_the_others_complete(cifar_dir, tmp_path):
             assert row["val_accuracy"] == member.final["val_accuracy"]
 
 
+@pytest.mark.cifar
 def test_a_search_killed_in_a_population_runs_that_population_again(cifar_dir, tmp_path):
     """Four trials in two populations of two, trained in the search's own process; the
     test-only KLAYER_FAULT hook kills it (SIGKILL) at step 5 of the second population:

@@ -138,6 +138,8 @@ TINY = study.Budget("tiny", subset=1000, n_s=10, n_s_search=5, cycles_final=1, f
                     gradcheck_dims=4, gradcheck_samples=3, gradcheck_hidden_9=(6, 5))
 
 
+@pytest.mark.slow
+@pytest.mark.cifar
 def test_the_study_submits_the_critical_path_first_and_reuses_everything_again(
         cifar_dir, tmp_path, monkeypatch):
     out = tmp_path / "study"

@@ -373,6 +373,7 @@ def test_whiten_components_beyond_the_row_are_refused(data):
         train(SMALL.replace(whiten="pca", whiten_components=30), data)
 
 
+@pytest.mark.slow
 @pytest.mark.cifar
 def test_lever_flags_train_and_evaluate_with_tta(cifar_dir, tmp_path, capsys):
     """The lever flags reach the run; the saved model has the whitening folded in, so

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from klayer.nn.errors import UserError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -58,8 +60,8 @@ def run(args) -> int:
         config = config.replace(data_dir=str(args.data_dir))
     dataset, X, y, split = _test_split(net, standardizer, config, args.data_dir)
     if args.tta and X.shape[1] != 3072:
-        raise ValueError(f"--tta averages over mirrored CIFAR-10 images (3072 values), but "
-                         f"this model takes {X.shape[1]}; leave --tta out")
+        raise UserError(f"--tta averages over mirrored CIFAR-10 images (3072 values), but "
+                        f"this model takes {X.shape[1]}; leave --tta out")
     class_names = list(class_names or D.CLASS_NAMES)
     print(f"test split: {split}")
 
@@ -112,9 +114,9 @@ def _test_split(net, standardizer, config, data_dir):
     dataset = D.load_data(config)
     if not (np.allclose(dataset.standardizer.mean, standardizer.mean)
             and np.allclose(dataset.standardizer.std, standardizer.std)):
-        raise ValueError("the training images found now are not those the model was "
-                         "trained on (their statistics differ); point --data-dir at the "
-                         "run's data")
+        raise UserError("the training images found now are not those the model was "
+                        "trained on (their statistics differ); point --data-dir at the "
+                        "run's data")
     n = len(dataset.y_test)
     if n < D.IMAGES_PER_BATCH:
         what = f"{n:,} images (subset {config.subset} of the run's config)"
@@ -128,16 +130,16 @@ def _other_statistics(args, net, X, y, config, run_dir, dataset) -> None:
     from klayer.levers.bn_stats import population_statistics, use_statistics
 
     if not net.batch_norm:
-        raise ValueError("--precise-bn and --adaptive-bn recompute batch-norm statistics, but "
-                         "this network has no batch norm")
+        raise UserError("--precise-bn and --adaptive-bn recompute batch-norm statistics, but "
+                        "this network has no batch norm")
     batch = config.batch_size if config else 100
     saved = dict(net.buffers)
     moving = net.evaluate(X, y)["accuracy"]
     print(f"batch-norm statistics (test accuracy): {_saved_statistics(config)} {moving:.2%}")
     if args.precise_bn is not None:
         if config is None:
-            raise ValueError(f"--precise-bn needs the run's config.toml (in {run_dir}) to know "
-                             "its training images; evaluate the run folder, not a copied model")
+            raise UserError(f"--precise-bn needs the run's config.toml (in {run_dir}) to know "
+                            "its training images; evaluate the run folder, not a copied model")
         X_train = dataset.X_train.astype(net.dtype, copy=False)
         use_statistics(net, population_statistics(net, X_train, batch, args.precise_bn,
                                                   seed=config.seed))

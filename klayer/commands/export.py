@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from klayer.nn.errors import UserError
+
 FORMATS = {"onnx": "model.onnx", "torch": "model.pt"}
 
 
@@ -44,14 +46,14 @@ def run(args) -> int:
     run_dir = args.run if args.run.is_dir() else args.run.parent
     out = args.out or run_dir / FORMATS[args.format]
     if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the file to write, e.g. "
-                         f"{out / FORMATS[args.format]}")
+        raise UserError(f"--out {out} is a folder; give the file to write, e.g. "
+                        f"{out / FORMATS[args.format]}")
     if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: folder {out.parent} does not exist; create it first")
+        raise UserError(f"--out {out}: folder {out.parent} does not exist; create it first")
     if args.format == "torch" and (args.input_layout, args.input_dtype) != ("planes",
                                                                             "float32"):
-        raise ValueError("--input-layout and --input-dtype apply to --format onnx; the "
-                         "PyTorch model takes float32 (n, 3072) pixels")
+        raise UserError("--input-layout and --input-dtype apply to --format onnx; the "
+                        "PyTorch model takes float32 (n, 3072) pixels")
     model = klayer.load_model(args.run)
     net, standardizer, class_names = model.network, model.standardizer, model.class_names
     config = runs.read_config(run_dir) if (run_dir / runs.CONFIG_FILE).exists() else None
@@ -60,8 +62,8 @@ def run(args) -> int:
         try:
             import onnx  # noqa: F401
         except ImportError:
-            raise ValueError('--format onnx needs the onnx package: pip install '
-                             '"klayer[onnx]" (or pip install onnx)') from None
+            raise UserError('--format onnx needs the onnx package: pip install '
+                            '"klayer[onnx]" (or pip install onnx)') from None
         proto = export.onnx_model(net, standardizer, class_names,
                                   input_layout=args.input_layout, input_dtype=args.input_dtype,
                                   config_hash=config.config_hash() if config else None)
@@ -73,7 +75,7 @@ def run(args) -> int:
         try:
             import torch
         except ImportError:
-            raise ValueError("--format torch needs PyTorch: pip install torch==2.13.0") from None
+            raise UserError("--format torch needs PyTorch: pip install torch==2.13.0") from None
         state = {k: torch.from_numpy(v.copy())
                  for k, v in export.torch_state_dict(net, standardizer).items()}
         buf = io.BytesIO()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from klayer.nn.errors import UserError
+
 SIZE = 32
 MAX_SIDE = 4096  # the largest image --resize accepts (a 4096x4096 RGB image is 48 MB)
 
@@ -30,7 +32,7 @@ def run(args) -> int:
     import klayer
 
     if args.top < 1:
-        raise ValueError(f"--top must be at least 1, got {args.top}")
+        raise UserError(f"--top must be at least 1, got {args.top}")
     model = klayer.load_model(args.run)
     class_names = model.class_names
     pixels = np.stack([read_image(path, args.resize) for path in args.images])
@@ -54,18 +56,18 @@ def read_image(path: Path, resize: bool = False) -> np.ndarray:
     with _open_image(path) as image:
         width, height = image.size  # from the header: nothing decoded yet
         if (width, height) != (SIZE, SIZE) and not resize:
-            raise ValueError(f"{path} is {width}x{height} pixels; the model takes "
-                             f"{SIZE}x{SIZE} images (pass --resize to scale it)")
+            raise UserError(f"{path} is {width}x{height} pixels; the model takes "
+                            f"{SIZE}x{SIZE} images (pass --resize to scale it)")
         if width > MAX_SIDE or height > MAX_SIDE:
-            raise ValueError(f"{path} is {width}x{height} pixels, more than --resize accepts "
-                             f"({MAX_SIDE}x{MAX_SIDE}): scale it down first")
+            raise UserError(f"{path} is {width}x{height} pixels, more than --resize accepts "
+                            f"({MAX_SIDE}x{MAX_SIDE}): scale it down first")
         if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
-            raise ValueError(f"{path} is a grayscale image (mode {image.mode}); klayer "
-                             "classifies RGB images: convert it to RGB first")
+            raise UserError(f"{path} is a grayscale image (mode {image.mode}); klayer "
+                            "classifies RGB images: convert it to RGB first")
         try:
             image.load()
         except (OSError, SyntaxError, ValueError, zlib.error) as exc:  # what decoders raise
-            raise ValueError(f"{path}: the image data is corrupt or truncated ({exc})") from None
+            raise UserError(f"{path}: the image data is corrupt or truncated ({exc})") from None
         image = image.convert("RGB")
     if image.size != (SIZE, SIZE):
         image = image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
@@ -76,7 +78,7 @@ def read_image(path: Path, resize: bool = False) -> np.ndarray:
 
 def _open_image(path: Path):
     """PIL's lazy open (reads the header only), with its decompression-bomb warning made
-    an error and every failure a one-line ValueError or FileNotFoundError."""
+    an error and every failure a one-line UserError or FileNotFoundError."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -86,8 +88,8 @@ def _open_image(path: Path):
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ValueError(f"{path} is refused: too many pixels to decode safely ({exc}); "
-                         f"klayer takes {SIZE}x{SIZE} images, or up to {MAX_SIDE}x{MAX_SIDE} "
-                         "with --resize") from None
+        raise UserError(f"{path} is refused: too many pixels to decode safely ({exc}); "
+                        f"klayer takes {SIZE}x{SIZE} images, or up to {MAX_SIDE}x{MAX_SIDE} "
+                        "with --resize") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{path} is not an image file Pillow can read ({exc})") from None
+        raise UserError(f"{path} is not an image file Pillow can read ({exc})") from None

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from klayer.nn.checks import DTYPES
+from klayer.nn.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -38,9 +39,9 @@ def run(args) -> int:
     from klayer.data import ensure_cifar10
 
     if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
+        raise UserError("--workers must be at least 1")
     if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file; give a folder for the reproduction")
+        raise UserError(f"--out {args.out} is a file; give a folder for the reproduction")
     data_dir = str(ensure_cifar10(args.data_dir, download=True, progress=not args.quiet))
     with runs.folder_lock(args.out, "klayer reproduce", kind="reproduction folder"):
         return _reproduce(args, data_dir)

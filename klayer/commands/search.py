@@ -15,7 +15,7 @@ from pathlib import Path
 
 from klayer import memory
 from klayer.nn import checks
-from klayer.cli import UserError
+from klayer.nn.errors import UserError
 from klayer.config import add_option_flags, flags_given
 from klayer.search import METHODS, OBJECTIVES, SAMPLERS
 

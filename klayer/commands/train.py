@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from klayer import memory
-from klayer.cli import UserError
+from klayer.nn.errors import UserError
 from klayer.config import TrainConfig, add_option_flags, flag_name, flags_given
 
 RESUMABLE_OPTIONS = {"data_dir"}  # where the data is may change between sessions

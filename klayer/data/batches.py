@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from klayer.nn.errors import UserError
+
 CLASS_NAMES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
 )
@@ -41,7 +43,7 @@ PY_FOLDER = "cifar-10-batches-py"
 BIN_FOLDER = "cifar-10-batches-bin"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The CIFAR-10 files are missing, incomplete, corrupt or not what they claim to be."""
 
 

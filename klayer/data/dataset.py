@@ -18,6 +18,7 @@ from klayer.data.batches import (
 )
 from klayer.data.locate import ensure_cifar10
 from klayer.data.standardize import Standardizer
+from klayer.nn.errors import UserError
 
 PROTOCOLS = ("full", "single")
 TRAIN_IMAGES = len(TRAIN_BATCHES) * IMAGES_PER_BATCH
@@ -141,5 +142,5 @@ def cifar_problem(dims: int, samples: int, data_dir=None):
     data = load_cifar10(data_dir, protocol="single", subset=max(samples, 100),
                         dtype="float64", download=False)
     if not 1 <= dims <= data.input_size:
-        raise ValueError(f"dims must be in [1, {data.input_size}] for CIFAR-10, got {dims}")
+        raise UserError(f"dims must be in [1, {data.input_size}] for CIFAR-10, got {dims}")
     return data.X_train[:samples, :dims].copy(), data.y_train[:samples].copy()

@@ -13,6 +13,7 @@ import numpy as np
 
 from klayer.nn import checks
 from klayer.data.batches import NUM_CLASSES
+from klayer.nn.errors import UserError
 
 CHUNK_ROWS = 64  # rows per chunk in the statistics and transform loops (<= 1.5 MB: in cache)
 
@@ -53,14 +54,14 @@ class Standardizer:
         self.mean = np.asarray(self.mean, np.float64)
         self.std = np.asarray(self.std, np.float64)
         if self.mean.ndim != 1 or self.mean.shape != self.std.shape:
-            raise ValueError(
+            raise UserError(
                 f"mean and std must be 1-D of equal length, got {self.mean.shape} and "
                 f"{self.std.shape}"
             )
         if not (np.all(np.isfinite(self.mean)) and np.all(np.isfinite(self.std))):
-            raise ValueError("mean and std must be finite")
+            raise UserError("mean and std must be finite")
         if np.any(self.std < 0):
-            raise ValueError("std must be >= 0")
+            raise UserError("std must be >= 0")
 
     @classmethod
     def fit(cls, X) -> Standardizer:
@@ -70,7 +71,7 @@ class Standardizer:
         n = sum(len(p) for p in parts)
         if n == 0 or any(p.ndim != 2 or p.shape[1] != parts[0].shape[1] for p in parts):
             shapes = [p.shape for p in parts]
-            raise ValueError(f"fit needs non-empty (n, d) pixel arrays, got shapes {shapes}")
+            raise UserError(f"fit needs non-empty (n, d) pixel arrays, got shapes {shapes}")
         s1, s2 = pixel_sums(parts)
         mean = s1 / (n * 255.0)
         var = np.maximum(s2 / (n * 255.0**2) - mean**2, 0.0)
@@ -92,7 +93,7 @@ class Standardizer:
             parts, shape = [X.reshape(-1, d) if X.shape[-1:] == (d,) else X], X.shape
         for p in parts:
             if p.ndim != 2 or p.shape[1] != d:
-                raise ValueError(f"X has shape {p.shape}, expected (n, {d})")
+                raise UserError(f"X has shape {p.shape}, expected (n, {d})")
         std = np.where(self.std > 0, self.std, 1.0)
         scale = (1.0 / (255.0 * std)).astype(dt)
         shift = (self.mean / std).astype(dt)
@@ -122,9 +123,9 @@ def one_hot(y, num_classes: int = NUM_CLASSES, dtype="float64") -> np.ndarray:
     """y: (n,) integers in 0..num_classes-1 -> (n, num_classes) one-hot array."""
     y = np.asarray(y)
     if y.ndim != 1 or (y.size and y.dtype.kind not in "iu"):
-        raise ValueError(f"y must be a 1-D integer array, got {y.dtype} {y.shape}")
+        raise UserError(f"y must be a 1-D integer array, got {y.dtype} {y.shape}")
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels must be in 0..{num_classes - 1}")
+        raise UserError(f"labels must be in 0..{num_classes - 1}")
     Y = np.zeros((y.size, num_classes), dtype)
     Y[np.arange(y.size), y] = 1
     return Y

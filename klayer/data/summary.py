@@ -7,6 +7,7 @@ import numpy as np
 from klayer.data.batches import BATCH_NAMES, CLASS_NAMES, NUM_CLASSES, TEST_BATCH, TRAIN_BATCHES
 from klayer.data.dataset import Dataset
 from klayer.data.standardize import CHUNK_ROWS, Standardizer, pixel_sums
+from klayer.nn.errors import UserError
 
 
 def _split_summary(y: np.ndarray, s1: np.ndarray, s2: np.ndarray, n: int) -> dict:
@@ -62,7 +63,7 @@ def describe(data) -> dict:
         return {"class_names": list(data.class_names), "splits": splits}
     missing = [n for n in BATCH_NAMES if n not in data]
     if missing:
-        raise ValueError(f"describe needs all six batches, missing {missing}")
+        raise UserError(f"describe needs all six batches, missing {missing}")
     train_y = np.concatenate([data[n][1] for n in TRAIN_BATCHES])
     s1, s2 = pixel_sums([data[n][0] for n in TRAIN_BATCHES])
     return {

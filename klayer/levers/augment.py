@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from klayer.nn.errors import UserError
+
 IMAGE_SHAPE = (3, 32, 32)
 PAD_MODES = ("mean", "reflect", "edge")
 
@@ -47,8 +49,8 @@ def mirror(X, image_shape=IMAGE_SHAPE) -> np.ndarray:
     X = np.asarray(X)
     size = int(np.prod(image_shape))
     if X.ndim != 2 or X.shape[1] != size:
-        raise ValueError(f"mirroring works on images of shape {tuple(image_shape)}: X must be "
-                         f"(n, {size}), got {X.shape}")
+        raise UserError(f"mirroring works on images of shape {tuple(image_shape)}: X must be "
+                        f"(n, {size}), got {X.shape}")
     n = len(X)
     return np.ascontiguousarray(mirror_images(X.reshape(n, *image_shape))).reshape(n, size)
 
@@ -64,12 +66,12 @@ class Augmentation:
     def __post_init__(self):
         if isinstance(self.translate, bool) or not isinstance(self.translate, (int, np.integer)) \
                 or not 0 <= self.translate < min(self.image_shape[1:]):
-            raise ValueError(f"translate must be a whole number of pixels in "
-                             f"[0, {min(self.image_shape[1:])}), got {self.translate!r}")
+            raise UserError(f"translate must be a whole number of pixels in "
+                            f"[0, {min(self.image_shape[1:])}), got {self.translate!r}")
         if not 0 <= self.jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {self.jitter!r}")
+            raise UserError(f"jitter must be in [0, 1), got {self.jitter!r}")
         if self.pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
+            raise UserError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
 
     @property
     def active(self) -> bool:
@@ -91,8 +93,8 @@ class Augmentation:
         """Augmented copy of X: (n, C·H·W); draws from ``rng`` in a fixed order."""
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.input_size:
-            raise ValueError(f"augmentation works on images of shape {self.image_shape}: X "
-                             f"must be (n, {self.input_size}), got {X.shape}")
+            raise UserError(f"augmentation works on images of shape {self.image_shape}: X "
+                            f"must be (n, {self.input_size}), got {X.shape}")
         if not self.active:
             return X.copy()
         n = len(X)
@@ -155,8 +157,8 @@ class Mixing:
             alpha = getattr(self, name)
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) \
                     or not (alpha >= 0 and np.isfinite(alpha)):
-                raise ValueError(f"{name} must be a Beta parameter α >= 0 (0: off), "
-                                 f"got {alpha!r}")
+                raise UserError(f"{name} must be a Beta parameter α >= 0 (0: off), "
+                                f"got {alpha!r}")
 
     @property
     def active(self) -> bool:
@@ -177,10 +179,10 @@ class Mixing:
         X, y = np.asarray(X), np.asarray(y)
         size = int(np.prod(self.image_shape))
         if X.ndim != 2 or X.shape[1] != size:
-            raise ValueError(f"mixing works on images of shape {self.image_shape}: X must be "
-                             f"(n, {size}), got {X.shape}")
+            raise UserError(f"mixing works on images of shape {self.image_shape}: X must be "
+                            f"(n, {size}), got {X.shape}")
         if y.shape != (len(X),):
-            raise ValueError(f"y must hold one label per row of X ({len(X)}), got {y.shape}")
+            raise UserError(f"y must hold one label per row of X ({len(X)}), got {y.shape}")
         n = len(X)
         if not self.active:
             return X.copy(), y.copy(), y.copy(), np.ones(n)
@@ -237,16 +239,16 @@ def soft_targets(y_a, y_b, lam, num_classes: int, smoothing: float = 0.0,
     if lam.ndim == 0:
         lam = np.full(y_a.shape, lam)
     if y_a.ndim != 1 or y_b.shape != y_a.shape or np.shape(lam) != y_a.shape:
-        raise ValueError(f"y_a, y_b and lam must be (n,) arrays of one length, got "
-                         f"{y_a.shape}, {y_b.shape} and {np.shape(lam)}")
+        raise UserError(f"y_a, y_b and lam must be (n,) arrays of one length, got "
+                        f"{y_a.shape}, {y_b.shape} and {np.shape(lam)}")
     for name, labels in (("y_a", y_a), ("y_b", y_b)):
         if n and (not np.issubdtype(labels.dtype, np.integer)
                   or labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"{name} must be integer labels in [0, {num_classes})")
+            raise UserError(f"{name} must be integer labels in [0, {num_classes})")
     if n and not (np.all(lam >= 0) and np.all(lam <= 1)):
-        raise ValueError("lam must lie in [0, 1]")
+        raise UserError("lam must lie in [0, 1]")
     if not 0 <= smoothing < 1:
-        raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
+        raise UserError(f"smoothing must be in [0, 1), got {smoothing!r}")
     rows = np.arange(n)
     T = np.zeros((n, num_classes), np.float64)
     T[rows, y_a] += lam

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from klayer.nn.errors import UserError
 from klayer.nn.network import Network
 
 
@@ -34,15 +35,15 @@ def population_statistics(net: Network, X, batch_size: int = 100,
     Returns ``{"running_mean{l}": μ_l, "running_var{l}": v_l}`` in the network's dtype.
     """
     if not net.batch_norm:
-        raise ValueError("population statistics belong to batch norm; this network has none")
+        raise UserError("population statistics belong to batch norm; this network has none")
     X = np.asarray(X)
     if batch_size < 2:
-        raise ValueError(f"batch_size must be at least 2 for batch statistics, got {batch_size}")
+        raise UserError(f"batch_size must be at least 2 for batch statistics, got {batch_size}")
     available = len(X) // batch_size
     if available == 0:
-        raise ValueError(f"X has {len(X)} rows, fewer than one batch of {batch_size}")
+        raise UserError(f"X has {len(X)} rows, fewer than one batch of {batch_size}")
     if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+        raise UserError(f"num_batches must be at least 1, got {num_batches}")
     count = available if num_batches is None else min(num_batches, available)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(X))[:count * batch_size]
@@ -68,8 +69,8 @@ def population_statistics(net: Network, X, batch_size: int = 100,
 def use_statistics(net: Network, buffers: dict) -> dict:
     """Put ``buffers`` into ``net``; return the buffers it had (to put them back)."""
     if set(buffers) != set(net.buffers) and net.running_initialised:
-        raise ValueError(f"statistics for {sorted(buffers)} do not match the network's "
-                         f"{sorted(net.buffers)}")
+        raise UserError(f"statistics for {sorted(buffers)} do not match the network's "
+                        f"{sorted(net.buffers)}")
     old = net.buffers
     net.buffers = {k: np.array(v) for k, v in buffers.items()}
     net.running_initialised = True

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from klayer.levers.bn_stats import population_statistics
+from klayer.nn.errors import UserError
 
 
 class EMA:
@@ -46,7 +47,7 @@ class EMA:
     def __init__(self, decay: float = 0.999, warmup: bool = True):
         if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating)) \
                 or not 0 <= decay < 1:
-            raise ValueError(f"EMA decay must be in [0, 1), e.g. 0.999, got {decay!r}")
+            raise UserError(f"EMA decay must be in [0, 1), e.g. 0.999, got {decay!r}")
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.step = 0  # updates averaged so far
@@ -96,19 +97,19 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         if "step" not in state:
-            raise ValueError("the checkpoint's EMA state has no step count 'step'")
+            raise UserError("the checkpoint's EMA state has no step count 'step'")
         params, buffers = {}, {}
         for key, value in state.items():
             if key == "step":
                 continue
             kind, _, name = key.partition("/")
             if kind not in ("params", "buffers") or not name:
-                raise ValueError(f"unexpected EMA entry {key!r} in the checkpoint")
+                raise UserError(f"unexpected EMA entry {key!r} in the checkpoint")
             (params if kind == "params" else buffers)[name] = np.array(value)
         step = int(state["step"])
         if step < 0 or (step > 0) != bool(params):
-            raise ValueError(f"the checkpoint's EMA state is inconsistent: step {step} "
-                             f"with {len(params)} averaged parameters")
+            raise UserError(f"the checkpoint's EMA state is inconsistent: step {step} "
+                            f"with {len(params)} averaged parameters")
         self.step, self.params, self.buffers, self._scratch = step, params, buffers, {}
 
     # --- evaluation with the averaged weights ---------------------------------------------
@@ -121,7 +122,7 @@ class EMA:
         ``batch_size``, see :func:`klayer.levers.bn_stats.population_statistics`), or, when
         ``bn_data`` is None, the averaged buffers are used."""
         if self.step == 0:
-            raise ValueError("the EMA has no weights yet: call update() after a training step")
+            raise UserError("the EMA has no weights yet: call update() after a training step")
         _check_names("parameters", net.params, self.params)
         previous = (net.params, net.buffers, net.running_initialised)
         net.params = {k: v.copy() for k, v in self.params.items()}
@@ -133,8 +134,8 @@ class EMA:
             elif self.buffers:
                 net.buffers = {k: v.copy() for k, v in self.buffers.items()}
             else:
-                raise ValueError("no averaged batch-norm statistics: pass bn_data (training "
-                                 "rows) to recompute them, or update() with the buffers")
+                raise UserError("no averaged batch-norm statistics: pass bn_data (training "
+                                "rows) to recompute them, or update() with the buffers")
         except Exception:
             self.restore(net, previous)
             raise
@@ -159,5 +160,5 @@ class EMA:
 
 def _check_names(what: str, given: dict, averaged: dict) -> None:
     if given.keys() != averaged.keys():
-        raise ValueError(f"the EMA averages {what} {sorted(averaged)}, but got "
-                         f"{sorted(given)}: it belongs to another network")
+        raise UserError(f"the EMA averages {what} {sorted(averaged)}, but got "
+                        f"{sorted(given)}: it belongs to another network")

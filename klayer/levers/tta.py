@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from klayer.levers.augment import IMAGE_SHAPE, mirror
+from klayer.nn.errors import UserError
 from klayer.nn.layers import softmax
 
 
@@ -31,8 +32,8 @@ def flip_average_scores(net, X, preprocess=None, chunk: int = 2000,
     X = np.asarray(X)
     size = int(np.prod(image_shape))
     if X.ndim != 2 or X.shape[1] != size:
-        raise ValueError(f"flip averaging works on images of shape {tuple(image_shape)}: X "
-                         f"must be (n, {size}), got {X.shape}")
+        raise UserError(f"flip averaging works on images of shape {tuple(image_shape)}: X "
+                        f"must be (n, {size}), got {X.shape}")
     prepare = (lambda A: A) if preprocess is None else preprocess
     parts = []
     for start in range(0, len(X), chunk):
@@ -50,5 +51,5 @@ def flip_average_accuracy(net, X, y, **options) -> float:
     """Accuracy of argmax p̄ against labels y: (n,)."""
     y = np.asarray(y)
     if y.shape != (len(X),):
-        raise ValueError(f"y must hold one label per row of X ({len(X)}), got {y.shape}")
+        raise UserError(f"y must hold one label per row of X ({len(X)}), got {y.shape}")
     return float(np.mean(flip_average_scores(net, X, **options).argmax(axis=1) == y))

@@ -57,6 +57,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klayer.nn.errors import UserError
+
 METHODS = ("zca", "pca")
 FIT_CHUNK = 2048  # rows per float64 chunk of X^T X (2048 × 3072 × 8 B = 50 MB)
 TRANSFORM_CHUNK = 4096
@@ -88,17 +90,17 @@ class Whitening:
         d = self.mean.shape[0] if self.mean.ndim == 1 else -1
         k = d if self.components is None else self.components
         if self.matrix.dtype not in (np.float32, np.float64):
-            raise ValueError(f"the whitening matrix must be float32 or float64, "
-                             f"got {self.matrix.dtype}")
+            raise UserError(f"the whitening matrix must be float32 or float64, "
+                            f"got {self.matrix.dtype}")
         if d < 1 or self.matrix.shape != (d, k) or self.eigenvalues.shape != (d,):
-            raise ValueError(f"whitening arrays do not fit together: mean {self.mean.shape}, "
-                             f"matrix {self.matrix.shape} (want ({d}, {k})), eigenvalues "
-                             f"{self.eigenvalues.shape}")
+            raise UserError(f"whitening arrays do not fit together: mean {self.mean.shape}, "
+                            f"matrix {self.matrix.shape} (want ({d}, {k})), eigenvalues "
+                            f"{self.eigenvalues.shape}")
         if self.method == "zca" and self.components is not None:
-            raise ValueError("ZCA keeps every direction: components must be None")
+            raise UserError("ZCA keeps every direction: components must be None")
         for name in ("mean", "matrix", "eigenvalues"):
             if not np.isfinite(getattr(self, name)).all():
-                raise ValueError(f"the whitening's {name} is not finite")
+                raise UserError(f"the whitening's {name} is not finite")
         self._cast: dict = {}
 
     @property
@@ -124,22 +126,22 @@ class Whitening:
         method, eps = _check_method(method), _check_eps(eps)
         X = np.asarray(X)
         if X.ndim != 2 or len(X) < 2 or not np.issubdtype(X.dtype, np.floating):
-            raise ValueError(f"X must be (n, d) floats with n >= 2 rows, got {X.dtype} {X.shape}")
+            raise UserError(f"X must be (n, d) floats with n >= 2 rows, got {X.dtype} {X.shape}")
         n, d = X.shape
         if components is not None:
             if method == "zca":
-                raise ValueError("components applies to PCA; ZCA keeps every direction")
+                raise UserError("components applies to PCA; ZCA keeps every direction")
             if isinstance(components, bool) or not isinstance(components, (int, np.integer)) \
                     or not 1 <= components <= d:
-                raise ValueError(f"components must be a whole number in [1, {d}], "
-                                 f"got {components!r}")
+                raise UserError(f"components must be a whole number in [1, {d}], "
+                                f"got {components!r}")
             components = int(components)
         mean, cov = _mean_and_covariance(X)
         if symmetry is not None:
             p = np.asarray(symmetry)
             if p.shape != (d,) or not np.array_equal(np.sort(p), np.arange(d)):
-                raise ValueError(f"symmetry must be a permutation of range({d}) (the columns "
-                                 f"of X), got an array of shape {p.shape}")
+                raise UserError(f"symmetry must be a permutation of range({d}) (the columns "
+                                f"of X), got an array of shape {p.shape}")
             second = cov + np.outer(mean, mean)  # E[x x^T], then that of X and X[:, p]
             second = (second + second[np.ix_(p, p)]) / 2
             mean = (mean + mean[p]) / 2
@@ -160,11 +162,11 @@ class Whitening:
         chunk of rows, computed in ``dtype`` (float32: single-precision products)."""
         dt = np.dtype(dtype)
         if dt not in (np.float32, np.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+            raise UserError(f"dtype must be float32 or float64, got {dtype!r}")
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.input_size:
-            raise ValueError(f"X must be (n, {self.input_size}) for this whitening, "
-                             f"got {X.shape}")
+            raise UserError(f"X must be (n, {self.input_size}) for this whitening, "
+                            f"got {X.shape}")
         if dt not in self._cast:
             self._cast[dt] = (self.matrix.astype(dt), (self.mean @ self.matrix).astype(dt))
         M, shift = self._cast[dt]
@@ -176,8 +178,8 @@ class Whitening:
             part -= shift
             # a NaN or ±inf in a row of X makes its whole output row non-finite
             if not np.isfinite(part).all():
-                raise ValueError("X contains NaN or infinite values; clean or re-standardise "
-                                 "the data before whitening")
+                raise UserError("X contains NaN or infinite values; clean or re-standardise "
+                                "the data before whitening")
         return out
 
     def fold_into(self, W, b) -> tuple[np.ndarray, np.ndarray]:
@@ -188,8 +190,8 @@ class Whitening:
         batch-norm statistics stay valid, as s is unchanged."""
         W, b = np.asarray(W), np.asarray(b)
         if W.ndim != 2 or W.shape[1] != self.output_size or b.shape != (W.shape[0],):
-            raise ValueError(f"W must be (m, {self.output_size}) and b (m,) to fold this "
-                             f"whitening in, got {W.shape} and {b.shape}")
+            raise UserError(f"W must be (m, {self.output_size}) and b (m,) to fold this "
+                            f"whitening in, got {W.shape} and {b.shape}")
         folded = W.astype(np.float64) @ self.matrix.T
         shift = b - folded @ self.mean
         return folded.astype(W.dtype), shift.astype(b.dtype)
@@ -208,13 +210,13 @@ class Whitening:
         missing = {"mean", "matrix", "eigenvalues"} - set(arrays) \
             or {"method", "eps", "components"} - set(meta)
         if missing:
-            raise ValueError(f"stored whitening lacks {sorted(missing)}")
+            raise UserError(f"stored whitening lacks {sorted(missing)}")
         components = meta["components"]
         w = cls(meta["method"], meta["eps"], None if components is None else int(components),
                 arrays["mean"], arrays["matrix"], arrays["eigenvalues"])
         for key, value in (("input_size", w.input_size), ("output_size", w.output_size)):
             if key in meta and meta[key] != value:
-                raise ValueError(f"stored whitening says {key} {meta[key]}, its arrays {value}")
+                raise UserError(f"stored whitening says {key} {meta[key]}, its arrays {value}")
         return w
 
 
@@ -227,7 +229,7 @@ def _mean_and_covariance(X) -> tuple[np.ndarray, np.ndarray]:
     for start in range(0, n, FIT_CHUNK):
         part = X[start:start + FIT_CHUNK].astype(np.float64)
         if not np.isfinite(part).all():
-            raise ValueError("X contains NaN or infinite values; whitening needs finite data")
+            raise UserError("X contains NaN or infinite values; whitening needs finite data")
         total += part.sum(axis=0)
         gram += part.T @ part
     mean = total / n
@@ -237,12 +239,12 @@ def _mean_and_covariance(X) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_method(method):
     if method not in METHODS:
-        raise ValueError(f"whitening method must be one of {METHODS}, got {method!r}")
+        raise UserError(f"whitening method must be one of {METHODS}, got {method!r}")
     return method
 
 
 def _check_eps(eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) \
             or not (np.isfinite(eps) and eps > 0):
-        raise ValueError(f"whitening eps must be a finite number > 0 (e.g. 1e-2), got {eps!r}")
+        raise UserError(f"whitening eps must be a finite number > 0 (e.g. 1e-2), got {eps!r}")
     return float(eps)

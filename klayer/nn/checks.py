@@ -23,6 +23,8 @@ import re
 
 import numpy as np
 
+from klayer.nn.errors import UserError
+
 DTYPES = ("float32", "float64")
 
 
@@ -31,7 +33,7 @@ def integer(value, name: str, minimum: int = 1, maximum: int | None = None) -> i
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
             or value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+        raise UserError(f"{name} must be an integer {bound}, got {value!r}")
     return int(value)
 
 
@@ -41,33 +43,33 @@ def number(value, name: str, minimum: float = 0.0, strict: bool = False) -> floa
           and math.isfinite(value) and (value > minimum if strict else value >= minimum))
     if not ok:
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        raise UserError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
 
 
 def fraction(value, name: str) -> float:
     """A probability-like number in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        raise UserError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
 
 
 def boolean(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise UserError(f"{name} must be true or false, got {value!r}")
     return bool(value)
 
 
 def choice(value, name: str, choices) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
     return value
 
 
 def widths(value, name: str) -> tuple[int, ...]:
     """A list of positive layer widths (possibly empty: no hidden layer)."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name} must be a list of positive integers, got {value!r}")
+        raise UserError(f"{name} must be a list of positive integers, got {value!r}")
     return tuple(integer(w, f"{name} entries") for w in value)
 
 
@@ -81,8 +83,8 @@ def parse_widths(text: str, name: str = "hidden_sizes") -> tuple[int, ...]:
         return ()
     parts = [part.strip() for part in text.split(",")]
     if not all(re.fullmatch(r"[0-9]+", part) and int(part) > 0 for part in parts):
-        raise ValueError(f"{name} must be comma-separated positive integers like 50,50 "
-                         f"(empty: no hidden layer), got {text!r}")
+        raise UserError(f"{name} must be comma-separated positive integers like 50,50 "
+                        f"(empty: no hidden layer), got {text!r}")
     return tuple(int(part) for part in parts)
 
 
@@ -106,8 +108,8 @@ def init(value, name: str, inits) -> str | float:
     if not isinstance(value, bool) and isinstance(value, numbers.Real) \
             and math.isfinite(value) and value > 0:
         return float(value)
-    raise ValueError(f"{name} must be one of {', '.join(inits)} or a number σ > 0 "
-                     f"(weights N(0, σ²)), got {value!r}")
+    raise UserError(f"{name} must be one of {', '.join(inits)} or a number σ > 0 "
+                    f"(weights N(0, σ²)), got {value!r}")
 
 
 def dtype(value, name: str = "dtype") -> np.dtype:
@@ -117,7 +119,7 @@ def dtype(value, name: str = "dtype") -> np.dtype:
     except TypeError:
         dt = None
     if dt not in (np.float32, np.float64):
-        raise ValueError(f"{name} must be one of {', '.join(DTYPES)}; got {value!r}")
+        raise UserError(f"{name} must be one of {', '.join(DTYPES)}; got {value!r}")
     return dt
 
 
@@ -128,7 +130,7 @@ def path(value, name: str) -> str | None:
     if hasattr(value, "__fspath__"):
         value = str(value)
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a folder path, got {value!r}")
+        raise UserError(f"{name} must be a folder path, got {value!r}")
     return value
 
 

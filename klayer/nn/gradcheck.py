@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from klayer.nn import layers as L
+from klayer.nn.errors import UserError
 from klayer.nn.network import Network
 
 DEFAULT_H = 1e-5
@@ -45,7 +46,7 @@ def numerical_gradients(cost_fn, params: dict, h: float = DEFAULT_H, names=None,
     must read it.
     """
     if order not in (2, 4):
-        raise ValueError(f"order must be 2 or 4, got {order}")
+        raise UserError(f"order must be 2 or 4, got {order}")
     grads = {}
     for name in names or params:
         theta = params[name]
@@ -130,9 +131,9 @@ def check_gradients(net: Network, X, y, lam: float, h: float = DEFAULT_H,
     function of the parameters, and the check covers the dropout backward pass.
     """
     if net.dtype != np.float64:
-        raise ValueError("gradient checks need a float64 network (dtype='float64')")
+        raise UserError("gradient checks need a float64 network (dtype='float64')")
     if len(X) < 2 and net.batch_norm:
-        raise ValueError("gradient checks with batch norm need at least 2 samples")
+        raise UserError("gradient checks with batch norm need at least 2 samples")
     if masks is None and net.dropout:
         masks = net.dropout_masks(len(X), np.random.default_rng(0))
     analytic = net.loss(X, y, lam, mode="train", masks=masks).grads
@@ -191,8 +192,8 @@ def seed_away_from_kinks(build, X, margin: float = KINK_MARGIN, tries: int = 50)
         masks = net.dropout_masks(len(X), np.random.default_rng(0)) or None
         if relu_margin(net, X, masks) > margin:
             return seed
-    raise ValueError(f"no seed in 0..{tries - 1} keeps the ReLU inputs {margin:g} away from 0 "
-                     "on these inputs; use more samples or narrower layers")
+    raise UserError(f"no seed in 0..{tries - 1} keeps the ReLU inputs {margin:g} away from 0 "
+                    "on these inputs; use more samples or narrower layers")
 
 
 def random_problem(dims: int, samples: int, num_classes: int = 10, seed: int = 0):

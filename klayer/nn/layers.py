@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from klayer.nn.errors import UserError
+
 
 # --- affine ---------------------------------------------------------------------------
 
@@ -91,7 +93,7 @@ def batchnorm_forward(s, gamma, beta, eps, mean=None, var=None):
     if train:
         n = s.shape[-2]
         if n < 2:
-            raise ValueError(
+            raise UserError(
                 "batch norm in train mode needs a batch of at least 2 examples "
                 f"(got {n}); use eval mode or a larger batch"
             )
@@ -186,7 +188,7 @@ def dropout_mask(shape, p, rng, dtype="float64"):
     network unchanged (no mask, no rescaling).
     """
     if not 0 <= p < 1:
-        raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
+        raise UserError(f"dropout probability p must be in [0, 1), got {p}")
     keep = rng.random(shape, dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64)
     return (keep >= p).astype(dtype) * np.asarray(1.0 / (1.0 - p), dtype)
 

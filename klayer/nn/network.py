@@ -25,6 +25,7 @@ import numpy as np
 
 from klayer.nn import checks
 from klayer.nn import layers as L
+from klayer.nn.errors import UserError
 
 MODES = ("train", "eval")
 INITS = ("he", "xavier")
@@ -96,7 +97,7 @@ class Network:
         batch_norm = checks.boolean(batch_norm, "batch_norm")
         self.layer_norm = checks.boolean(layer_norm, "layer_norm")
         if batch_norm and self.layer_norm:
-            raise ValueError("choose batch_norm or layer_norm, not both")
+            raise UserError("choose batch_norm or layer_norm, not both")
         # Without hidden layers there is no layer to normalise: such a network is the
         # same with or without batch norm, and evaluates without moving averages.
         self.batch_norm = batch_norm and bool(self.hidden_sizes)
@@ -313,7 +314,7 @@ class Network:
         (label-smoothed, if ``label_smoothing``) targets. masks: see :meth:`forward`.
         """
         if lam < 0 or not np.isfinite(lam):
-            raise ValueError(f"lam (λ) must be a finite number >= 0, got {lam}")
+            raise UserError(f"lam (λ) must be a finite number >= 0, got {lam}")
         if check:
             y = self._checked_labels(y, len(X))
         if check and masks:
@@ -379,22 +380,22 @@ class Network:
 
     def _checked_input(self, X, mode):
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.input_size:
-            raise ValueError(
+            raise UserError(
                 f"X must have shape (n, {self.input_size}) for this network, got {X.shape}"
             )
         if not np.issubdtype(X.dtype, np.number):
-            raise ValueError(f"X must be numeric, got dtype {X.dtype}")
+            raise UserError(f"X must be numeric, got dtype {X.dtype}")
         # Finiteness is tested in forward, on the first layer's output (_require_finite).
         if self.batch_norm and mode == "train" and X.shape[0] < 2:
-            raise ValueError(
+            raise UserError(
                 f"X has {X.shape[0]} example(s): batch norm in train mode needs a batch "
                 "of at least 2 (use mode='eval' for single examples)"
             )
         if self.batch_norm and mode == "eval" and not self.running_initialised:
-            raise ValueError(
+            raise UserError(
                 "mode='eval' needs batch-norm moving averages, but none have been "
                 "recorded yet: train first (update_running_stats) or use mode='train'"
             )
@@ -404,16 +405,16 @@ class Network:
         want = {l: (n, self.sizes[l]) for l in range(1, self.num_layers)}
         got = {l: np.shape(m) for l, m in masks.items()}
         if got != want:
-            raise ValueError(f"dropout masks must be {want} for this network and batch "
-                             f"(use dropout_masks), got {got}")
+            raise UserError(f"dropout masks must be {want} for this network and batch "
+                            f"(use dropout_masks), got {got}")
 
     def _checked_labels(self, y, n):
         y = np.asarray(y)
         if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"y must be {n} integer labels, got shape {y.shape} dtype {y.dtype}")
+            raise UserError(f"y must be {n} integer labels, got shape {y.shape} dtype {y.dtype}")
         if n and (y.min() < 0 or y.max() >= self.num_classes):
-            raise ValueError(f"labels y must lie in [0, {self.num_classes}), "
-                             f"got range [{y.min()}, {y.max()}]")
+            raise UserError(f"labels y must lie in [0, {self.num_classes}), "
+                            f"got range [{y.min()}, {y.max()}]")
         return y
 
 
@@ -426,4 +427,4 @@ def _require_finite(X, s):
     0.41 s (median of 9, one BLAS thread); testing s (n × m_1) costs next to nothing.
     """
     if not np.isfinite(s).all() and not np.isfinite(X).all():
-        raise ValueError("X contains NaN or infinite values; clean or re-standardise the data")
+        raise UserError("X contains NaN or infinite values; clean or re-standardise the data")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from klayer.nn.errors import UserError
+
 
 def per_member(value, theta):
     """``value`` lined up with the parameter ``theta``: a number stays as it is; one value
@@ -58,7 +60,7 @@ class SGD:
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            raise ValueError(
+            raise UserError(
                 f"SGD keeps no state, but the checkpoint has optimizer entries {sorted(state)}: "
                 "it was written with another optimizer"
             )
@@ -74,7 +76,7 @@ class Momentum:
 
     def __init__(self, momentum: float = 0.9):
         if not np.all((0 <= np.asarray(momentum)) & (np.asarray(momentum) < 1)):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+            raise UserError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
         self.velocity: dict[str, np.ndarray] = {}
         self._scratch: dict[str, np.ndarray] = {}
@@ -103,8 +105,8 @@ class Momentum:
         for key, value in state.items():
             kind, _, name = key.partition("/")
             if kind != "velocity" or not name:
-                raise ValueError(f"unexpected optimizer entry {key!r} for momentum: the "
-                                 "checkpoint was written with another optimizer")
+                raise UserError(f"unexpected optimizer entry {key!r} for momentum: the "
+                                "checkpoint was written with another optimizer")
             self.velocity[name] = np.array(value)
             self._scratch[name] = np.empty_like(self.velocity[name])
 
@@ -157,8 +159,8 @@ class Adam:
 
     def load_state_dict(self, state: dict) -> None:
         if "t" not in state:
-            raise ValueError("the checkpoint's optimizer state has no Adam step count 't': "
-                             "it was written with another optimizer")
+            raise UserError("the checkpoint's optimizer state has no Adam step count 't': "
+                            "it was written with another optimizer")
         self.t = int(state["t"])
         self.m, self.v = {}, {}
         for key, value in state.items():
@@ -166,7 +168,7 @@ class Adam:
                 continue
             kind, _, name = key.partition("/")
             if kind not in ("m", "v") or not name:
-                raise ValueError(f"unexpected optimizer entry {key!r} for Adam")
+                raise UserError(f"unexpected optimizer entry {key!r} for Adam")
             getattr(self, kind)[name] = np.array(value)
 
 
@@ -178,4 +180,4 @@ def make_optimizer(name: str):
     try:
         return OPTIMIZERS[name]()
     except KeyError:
-        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}") from None
+        raise UserError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}") from None

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klayer.nn.errors import UserError
+
 
 @dataclass(frozen=True)
 class ConstantLR:
@@ -124,5 +126,5 @@ def make_schedule(config):
     elif config.schedule == "cosine":
         schedule = CosineLR(config.eta_min, config.eta_max, config.total_steps - warmup)
     else:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+        raise UserError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
     return WarmUp(schedule, warmup) if warmup else schedule

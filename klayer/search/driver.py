@@ -46,6 +46,7 @@ from optuna.trial import TrialState
 
 from klayer import runs
 from klayer.config import TrainConfig
+from klayer.nn.errors import UserError
 from klayer.population import group_configs
 from klayer.search.executors import make_executor
 from klayer.search.results import best_row, config_of, trial_row, write_results, write_tables
@@ -126,7 +127,7 @@ def run_search(spec: SearchSpec, out, workers: int = 1, ray_address: str | None 
             if spec.method == "coarse-to-fine":
                 best = best_trial(studies[0])
                 if best is None:
-                    raise ValueError("no trial of the first round finished; see trials.md")
+                    raise UserError("no trial of the first round finished; see trials.md")
                 rounds.append(spec.fine_round(best.params))
                 studies.append(open_study(storage, rounds[1], spec))
                 _run_round(storage, studies[1], rounds[1], spec, out, executor, emit,

@@ -15,7 +15,9 @@ executor's ``submit(job)`` returns a ``concurrent.futures.Future`` of those numb
   (``ray.put``; the reference is a task argument); klayer's own code travels with the
   job (``runtime_env`` ``py_modules``). The trial trains into a temporary folder on the
   worker and returns the folder's files as bytes; the driver writes them into the run
-  folder under its own output folder. No shared filesystem is needed. A worker process
+  folder under its own output folder. No shared filesystem is needed. The Ray node that
+  ran a trial is recorded as "node" in its numbers (the search table) and its run
+  folder's summary.json (:func:`_ray_trial`). A worker process
   that dies mid-trial is retried by Ray (``RAY_TASK_RETRIES``); after that the trial is
   recorded FAIL and retried by the next run of the search.
 """
@@ -35,6 +37,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from klayer.config import TrainConfig
+from klayer.nn.errors import UserError
 from klayer.search.space import check_int
 
 RAY_TASK_RETRIES = 2  # Ray reruns a trial whose worker process died this many times
@@ -105,6 +108,26 @@ def run_trial(job: dict, data=None) -> dict:
             folder = Path(tmp) / Path(run_dir).name
             numbers = _train(config, data, folder)
             numbers["run_folder"] = read_run_folder(folder)
+    return numbers
+
+
+def _ray_trial(job: dict, data) -> dict:
+    """:func:`run_trial` as a Ray task: its numbers and its run folder's summary.json
+    also name the Ray node it ran on ("node")."""
+    import json
+
+    import ray
+
+    from klayer import runs
+
+    node = ray.get_runtime_context().get_node_id()
+    numbers = run_trial(job, data)
+    for member in numbers.get("members", [numbers]):
+        member["node"] = node
+        files = member.get("run_folder") or {}
+        if runs.SUMMARY_FILE in files:
+            summary = {**json.loads(files[runs.SUMMARY_FILE]), "node": node}
+            files[runs.SUMMARY_FILE] = json.dumps(summary, indent=2).encode() + b"\n"
     return numbers
 
 
@@ -279,13 +302,13 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise ValueError("--ray needs Ray, an optional extra: pip install 'klayer[ray]'") from None
+        raise UserError("--ray needs Ray, an optional extra: pip install 'klayer[ray]'") from None
     return ray
 
 
-def _no_cluster(address: str) -> ValueError:
-    return ValueError(f"--ray {address}: no Ray cluster answers at this address; start one "
-                      "with `ray start --head` and pass its HOST:PORT, or use --ray local")
+def _no_cluster(address: str) -> UserError:
+    return UserError(f"--ray {address}: no Ray cluster answers at this address; start one "
+                     "with `ray start --head` and pass its HOST:PORT, or use --ray local")
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -336,7 +359,7 @@ class RayExecutor:
                 raise _no_cluster(self.address) from None
             self.started = True
         self.task = self.ray.remote(num_cpus=self.blas_threads,
-                                    max_retries=RAY_TASK_RETRIES)(run_trial)
+                                    max_retries=RAY_TASK_RETRIES)(_ray_trial)
 
     @property
     def capacity(self) -> int:

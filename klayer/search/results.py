@@ -24,6 +24,8 @@ def trial_row(trial, rnd: Round, spec: SearchSpec) -> dict:
         row[d.name] = d.decode(trial.params[d.name]) if d.name in trial.params else None
     for key in RESULT_KEYS:
         row[key] = trial.value if key == "val_accuracy" else attrs.get(key)
+    if "node" in attrs:  # the Ray node that ran it (searches on Ray)
+        row["node"] = attrs["node"]
     return row
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from klayer.config import TrainConfig
+from klayer.nn.errors import UserError
 
 METHODS = ("grid", "random", "coarse-to-fine")
 SAMPLERS = ("random", "tpe")
@@ -83,8 +84,8 @@ class Dimension:
         if self.kind == "choice":
             return [_encode(c) for c in self.choices]
         if self.grid is None:
-            raise ValueError(f"search.space.{self.name}: a grid search needs `grid = N` "
-                             "for a range")
+            raise UserError(f"search.space.{self.name}: a grid search needs `grid = N` "
+                            "for a range")
         if self.kind == "log_uniform":
             return log_grid(self.low, self.high, self.grid)
         points = np.linspace(self.low, self.high, self.grid)
@@ -107,7 +108,7 @@ class Dimension:
             for choice in self.choices:
                 if _encode(choice) == value:
                     return choice
-            raise ValueError(f"search.space.{self.name}: {value!r} is not one of the choices")
+            raise UserError(f"search.space.{self.name}: {value!r} is not one of the choices")
         return int(value) if self.kind == "int_uniform" else float(value)
 
     def narrowed(self, best, width: float) -> "Dimension":
@@ -116,7 +117,7 @@ class Dimension:
         if self.kind == "choice":
             return Dimension(self.name, "choice", choices=(self.decode(best),))
         if self.grid is None:
-            raise ValueError(f"search.space.{self.name}: coarse-to-fine needs `grid = N`")
+            raise UserError(f"search.space.{self.name}: coarse-to-fine needs `grid = N`")
         if self.kind == "log_uniform":
             step = width * (math.log10(self.high) - math.log10(self.low)) / (self.grid - 1)
             low, high = best * 10.0 ** -step, best * 10.0 ** step
@@ -145,33 +146,33 @@ def parse_dimension(name: str, entry) -> Dimension:
     where = f"search.space.{name}"
     searchable = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SEARCHABLE]
     if name not in searchable:
-        raise ValueError(f"{where}: not a searchable training option; choose from "
-                         f"{', '.join(searchable)}")
+        raise UserError(f"{where}: not a searchable training option; choose from "
+                        f"{', '.join(searchable)}")
     if not isinstance(entry, dict):
-        raise ValueError(f"{where} must be a table like {{ log_uniform = [1e-5, 1e-1], grid = 8 }}")
+        raise UserError(f"{where} must be a table like {{ log_uniform = [1e-5, 1e-1], grid = 8 }}")
     kinds = [k for k in KINDS if k in entry]
     unknown = sorted(set(entry) - set(KINDS) - {"grid"})
     if len(kinds) != 1 or unknown:
-        raise ValueError(f"{where} needs exactly one of {', '.join(KINDS)} (and optionally "
-                         f"grid = N), got keys {', '.join(sorted(entry))}")
+        raise UserError(f"{where} needs exactly one of {', '.join(KINDS)} (and optionally "
+                        f"grid = N), got keys {', '.join(sorted(entry))}")
     kind, value, grid = kinds[0], entry[kinds[0]], entry.get("grid")
     if kind == "choice":
         if grid is not None:
-            raise ValueError(f"{where}: grid applies to ranges; a choice is searched in full")
+            raise UserError(f"{where}: grid applies to ranges; a choice is searched in full")
         if not isinstance(value, list) or not value:
-            raise ValueError(f"{where}: choice must be a non-empty list")
+            raise UserError(f"{where}: choice must be a non-empty list")
         return Dimension(name, kind, choices=tuple(value))
     numbers = isinstance(value, list) and len(value) == 2 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         for v in value)
     if not numbers or not value[0] < value[1]:
-        raise ValueError(f"{where}: {kind} must be [low, high] with low < high, got {value!r}")
+        raise UserError(f"{where}: {kind} must be [low, high] with low < high, got {value!r}")
     if kind == "log_uniform" and value[0] <= 0:
-        raise ValueError(f"{where}: log_uniform needs low > 0, got {value[0]!r}")
+        raise UserError(f"{where}: log_uniform needs low > 0, got {value[0]!r}")
     if kind == "int_uniform" and not all(isinstance(v, int) for v in value):
-        raise ValueError(f"{where}: int_uniform needs integer bounds, got {value!r}")
+        raise UserError(f"{where}: int_uniform needs integer bounds, got {value!r}")
     if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 2):
-        raise ValueError(f"{where}: grid must be an integer >= 2, got {grid!r}")
+        raise UserError(f"{where}: grid must be an integer >= 2, got {grid!r}")
     low, high = (int(v) for v in value) if kind == "int_uniform" else (float(v) for v in value)
     return Dimension(name, kind, low, high, grid)
 
@@ -205,29 +206,29 @@ class SearchSpec:
         object.__setattr__(self, "space", tuple(self.space))
         names = [d.name for d in self.space]
         if not names:
-            raise ValueError("search: the space is empty; add [search.space.<option>] entries")
+            raise UserError("search: the space is empty; add [search.space.<option>] entries")
         if len(set(names)) != len(names):
-            raise ValueError(f"search: an option appears twice in the space: {names}")
+            raise UserError(f"search: an option appears twice in the space: {names}")
         for key, allowed in (("method", METHODS), ("sampler", SAMPLERS),
                              ("objective", OBJECTIVES)):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"search: {key} must be one of {', '.join(allowed)}, "
-                                 f"got {getattr(self, key)!r}")
+                raise UserError(f"search: {key} must be one of {', '.join(allowed)}, "
+                                f"got {getattr(self, key)!r}")
         for key, minimum in (("seed", 0), ("fine_trials", 1), ("population_size", 1)):
             check_int(getattr(self, key), key, minimum)
         if self.n_trials is not None:
             check_int(self.n_trials, "n_trials", 1)
         if self.method == "random" and self.n_trials is None:
-            raise ValueError("search: method = \"random\" needs n_trials")
+            raise UserError("search: method = \"random\" needs n_trials")
         if self.method != "random":
             for d in self.space:
                 d.values()  # a grid needs grid = N on every range
         if not (isinstance(self.fine_width, (int, float)) and self.fine_width > 0):
-            raise ValueError(f"search: fine_width must be > 0, got {self.fine_width!r}")
+            raise UserError(f"search: fine_width must be > 0, got {self.fine_width!r}")
         for key in ("save_runs", "population"):
             if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"search: {key} must be true or false, got "
-                                 f"{getattr(self, key)!r}")
+                raise UserError(f"search: {key} must be true or false, got "
+                                f"{getattr(self, key)!r}")
 
     def first_round(self) -> "Round":
         """The grid or random round (named "search": a grid search continued as
@@ -245,7 +246,7 @@ class SearchSpec:
 def check_int(value, name, minimum):
     """An integer setting of the search (``name``) at least ``minimum``, or a ValueError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"search: {name} must be an integer >= {minimum}, got {value!r}")
+        raise UserError(f"search: {name} must be an integer >= {minimum}, got {value!r}")
 
 
 def parse_search(options: dict) -> SearchSpec:
@@ -254,16 +255,16 @@ def parse_search(options: dict) -> SearchSpec:
     options = dict(options)
     table = options.pop("search", None)
     if not isinstance(table, dict):
-        raise ValueError("a search file needs a [search] table (method, n_trials, seed, ...) "
-                         "and [search.space.<option>] entries")
+        raise UserError("a search file needs a [search] table (method, n_trials, seed, ...) "
+                        "and [search.space.<option>] entries")
     unknown = sorted(set(table) - set(SEARCH_KEYS))
     if unknown:
-        raise ValueError(f"unknown [search] key(s) {', '.join(unknown)}; allowed: "
-                         f"{', '.join(SEARCH_KEYS)}")
+        raise UserError(f"unknown [search] key(s) {', '.join(unknown)}; allowed: "
+                        f"{', '.join(SEARCH_KEYS)}")
     table = dict(table)
     space = table.pop("space", {})
     if not isinstance(space, dict):
-        raise ValueError("search.space must be a table of options")
+        raise UserError("search.space must be a table of options")
     dims = [parse_dimension(name, entry) for name, entry in space.items()]
     return SearchSpec(base=TrainConfig.from_dict(options), space=dims, **table)
 
@@ -277,7 +278,7 @@ def read_search_toml(path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"search file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
 
 
 def load_search(path) -> SearchSpec:
@@ -285,7 +286,7 @@ def load_search(path) -> SearchSpec:
     try:
         return parse_search(read_search_toml(path))
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise UserError(f"{path}: {exc}") from None
 
 
 @dataclass(frozen=True)

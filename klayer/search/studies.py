@@ -21,6 +21,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from klayer.nn.errors import UserError
 from klayer.search.space import Round, SearchSpec, grid_points
 
 STUDY_FILE = "study.db"
@@ -73,8 +74,8 @@ def open_study(storage, rnd: Round, spec: SearchSpec) -> optuna.Study:
         study.set_user_attr("klayer_search", meta)
     elif saved != meta:
         changed = sorted(k for k in meta if saved.get(k) != meta.get(k))
-        raise ValueError(f"the study '{rnd.name}' in {STUDY_FILE} belongs to another search "
-                         f"(different {', '.join(changed)}); use another --out folder")
+        raise UserError(f"the study '{rnd.name}' in {STUDY_FILE} belongs to another search "
+                        f"(different {', '.join(changed)}); use another --out folder")
     return study
 
 
