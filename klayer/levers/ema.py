@@ -84,6 +84,22 @@ class EMA:
             scratch *= 1 - d
             avg += scratch
 
+    # --- populations: the averages carry the member axis ----------------------------------
+
+    def select(self, keep) -> None:
+        """Keep the averages of members ``keep`` (indices along the leading axis)."""
+        self.params = {k: v[keep] for k, v in self.params.items()}
+        self.buffers = {k: v[keep] for k, v in self.buffers.items()}
+        self._scratch = {}
+
+    def member(self, k: int) -> "EMA":
+        """Member ``k``'s average: an EMA of one network (copies of its slices)."""
+        one = EMA(self.decay, self.warmup)
+        one.step = self.step
+        one.params = {name: v[k].copy() for name, v in self.params.items()}
+        one.buffers = {name: v[k].copy() for name, v in self.buffers.items()}
+        return one
+
     # --- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict:

@@ -13,7 +13,7 @@ Options beyond this (each off by default, each gradient-checked):
 
 The same :meth:`Network.forward` serves training, evaluation and the gradient check;
 only ``mode`` differs ("train": batch statistics, "eval": moving averages). It also
-serves :class:`klayer.population.Population`, K networks whose parameters are stacked
+serves :class:`klayer.nn.population.Population`, K networks whose parameters are stacked
 along a leading member axis: the layer functions accept that axis.
 """
 
@@ -415,6 +415,24 @@ class Network:
             raise ValueError(f"labels y must lie in [0, {self.num_classes}), "
                              f"got range [{y.min()}, {y.max()}]")
         return y
+
+
+def array_shapes(sizes, norm: bool, batch_norm: bool, running_initialised: bool,
+                 lead: tuple = ()) -> tuple[dict, dict]:
+    """The arrays a network of layer widths ``sizes`` has: ({parameter: shape},
+    {moving average: shape}); W_l, b_l, and with a normalization gamma_l, beta_l per
+    hidden layer; with batch norm and recorded averages, running_mean_l and running_var_l.
+    ``lead``: a leading axis every shape carries ((K,) for a population)."""
+    params, buffers = {}, {}
+    k = len(sizes) - 1
+    for l in range(1, k + 1):
+        m = sizes[l]
+        params[f"W{l}"], params[f"b{l}"] = (*lead, m, sizes[l - 1]), (*lead, m)
+        if norm and l < k:
+            params[f"gamma{l}"] = params[f"beta{l}"] = (*lead, m)
+        if batch_norm and l < k and running_initialised:
+            buffers[f"running_mean{l}"] = buffers[f"running_var{l}"] = (*lead, m)
+    return params, buffers
 
 
 def _require_finite(X, s):
