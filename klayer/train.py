@@ -532,7 +532,7 @@ class TrainState:
         """(config index, network, weight average or None) of each active member: the
         network itself for K = 1, else copies of each member's slices."""
         if not self.stacked:
-            return [(self.active[0], self.net, self.ema)]
+            return [(k, self.net, self.ema) for k in self.active]  # none once dropped
         return [(k, net, None if self.ema is None else self.ema.member(i))
                 for i, (k, net) in enumerate(zip(self.active, self.net.members()))]
 

@@ -50,7 +50,7 @@ from klayer import runs
 from klayer.config import TrainConfig
 from klayer.search.executors import make_executor
 from klayer.search.results import best_row, config_of, trial_row, write_results, write_tables
-from klayer.search.space import Round, SearchSpec, trial_seed
+from klayer.search.space import Round, SearchSpec, trial_config, trial_seed
 from klayer.search.studies import (best_trial, counts_towards_round, open_storage, open_study,
                                    requeue_failed, requeue_interrupted, retried_numbers,
                                    sampler_for, stored_trial, trials_to_ask)
@@ -249,9 +249,8 @@ def _job(trial, rnd: Round, spec: SearchSpec, out: Path, blas_threads: int):
     trial.set_user_attr("seed", seed)
     trial.set_user_attr("run_dir", "" if run_dir is None else str(run_dir))
     try:
-        config = spec.base.replace(**{**options, "seed": seed,
-                                      "data_seed": spec.base.stream_seed,
-                                      "out": None if run_dir is None else str(run_dir)})
+        config = trial_config(spec.base, options, seed,
+                              None if run_dir is None else str(run_dir))
     except ValueError as exc:
         trial.set_user_attr("fail_reason", f"bad parameter: {exc}")
         trial.study.tell(trial, state=TrialState.FAIL)
