@@ -165,9 +165,9 @@ class TrainConfig:
     pad_mode: str = option(
         "mean", "augment: what translations shift in: mean (0 after standardisation), "
         "reflect or edge", checks.choice, choices=PAD_MODES, neutral="mean", beyond=True)
-    mixup: float = option(0.0, "augment: MixUp with λ ~ Beta(α, α), soft targets (0: off)",
+    mixup: float = option(0.0, "augment: MixUp, weights w ~ Beta(α, α), soft targets (0: off)",
                           _nonnegative, metavar="α", neutral=0.0, beyond=True)
-    cutmix: float = option(0.0, "augment: CutMix with λ ~ Beta(α, α), soft targets (0: off)",
+    cutmix: float = option(0.0, "augment: CutMix, weights w ~ Beta(α, α), soft targets (0: off)",
                            _nonnegative, metavar="α", neutral=0.0, beyond=True)
     whiten: str = option(
         "none", "whiten the inputs: zca (every image once, before augmentation) or pca "
