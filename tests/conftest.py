@@ -78,3 +78,15 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI", "").lower() in ("1", "true"):
     _hypothesis_settings.load_profile("ci")
+
+
+class Stop(Exception):
+    """Raised by :func:`stop_at`'s callback: training interrupted on purpose."""
+
+
+def stop_at(step: int):
+    """A training callback that raises :class:`Stop` right after update step ``step``."""
+    def callback(event):
+        if event.kind == "step" and event.step == step:
+            raise Stop
+    return callback

@@ -19,6 +19,8 @@ from klayer.config import TrainConfig
 from klayer.search import dataset_for
 from klayer.train import TrainResult, train, train_population
 
+from conftest import Stop, stop_at
+
 
 @pytest.fixture(autouse=True)
 def no_figures(monkeypatch):
@@ -112,16 +114,8 @@ def test_a_population_with_every_lever_resumes_bit_identical(tmp_path, options, 
     base = BASE.replace(**options)
     configs = [base, base.replace(lam=0.01, seed=2)]
     uninterrupted = train_population(configs, data)
-
-    class Stop(Exception):
-        pass
-
-    def stop(event):
-        if event.kind == "step" and event.step == 57:
-            raise Stop
-
     with pytest.raises(Stop):
-        train_population(configs, data, [stop], checkpoint_dir=tmp_path)
+        train_population(configs, data, [stop_at(57)], checkpoint_dir=tmp_path)
     assert runs.load_checkpoint(tmp_path).step == 55
     resumed = train_population(configs, data, checkpoint_dir=tmp_path, resume=True)
     for got, want in zip(resumed, uninterrupted):

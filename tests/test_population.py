@@ -18,6 +18,8 @@ from klayer.nn.population import Population, select_optimizer
 from klayer.nn.schedules import CyclicLR, PerMember
 from klayer.train import Dropped, TrainResult, train, train_population, write_run
 
+from conftest import Stop, stop_at
+
 D, HIDDEN, C = 12, [8, 8], 4
 
 
@@ -302,17 +304,6 @@ def test_members_finish_as_runs_alone_do_with_flip_averaging(tmp_path):
     assert together["final"]["test_accuracy_tta"] == np.mean(p.argmax(axis=1) == data.y_test)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop_at(step):
-    def callback(event):
-        if event.kind == "step" and event.step == step:
-            raise _Stop
-    return callback
-
-
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_resumed_population_ends_bit_identical_to_an_uninterrupted_one(data, tmp_path,
                                                                        batch_norm):
@@ -322,8 +313,8 @@ def test_resumed_population_ends_bit_identical_to_an_uninterrupted_one(data, tmp
     if not batch_norm:  # and a member dropped before the interruption
         configs.append(base.replace(schedule="constant", eta_max=1e8))
     uninterrupted = train_population(configs, data)
-    with pytest.raises(_Stop):
-        train_population(configs, data, callbacks=[_stop_at(25)], checkpoint_dir=tmp_path)
+    with pytest.raises(Stop):
+        train_population(configs, data, callbacks=[stop_at(25)], checkpoint_dir=tmp_path)
     assert runs.load_checkpoint(tmp_path).step == 20
     seen = []
     resumed = train_population(configs, data, checkpoint_dir=tmp_path, resume=True,

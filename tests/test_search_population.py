@@ -19,6 +19,8 @@ from klayer.search import dataset_for, parse_search, run_search
 from klayer.search.driver import group_configs
 from klayer.train import Dropped, train, train_population
 
+from conftest import Stop, stop_at
+
 # --- grouping, without training ---------------------------------------------------------
 
 BASE = TrainConfig(dtype="float64", hidden_sizes=(8,), n_s=5, cycles=1, subset=300,
@@ -258,17 +260,9 @@ def test_a_population_job_resumes_from_its_checkpoint_folder(data, tmp_path):
                        batch_norm=False)
     configs = [base, base.replace(lam=0.05, eta_max=0.05)]
     uninterrupted = train_population(configs, data)
-
-    class Stop(Exception):
-        pass
-
-    def stop(event):
-        if event.kind == "step" and event.step == 25:
-            raise Stop
-
     checkpoint = tmp_path / ".population"
     with pytest.raises(Stop):  # as a killed study would leave it (checkpoint at step 20)
-        train_population(configs, data, [stop], checkpoint_dir=checkpoint)
+        train_population(configs, data, [stop_at(25)], checkpoint_dir=checkpoint)
     assert runs.load_checkpoint(checkpoint).step == 20
     run_dirs = [tmp_path / "a", tmp_path / "b"]
     job = {"configs": [c.to_dict() for c in configs], "run_dirs": [str(d) for d in run_dirs],

@@ -314,12 +314,7 @@ class Network:
         """
         if lam < 0 or not np.isfinite(lam):
             raise ValueError(f"lam (λ) must be a finite number >= 0, got {lam}")
-        if check:
-            y = self._checked_labels(y, len(X))
-        if check and masks:
-            self._check_masks(masks, len(X))
-        fwd = self.forward(X, mode, check=check, masks=masks)
-        loss, dscores = L.softmax_cross_entropy(fwd.scores, y, self.label_smoothing)
+        fwd, loss, dscores = self._forward_loss(X, y, mode, check, masks)
         cost = loss + lam * self.l2_penalty() if lam else loss
         gradients = None
         if grads:
@@ -327,6 +322,15 @@ class Network:
             if lam:
                 self.add_l2_gradient(gradients, 2 * lam)
         return LossResult(loss, cost, gradients, fwd.batch_stats)
+
+    def _forward_loss(self, X, y, mode, check, masks):
+        """(forward pass, loss, d loss / d scores), inputs checked if ``check``."""
+        if check:
+            y = self._checked_labels(y, len(X))
+        if check and masks:
+            self._check_masks(masks, len(X))
+        fwd = self.forward(X, mode, check=check, masks=masks)
+        return (fwd, *L.softmax_cross_entropy(fwd.scores, y, self.label_smoothing))
 
     # --- moving averages ------------------------------------------------------------
 

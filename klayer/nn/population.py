@@ -124,12 +124,7 @@ class Population(Network):
         """:meth:`Network.loss` per member: X (n, d) shared, λ a number or (K,); loss
         and cost (K,), gradients stacked (K, ...)."""
         lam = self._per_member_lam(lam)
-        if check:
-            y = self._checked_labels(y, len(X))
-        if check and masks:
-            self._check_masks(masks, len(X))
-        fwd = self.forward(X, mode, check=check, masks=masks)
-        loss, dscores = L.softmax_cross_entropy(fwd.scores, y, self.label_smoothing)
+        fwd, loss, dscores = self._forward_loss(X, y, mode, check, masks)
         cost = loss + lam * self.l2_penalty()
         gradients = None
         if grads:
