@@ -75,8 +75,9 @@ class TrainConfig:
     """Every training option, with the study's defaults.
 
     The model: ``hidden_sizes`` (widths of the k-1 hidden layers), ``batch_norm``,
-    ``init`` ("he", "xavier" or σ for N(0, σ²)), ``dtype``, ``seed`` (initial weights
-    and the shuffling order).
+    ``init`` ("he", "xavier" or σ for N(0, σ²)), ``dtype``, ``seed`` (initial weights,
+    dropout masks and, unless ``data_seed`` is set, the data order, augmentation and
+    mixing).
     Cost and optimisation: J = loss + ``lam`` Σ ||W||²; ``optimizer``; ``schedule``
     ("cyclic": η from ``eta_min`` up to ``eta_max`` over ``n_s`` steps and back;
     "constant": η = ``eta_max``); ``cycles`` × 2·n_s update steps in all, on
@@ -96,7 +97,9 @@ class TrainConfig:
     image once, fitted mirror-symmetric, before augmentation; "pca": every batch after
     it, ``whiten_components`` kept) with ``whiten_eps``, folded into the first layer of
     the saved model; ``ema``: decay of an exponential moving average of the weights,
-    which becomes the final network (the plain weights' results are kept beside it).
+    which becomes the final network (the plain weights' results are kept beside it);
+    ``data_seed``: the seed of the data order, augmentation and mixing (None: ``seed``),
+    which the members of a population share.
     """
 
     hidden_sizes: tuple = option(
@@ -107,20 +110,26 @@ class TrainConfig:
         "he", "weight initialisation: he, xavier or σ for N(0, σ²)",
         partial(checks.init, inits=INITS), metavar="he|xavier|σ", parse=str, member=True)
     dtype: str = option("float32", "float precision (float32: the default, fast; float64: exact comparisons)", checks.choice, choices=DTYPES)
-    seed: int = option(0, "seed of the weights and the shuffling", _natural, member=True)
-    lam: float = option(0.005, "L2 penalty λ", _nonnegative, flag="--lambda", metavar="λ", member=True)
+    seed: int = option(0, "seed of the weights and dropout (and of the data order, unless "
+                       "--data-seed)", _natural, member=True)
+    lam: float = option(0.005, "L2 penalty λ", _nonnegative, flag="--lambda", metavar="λ",
+                        member=True)
     optimizer: str = option(
         "sgd", "parameter update: sgd, momentum (μ = 0.9) or adam (β = 0.9, 0.999)",
         checks.choice, choices=tuple(OPTIMIZERS), neutral="sgd")
     schedule: str = option(
         "cyclic", "learning-rate schedule: cyclic, constant (η = eta_max), step (see "
-        "--decay-rate) or cosine (eta_max down to eta_min)", checks.choice, choices=SCHEDULES, member=True)
-    eta_min: float = option(1e-5, "smallest learning rate", _nonnegative, metavar="η", member=True)
+        "--decay-rate) or cosine (eta_max down to eta_min)", checks.choice, choices=SCHEDULES,
+        member=True)
+    eta_min: float = option(1e-5, "smallest learning rate", _nonnegative, metavar="η",
+                            member=True)
     eta_max: float = option(1e-1, "largest learning rate", _positive, metavar="η", member=True)
     n_s: int = option(2250, "steps of a half cycle", _integer, metavar="STEPS", member=True)
-    cycles: int = option(2, "number of cycles (2·n_s steps each)", _integer, metavar="N", member=True)
+    cycles: int = option(2, "number of cycles (2·n_s steps each)", _integer, metavar="N",
+                         member=True)
     batch_size: int = option(100, "mini-batch size", _integer, metavar="N")
-    evals_per_cycle: int = option(10, "history points per cycle", _integer, metavar="N", member=True)
+    evals_per_cycle: int = option(10, "history points per cycle", _integer, metavar="N",
+                                  member=True)
     data_dir: str | None = option(
         None, "where CIFAR-10 is (default: $KLAYER_DATA)", checks.path, metavar="DIR",
         parse=str, hashed=False)

@@ -283,7 +283,8 @@ def load_checkpoint(run_dir) -> Checkpoint:
     """The newest readable checkpoint of ``run_dir``: checkpoint.npz, or, when it is
     missing or damaged, checkpoint.prev.npz (with a :class:`CheckpointWarning`).
 
-    Arrays are checked against the network when restored (:func:`klayer.modelfile.restore_network`).
+    Arrays are checked against the network when restored
+    (:func:`klayer.modelfile.restore_network`).
     """
     run_dir = Path(run_dir)
     problems = []

@@ -173,3 +173,23 @@ def test_search_numbers_do_not_depend_on_populations_and_best_toml_reproduces(
     with threadpool_limits(limits=1, user_api="blas"):  # and in Python, to 1e-10
         alone = train(config.replace(out=None), dataset_for(config))
     assert alone.final["val_accuracy"] == float(best["val_accuracy"])
+
+
+@pytest.mark.cifar
+def test_a_search_says_when_trials_cannot_share_a_stream(cifar_dir, tmp_path):
+    from klayer.search import parse_search, run_search
+
+    doc = {"hidden_sizes": [8], "n_s": 5, "cycles": 1, "subset": 300, "evals_per_cycle": 2,
+           "data_dir": str(cifar_dir), "dtype": "float64",
+           "search": {"space": {"batch_size": {"choice": [50, 100]},
+                                "lam": {"choice": [0.001, 0.01]}}}}
+    events = []
+    result = run_search(parse_search(doc), tmp_path, blas_threads=1, on_event=events.append)
+    notes = [e.note for e in events if e.kind == "note"]
+    assert notes == ["trials with different batch_size cannot share a mini-batch stream (or "
+                     "number of steps): only trials with equal values train together"]
+    by_size: dict = {}
+    for row in result.rows:
+        by_size.setdefault(row["batch_size"], set()).add(row["population"])
+    assert all(len(populations) == 1 for populations in by_size.values())  # λ pairs
+    assert len({p for ps in by_size.values() for p in ps}) == 2

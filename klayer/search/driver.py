@@ -47,7 +47,7 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from klayer import runs
-from klayer.config import TrainConfig
+from klayer.config import SHARED_OPTIONS, TrainConfig
 from klayer.search.executors import make_executor
 from klayer.search.results import best_row, config_of, trial_row, write_results, write_tables
 from klayer.search.space import Round, SearchSpec, trial_config, trial_seed
@@ -61,13 +61,15 @@ LOOKAHEAD = 8  # populations' worth of trials asked at a time (grid and random s
 @dataclass
 class SearchEvent:
     """What ``on_event`` receives: kind "round" when a round starts (``done`` of
-    ``total`` trials already finished), "trial" when a trial finishes (``row``)."""
+    ``total`` trials already finished), "trial" when a trial finishes (``row``), "note"
+    for a line to show (``note``)."""
 
     kind: str
     round: str
     done: int
     total: int
     row: dict | None = None
+    note: str = ""
 
 
 @dataclass
@@ -162,6 +164,11 @@ def _run_round(storage, study, rnd: Round, spec: SearchSpec, out: Path, executor
     done = sum(t.state.is_finished() and counts_towards_round(t, retried) for t in trials)
     total = done + todo
     emit(SearchEvent("round", rnd.name, done, total))
+    shared = [d.name for d in rnd.space if d.name in (*SHARED_OPTIONS, "n_s", "cycles")]
+    if spec.population and shared:
+        emit(SearchEvent("note", rnd.name, done, total, note=(
+            f"trials with different {', '.join(shared)} cannot share a mini-batch stream "
+            "(or number of steps): only trials with equal values train together")))
     draw = 1 + max((t.user_attrs.get("draw", -1) for t in trials), default=-1)
     size = spec.population_size if spec.population else 1
     ahead = size if rnd.method == "random" and spec.sampler == "tpe" else size * LOOKAHEAD
