@@ -223,11 +223,9 @@ class TrainConfig:
         return self.seed if self.data_seed is None else self.data_seed
 
     def shared_options(self) -> tuple:
-        """What the members of a population must share: every option not marked
-        ``member``, the number of steps and the data stream's seed. Configs with equal
-        values can train as one population."""
-        return (*(getattr(self, name) for name in SHARED_OPTIONS), self.total_steps,
-                self.stream_seed)
+        """What the members of a population must share (:data:`SHARED`): configs with
+        equal values can train as one population."""
+        return tuple(getattr(self, name) for name in SHARED)
 
     # --- changing, comparing ----------------------------------------------------------
 
@@ -446,16 +444,17 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # options the members of a population must share (all but those marked ``member``)
 SHARED_OPTIONS = tuple(name for name, f in _FIELDS.items()
                        if not f.metadata["member"] and name != "data_seed")
+SHARED = (*SHARED_OPTIONS, "total_steps", "stream_seed")  # and the steps, the data stream
 
 
 def check_population(configs) -> None:
     """Raise a one-line error naming the first option the members of a population must
-    share (see :data:`SHARED_OPTIONS`) on which ``configs`` differ."""
+    share (see :data:`SHARED`) on which ``configs`` differ."""
     if not configs:
         raise ValueError("a population needs at least one config")
     first = configs[0]
     for k, config in enumerate(configs[1:], 1):
-        for name in (*SHARED_OPTIONS, "total_steps", "stream_seed"):
+        for name in SHARED:
             if getattr(config, name) != getattr(first, name):
                 what = "data_seed (or seed)" if name == "stream_seed" else name
                 raise ValueError(f"population configs must share {what}: member 0 has "

@@ -62,7 +62,6 @@ state, so a resumed run ends with the same weights, bit for bit, as an uninterru
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -398,16 +397,16 @@ def finish(state: "TrainState", splits: dict, whitening=None, raw_splits=None,
             best_val_accuracy=best["val_accuracy"], best_step=best["step"],
             best_epoch=best["epoch"], steps=config.total_steps,
             epochs=config.total_steps / state.steps_per_epoch, timings={},
-            run_dir=run_dirs[k], final_moving_average=final_moving_average,
+            final_moving_average=final_moving_average,
             final_without_ema=final_without_ema)
     state.clock.eval_seconds += time.perf_counter() - t0
     timings = state.clock.as_dict()
     if len(state.configs) > 1:
         timings["population_size"] = len(state.configs)
-    for k, result in enumerate(results):
-        results[k] = dataclasses.replace(result, run_dir=run_dirs[k],
-                                         **({"timings": dict(timings)}
-                                            if isinstance(result, TrainResult) else {}))
+    for result, run_dir in zip(results, run_dirs):
+        result.run_dir = run_dir
+        if isinstance(result, TrainResult):
+            result.timings = dict(timings)
     return results
 
 
