@@ -132,7 +132,7 @@ class EMA:
     def swap_into(self, net, bn_data=None, batch_size: int = 256,
                   num_batches: int | None = 50, seed: int = 0) -> tuple:
         """Put copies of the averaged weights into ``net``; return what it held, for
-        :meth:`restore`. With batch norm, its statistics are recomputed for the averaged
+        :meth:`swap_back`. With batch norm, its statistics are recomputed for the averaged
         weights from ``bn_data`` (rows of the training set: ``num_batches`` batches of
         ``batch_size``, see :func:`klayer.levers.bn_stats.population_statistics`), or, when
         ``bn_data`` is None, the averaged buffers are used."""
@@ -152,13 +152,13 @@ class EMA:
                 raise ValueError("no averaged batch-norm statistics: pass bn_data (training "
                                  "rows) to recompute them, or update() with the buffers")
         except Exception:
-            self.restore(net, previous)
+            self.swap_back(net, previous)
             raise
         net.running_initialised = True
         return previous
 
     @staticmethod
-    def restore(net, previous: tuple) -> None:
+    def swap_back(net, previous: tuple) -> None:
         """Give ``net`` back the parameters and buffers :meth:`swap_into` returned."""
         net.params, net.buffers, net.running_initialised = previous
 
@@ -170,7 +170,7 @@ class EMA:
         try:
             yield net
         finally:
-            self.restore(net, previous)
+            self.swap_back(net, previous)
 
 
 def _check_names(what: str, given: dict, averaged: dict) -> None:
