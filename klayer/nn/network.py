@@ -184,20 +184,16 @@ class Network:
         # networks with the same seed start from the same weights.
         rng = np.random.default_rng(self.seed)
         params = {}
-        sizes = self.sizes
-        for l in range(1, self.num_layers + 1):
-            d, m = sizes[l - 1], sizes[l]
-            if self.init == "he":
-                std = np.sqrt(2.0 / d)
-            elif self.init == "xavier":
-                std = np.sqrt(1.0 / d)
+        shapes, _ = array_shapes(self.sizes, self.norm is not None, self.batch_norm, False)
+        for name, shape in shapes.items():  # W1, b1, gamma1, beta1, W2, ...: W in order
+            if name.startswith("W"):
+                d = shape[1]
+                std = np.sqrt(2.0 / d) if self.init == "he" else \
+                    np.sqrt(1.0 / d) if self.init == "xavier" else self.init
+                params[name] = (rng.standard_normal(shape) * std).astype(self.dtype)
             else:
-                std = self.init
-            params[f"W{l}"] = (rng.standard_normal((m, d)) * std).astype(self.dtype)
-            params[f"b{l}"] = np.zeros(m, dtype=self.dtype)
-            if self.has_norm(l):
-                params[f"gamma{l}"] = np.ones(m, dtype=self.dtype)
-                params[f"beta{l}"] = np.zeros(m, dtype=self.dtype)
+                params[name] = (np.ones if name.startswith("gamma") else np.zeros)(
+                    shape, dtype=self.dtype)
         return params
 
     # --- the forward and backward passes -------------------------------------------
