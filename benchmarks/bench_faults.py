@@ -3,7 +3,7 @@
 Trains the 3-layer [50, 50] batch-norm network (float32, batch 100, one cycle of
 ``--epochs`` epochs, 2 history evaluations of the 45,000 + 5,000 rows per epoch) with
 :func:`klayer.train.train`, or ``--population K`` members differing in λ with
-:func:`klayer.population.train_population`, and prints per epoch the minor page faults
+:func:`klayer.train.train_population`, and prints per epoch the minor page faults
 of the process (``getrusage``: each is fresh memory the kernel had to map and zero) and
 the peak of memory allocated above the epoch's start (``tracemalloc``, which NumPy
 reports to). Epoch 1 includes the run's setup (checks of the data, the first
@@ -26,8 +26,7 @@ import numpy as np
 
 from klayer.config import TrainConfig
 from klayer.data import load_cifar10
-from klayer.population import train_population
-from klayer.train import train
+from klayer.train import train, train_population
 
 N_TRAIN, N_VAL, N_TEST, INPUT, BATCH = 45000, 5000, 10000, 3072, 100
 

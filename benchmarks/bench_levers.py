@@ -74,8 +74,8 @@ def main(argv=None):
                       lambda aug=aug: aug(X, draws)))
     for name, mixing in (("MixUp α=0.2", Mixing(mixup=0.2)), ("CutMix α=1", Mixing(cutmix=1.0))):
         def mix(mixing=mixing):
-            _, y_a, y_b, lam = mixing(X, y, draws)
-            soft_targets(y_a, y_b, lam, 10, dtype="float32")
+            _, y_a, y_b, weights = mixing(X, y, draws)
+            soft_targets(y_a, y_b, weights, 10, dtype="float32")
         cases.append((f"{name} + soft targets", mix))
     cases += [("ZCA product (256 × 3072 · 3072 × 3072)", lambda: zca.transform(X)),
               ("PCA product (256 × 3072 · 3072 × 512)", lambda: pca.transform(X)),

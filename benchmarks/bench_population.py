@@ -2,7 +2,7 @@
 
 The 3-layer [50, 50] batch-norm network on real CIFAR-10 (45,000 training images), cyclic
 η from 1e-5 to 0.1, n_s = 900, 2 cycles: K = 8 configs that differ only in λ (log-spaced
-from 1e-4 to 1e-1) trained together by :func:`klayer.population.train_population`,
+from 1e-4 to 1e-1) trained together by :func:`klayer.train.train_population`,
 against the first of them trained alone by :func:`klayer.train.train`. Both record the
 same history (10 evaluations of the training and validation sets per cycle).
 
@@ -24,8 +24,7 @@ import numpy as np
 
 from klayer.config import TrainConfig
 from klayer.data import load_cifar10
-from klayer.population import train_population
-from klayer.train import train
+from klayer.train import train, train_population
 
 
 def lam_grid(k: int) -> list[float]:

@@ -15,7 +15,7 @@ Flops of one step: 2·n·d·m per matrix product; the forward pass has one produ
 layer, the backward pass two (dW and dx) except the first layer's dx (never computed).
 
 With ``--population K``, a second table: one step of K networks trained as a population
-(:class:`klayer.population.Population`: parameters stacked (K, ...), one first-layer
+(:class:`klayer.nn.population.Population`: parameters stacked (K, ...), one first-layer
 product for all members, per-member λ and η) against one network's step, same batches.
 
 Run:  python benchmarks/bench_step.py [--reps 7] [--steps N] [--cases 0 1 2]
@@ -34,7 +34,7 @@ import torch
 
 from klayer.nn.network import Network
 from klayer.nn.optim import SGD
-from klayer.population import Population
+from klayer.nn.population import Population
 
 try:  # the JAX peer is optional: pip install -e ".[bench]"
     import peer_jax

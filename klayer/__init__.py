@@ -19,6 +19,6 @@ def load_model(run):
     (n, 32, 32, 3) height × width × channel. Evaluation mode: batch-norm moving
     averages, no dropout.
     """
-    from klayer.model import load_model as _load_model  # NumPy only when needed
+    from klayer.model import LoadedModel  # NumPy only when needed
 
-    return _load_model(run)
+    return LoadedModel.from_run(run)

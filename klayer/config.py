@@ -45,16 +45,19 @@ WHITENINGS = ("none", "zca", "pca")
 
 def option(default, help: str, check, *, flag: str | None = None, metavar: str | None = None,
            choices=None, parse=None, neutral=_NOT_NEUTRAL, hashed: bool = True,
-           beyond: bool = False):
+           beyond: bool = False, member: bool = False):
     """A :class:`TrainConfig` field and everything the command line and validation need.
 
     check(value, name) -> normalised value, or ValueError; parse(text) -> value for the
     flag (default: the type of ``default``); ``neutral``: the value at which the option
     is left out of the hash; ``hashed=False``: never in the hash (where things are, not
-    what is computed); ``beyond``: listed under "beyond the study" in ``--help``.
+    what is computed); ``beyond``: listed under "beyond the study" in ``--help``;
+    ``member``: each member of a population may set it for itself (otherwise the members
+    of a population share it: the data, the architecture, the mini-batch stream).
     """
     metadata = {"help": help, "check": check, "flag": flag, "metavar": metavar,
-                "choices": choices, "parse": parse, "hash": hashed, "beyond": beyond}
+                "choices": choices, "parse": parse, "hash": hashed, "beyond": beyond,
+                "member": member}
     if choices is not None:
         metadata["check"] = partial(check, choices=choices)
     if neutral is not _NOT_NEUTRAL:
@@ -73,8 +76,9 @@ class TrainConfig:
     """Every training option, with the study's defaults.
 
     The model: ``hidden_sizes`` (widths of the k-1 hidden layers), ``batch_norm``,
-    ``init`` ("he", "xavier" or σ for N(0, σ²)), ``dtype``, ``seed`` (initial weights
-    and the shuffling order).
+    ``init`` ("he", "xavier" or σ for N(0, σ²)), ``dtype``, ``seed`` (initial weights,
+    dropout masks and, unless ``data_seed`` is set, the data order, augmentation and
+    mixing).
     Cost and optimisation: J = loss + ``lam`` Σ ||W||²; ``optimizer``; ``schedule``
     ("cyclic": η from ``eta_min`` up to ``eta_max`` over ``n_s`` steps and back;
     "constant": η = ``eta_max``); ``cycles`` × 2·n_s update steps in all, on
@@ -94,7 +98,9 @@ class TrainConfig:
     image once, fitted mirror-symmetric, before augmentation; "pca": every batch after
     it, ``whiten_components`` kept) with ``whiten_eps``, folded into the first layer of
     the saved model; ``ema``: decay of an exponential moving average of the weights,
-    which becomes the final network (the plain weights' results are kept beside it).
+    which becomes the final network (the plain weights' results are kept beside it);
+    ``data_seed``: the seed of the data order, augmentation and mixing (None: ``seed``),
+    which the members of a population share.
     """
 
     hidden_sizes: tuple = option(
@@ -103,22 +109,28 @@ class TrainConfig:
     batch_norm: bool = option(True, "batch normalization in the hidden layers", checks.boolean)
     init: str | float = option(
         "he", "weight initialisation: he, xavier or σ for N(0, σ²)",
-        partial(checks.init, inits=INITS), metavar="he|xavier|σ", parse=str)
+        partial(checks.init, inits=INITS), metavar="he|xavier|σ", parse=str, member=True)
     dtype: str = option("float32", "float precision (float32: the default, fast; float64: exact comparisons)", checks.choice, choices=DTYPES)
-    seed: int = option(0, "seed of the weights and the shuffling", _natural)
-    lam: float = option(0.005, "L2 penalty λ", _nonnegative, flag="--lambda", metavar="λ")
+    seed: int = option(0, "seed of the weights and dropout (and of the data order, unless "
+                       "--data-seed)", _natural, member=True)
+    lam: float = option(0.005, "L2 penalty λ", _nonnegative, flag="--lambda", metavar="λ",
+                        member=True)
     optimizer: str = option(
         "sgd", "parameter update: sgd, momentum (μ = 0.9) or adam (β = 0.9, 0.999)",
         checks.choice, choices=tuple(OPTIMIZERS), neutral="sgd")
     schedule: str = option(
         "cyclic", "learning-rate schedule: cyclic, constant (η = eta_max), step (see "
-        "--decay-rate) or cosine (eta_max down to eta_min)", checks.choice, choices=SCHEDULES)
-    eta_min: float = option(1e-5, "smallest learning rate", _nonnegative, metavar="η")
-    eta_max: float = option(1e-1, "largest learning rate", _positive, metavar="η")
-    n_s: int = option(2250, "steps of a half cycle", _integer, metavar="STEPS")
-    cycles: int = option(2, "number of cycles (2·n_s steps each)", _integer, metavar="N")
+        "--decay-rate) or cosine (eta_max down to eta_min)", checks.choice, choices=SCHEDULES,
+        member=True)
+    eta_min: float = option(1e-5, "smallest learning rate", _nonnegative, metavar="η",
+                            member=True)
+    eta_max: float = option(1e-1, "largest learning rate", _positive, metavar="η", member=True)
+    n_s: int = option(2250, "steps of a half cycle", _integer, metavar="STEPS", member=True)
+    cycles: int = option(2, "number of cycles (2·n_s steps each)", _integer, metavar="N",
+                         member=True)
     batch_size: int = option(100, "mini-batch size", _integer, metavar="N")
-    evals_per_cycle: int = option(10, "history points per cycle", _integer, metavar="N")
+    evals_per_cycle: int = option(10, "history points per cycle", _integer, metavar="N",
+                                  member=True)
     data_dir: str | None = option(
         None, "where CIFAR-10 is (default: $KLAYER_DATA)", checks.path, metavar="DIR",
         parse=str, hashed=False)
@@ -128,7 +140,7 @@ class TrainConfig:
     subset: int | None = option(None, "use only N images of each split",
                                 checks.optional(_integer), metavar="N", parse=int)
     out: str | None = option(None, "run folder (default runs/<name>)", checks.path,
-                             metavar="RUN", parse=str, hashed=False)
+                             metavar="RUN", parse=str, hashed=False, member=True)
     layer_norm: bool = option(
         False, "layer normalization instead of batch norm (with --no-batch-norm)",
         checks.boolean, neutral=False, beyond=True)
@@ -138,9 +150,9 @@ class TrainConfig:
     residual: bool = option(False, "residual connections between hidden layers of equal "
                             "width", checks.boolean, neutral=False, beyond=True)
     dropout: float = option(0.0, "inverted dropout probability on the hidden layers",
-                            checks.fraction, metavar="P", neutral=0.0, beyond=True)
+                            checks.fraction, metavar="P", neutral=0.0, beyond=True, member=True)
     label_smoothing: float = option(0.0, "label smoothing ε", checks.fraction, metavar="ε",
-                                    neutral=0.0, beyond=True)
+                                    neutral=0.0, beyond=True, member=True)
     flip: bool = option(False, "augment: random horizontal flips", checks.boolean,
                         neutral=False, beyond=True)
     translate: int = option(0, "augment: random translations of up to PX pixels (under 16)",
@@ -149,23 +161,23 @@ class TrainConfig:
                            checks.fraction, metavar="J", neutral=0.0, beyond=True)
     decay_rate: float = option(
         0.1, "schedule step: multiply η by R every --decay-every steps, R in (0, 1]",
-        _positive, metavar="R", neutral=0.1, beyond=True)
+        _positive, metavar="R", neutral=0.1, beyond=True, member=True)
     decay_every: int | None = option(
         None, "schedule step: steps between drops (default n_s)", checks.optional(_integer),
-        metavar="STEPS", parse=int, neutral=None, beyond=True)
+        metavar="STEPS", parse=int, neutral=None, beyond=True, member=True)
     warmup_steps: int = option(
         0, "linear warm-up before a constant, step or cosine schedule", _natural,
-        metavar="STEPS", neutral=0, beyond=True)
+        metavar="STEPS", neutral=0, beyond=True, member=True)
     precise_bn: int = option(
         0, "after training, recompute the batch-norm statistics over BATCHES training "
-        "batches (PreciseBN)", _natural, metavar="BATCHES", neutral=0, beyond=True)
+        "batches (PreciseBN)", _natural, metavar="BATCHES", neutral=0, beyond=True, member=True)
 
     pad_mode: str = option(
         "mean", "augment: what translations shift in: mean (0 after standardisation), "
         "reflect or edge", checks.choice, choices=PAD_MODES, neutral="mean", beyond=True)
-    mixup: float = option(0.0, "augment: MixUp with λ ~ Beta(α, α), soft targets (0: off)",
+    mixup: float = option(0.0, "augment: MixUp, weights w ~ Beta(α, α), soft targets (0: off)",
                           _nonnegative, metavar="α", neutral=0.0, beyond=True)
-    cutmix: float = option(0.0, "augment: CutMix with λ ~ Beta(α, α), soft targets (0: off)",
+    cutmix: float = option(0.0, "augment: CutMix, weights w ~ Beta(α, α), soft targets (0: off)",
                            _nonnegative, metavar="α", neutral=0.0, beyond=True)
     whiten: str = option(
         "none", "whiten the inputs: zca (every image once, before augmentation) or pca "
@@ -180,6 +192,11 @@ class TrainConfig:
         0.0, "average the weights with this decay (e.g. 0.999; 0: off): the final, saved "
         "network is the average, the plain weights' results are kept beside it",
         checks.fraction, metavar="DECAY", neutral=0.0, beyond=True)
+
+    data_seed: int | None = option(
+        None, "seed of the data order, the augmentation and the mixing (default: --seed); "
+        "the members of a population share it", checks.optional(_natural), metavar="SEED",
+        parse=int, neutral=None, beyond=True)
 
     def __post_init__(self):
         for name, value in _validate(self).items():
@@ -199,6 +216,17 @@ class TrainConfig:
         points = {j * cycle // self.evals_per_cycle
                   for j in range(self.cycles * self.evals_per_cycle + 1)}
         return sorted(points | {0, self.total_steps})
+
+    @property
+    def stream_seed(self) -> int:
+        """The seed of the data order, augmentation and mixing: ``data_seed``, or ``seed``
+        when it is None."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    def shared_options(self) -> tuple:
+        """What the members of a population must share (:data:`SHARED`): configs with
+        equal values can train as one population."""
+        return tuple(getattr(self, name) for name in SHARED)
 
     # --- changing, comparing ----------------------------------------------------------
 
@@ -414,3 +442,22 @@ def _toml_string(text: str) -> str:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# options the members of a population must share (all but those marked ``member``)
+SHARED_OPTIONS = tuple(name for name, f in _FIELDS.items()
+                       if not f.metadata["member"] and name != "data_seed")
+SHARED = (*SHARED_OPTIONS, "total_steps", "stream_seed")  # and the steps, the data stream
+
+
+def check_population(configs) -> None:
+    """Raise a one-line error naming the first option the members of a population must
+    share (see :data:`SHARED`) on which ``configs`` differ."""
+    if not configs:
+        raise UserError("a population needs at least one config")
+    first = configs[0]
+    for k, config in enumerate(configs[1:], 1):
+        for name in SHARED:
+            if getattr(config, name) != getattr(first, name):
+                what = "data_seed (or seed)" if name == "stream_seed" else name
+                raise UserError(f"population configs must share {what}: member 0 has "
+                                f"{getattr(first, name)!r}, member {k} has "
+                                f"{getattr(config, name)!r}")

@@ -1,7 +1,7 @@
 """A trained model ready to classify raw pixels: ``klayer.load_model(run)``.
 
 A run folder holds the network, the standardisation statistics of its training images
-and the class names (see :mod:`klayer.runs`). :class:`LoadedModel` keeps the three
+and the class names (see :mod:`klayer.modelfile`). :class:`LoadedModel` keeps the three
 together, so that callers hand it pixels as they come from an image file or from
 CIFAR-10 and get probabilities back::
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from klayer.data import Standardizer
-from klayer.nn.errors import UserError
 from klayer.nn.layers import softmax
 from klayer.nn.network import Network
+from klayer.nn.errors import UserError
 
 SIZE = 32
 CHANNELS = 3
@@ -58,6 +58,26 @@ class LoadedModel:
     network: Network
     standardizer: Standardizer
     class_names: list
+
+    @classmethod
+    def from_run(cls, run) -> "LoadedModel":
+        """The model of a run folder (or of its model.npz / model.json), ready for pixels.
+
+        Raises FileNotFoundError for a missing file and ValueError for a damaged one or for a
+        model saved without standardisation statistics (not trained by ``klayer train``).
+        """
+        from klayer import data as D
+        from klayer.modelfile import read_model
+
+        net, standardizer, class_names = read_model(run)
+        try:
+            check_applicable(net, standardizer)
+        except UserError as exc:
+            raise UserError(f"{run}: {exc}") from None
+        if class_names is None:
+            class_names = (list(D.CLASS_NAMES) if net.num_classes == len(D.CLASS_NAMES)
+                           else [str(c) for c in range(net.num_classes)])
+        return cls(net, standardizer, list(class_names))
 
     def predict_proba(self, pixels, chunk: int = 10000) -> np.ndarray:
         """Class probabilities (n, C) for raw ``pixels`` (see the module docstring)."""
@@ -94,23 +114,3 @@ def check_applicable(net: Network, standardizer) -> None:
     if net.batch_norm and not net.running_initialised:
         raise UserError("the network has batch norm but no moving averages yet (saved "
                         "before its first training step): train it first")
-
-
-def load_model(run) -> LoadedModel:
-    """The model of a run folder (or of its model.npz / model.json), ready for pixels.
-
-    Raises FileNotFoundError for a missing file and ValueError for a damaged one or for a
-    model saved without standardisation statistics (not trained by ``klayer train``).
-    """
-    from klayer import data as D
-    from klayer import runs
-
-    net, standardizer, class_names = runs.load_model(run)
-    try:
-        check_applicable(net, standardizer)
-    except UserError as exc:
-        raise UserError(f"{run}: {exc}") from None
-    if class_names is None:
-        class_names = (list(D.CLASS_NAMES) if net.num_classes == len(D.CLASS_NAMES)
-                       else [str(c) for c in range(net.num_classes)])
-    return LoadedModel(net, standardizer, list(class_names))

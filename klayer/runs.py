@@ -6,7 +6,7 @@ One folder per run::
     checkpoint.npz       the state after the last finished epoch
     checkpoint.prev.npz  the one before (a damaged newest falls back to it)
     history.csv          one row per evaluation point
-    model.npz            parameters and batch-norm moving averages (no pickle)
+    model.npz            parameters and batch-norm moving averages (:mod:`klayer.modelfile`)
     model.json           its header: architecture, standardizer, class names, versions, checksum
     summary.json         final train/val/test metrics, best validation accuracy, timings
     whitening.npz        with ``whiten``: the whitening fitted at the start (reused on resume)
@@ -16,10 +16,13 @@ One folder per run::
 Every file is written to a temporary name and moved into place with ``os.replace``, so
 a run killed at any moment leaves either the old file or the new one, never half of
 one; temporary files left by a killed run are never read, and are removed when the
-folder is next opened. Arrays are read with ``allow_pickle=False`` and checked against
-the header: a damaged or edited file gives a ValueError that says what is wrong and what
-to do. The checksum in model.json covers the arrays and every header field, so editing
-class names, the standardizer or ``bn_eps`` is caught like editing a weight.
+folder is next opened. Arrays are read with ``allow_pickle=False`` after checking every
+member's CRC: a damaged file gives a ValueError that says what is wrong and what to do.
+The model files are :mod:`klayer.modelfile`'s.
+
+A population (:func:`klayer.train.train_population`) keeps one checkpoint for all its
+members in a folder of its own; each member's results go to its own run folder at the
+end, written like a run's alone (:func:`klayer.train.write_run`).
 
 Test-only fault injection: with the environment variable ``KLAYER_FAULT=checkpoint:STEP``
 the process kills itself (SIGKILL) half-way through writing the checkpoint of step STEP,
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -46,13 +48,11 @@ from pathlib import Path
 
 import numpy as np
 
-from klayer.nn.errors import UserError
 from klayer.version import __version__
 from klayer.config import TrainConfig
-from klayer.nn.network import Network
+from klayer.nn.errors import UserError
 
-FORMAT_VERSION = 2  # model files; 2: the checksum covers the header too
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: one history per member (a population's)
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.npz"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.npz"
@@ -65,7 +65,6 @@ LOCK_FILE = ".lock"
 # what a run leaves besides config.toml (removed when a run is started again)
 RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, HISTORY_FILE, MODEL_FILE,
              HEADER_FILE, SUMMARY_FILE, "curves.png", "confusion.png", WHITENING_FILE)
-MAX_MODEL_VALUES = 2**28  # a header declaring more parameters than this is refused
 
 HISTORY_FIELDS = ("step", "epoch", "eta", "train_loss", "train_cost", "train_accuracy",
                   "val_loss", "val_cost", "val_accuracy")
@@ -214,12 +213,14 @@ def read_summary(run_dir) -> dict:
 
 @dataclass
 class Checkpoint:
-    """Everything needed to continue a run exactly where it stopped.
+    """Everything needed to continue a run (or a population) exactly where it stopped.
 
     ``step`` updates done, after ``epoch`` whole epochs; the network's ``params``,
-    ``buffers`` and ``running_initialised``; the optimizer's ``state_dict()``; the
-    shuffling generator's ``bit_generator.state``; the history so far; the seconds
-    spent so far (``timings``); and the hash of the config it belongs to.
+    ``buffers`` and ``running_initialised`` (a population's carry the member axis); the
+    optimizer's ``state_dict()``; the shuffling generator's ``bit_generator.state`` and
+    the others' (``rng_states``: "augment", "mix", and "dropout", one per member); each
+    member's history so far and, once dropped, why (``dropped``); the seconds spent so
+    far (``timings``); and the hash of the configs it belongs to (:func:`configs_hash`).
     """
 
     step: int
@@ -229,12 +230,18 @@ class Checkpoint:
     running_initialised: bool
     optimizer_state: dict
     rng_state: dict
-    history: list
+    histories: list
     timings: dict
     config_hash: str
-    rng_states: dict = field(default_factory=dict)  # augmentation, dropout, mixing generators
+    rng_states: dict = field(default_factory=dict)
     ema_state: dict = field(default_factory=dict)  # klayer.levers.ema.EMA.state_dict(), with ``ema``
+    dropped: list = field(default_factory=list)  # per member: None or {"step", "eta", "reason"}
     source: Path | None = None  # the file it was read from
+
+
+def configs_hash(configs) -> str:
+    """The hash a checkpoint of ``configs`` (one run's, or a population's) carries."""
+    return "+".join(c.config_hash() for c in configs)
 
 
 def save_checkpoint(run_dir, ckpt: Checkpoint) -> None:
@@ -250,8 +257,9 @@ def save_checkpoint(run_dir, ckpt: Checkpoint) -> None:
         "format_version": CHECKPOINT_FORMAT_VERSION, "klayer_version": __version__,
         "step": ckpt.step, "epoch": ckpt.epoch,
         "running_initialised": ckpt.running_initialised, "rng_state": ckpt.rng_state,
-        "rng_states": ckpt.rng_states,
-        "history": ckpt.history, "timings": ckpt.timings, "config_hash": ckpt.config_hash,
+        "rng_states": ckpt.rng_states, "histories": ckpt.histories,
+        "dropped": ckpt.dropped or [None] * len(ckpt.histories),
+        "timings": ckpt.timings, "config_hash": ckpt.config_hash,
     }
     if ckpt.ema_state:
         meta["ema_step"] = int(ckpt.ema_state["step"])
@@ -276,7 +284,8 @@ def load_checkpoint(run_dir) -> Checkpoint:
     """The newest readable checkpoint of ``run_dir``: checkpoint.npz, or, when it is
     missing or damaged, checkpoint.prev.npz (with a :class:`CheckpointWarning`).
 
-    Arrays are checked against the network when restored (:func:`restore_network`).
+    Arrays are checked against the network when restored
+    (:func:`klayer.modelfile.restore_network`).
     """
     run_dir = Path(run_dir)
     problems = []
@@ -302,19 +311,24 @@ def load_checkpoint(run_dir) -> Checkpoint:
 
 
 def _read_checkpoint(path: Path) -> Checkpoint:
-    arrays = _read_npz(path.read_bytes(), path, advice=None)
+    arrays = read_npz(path.read_bytes(), path, advice=None)
     try:
         meta = json.loads(str(arrays.pop("meta")))
         groups = {"param": {}, "buffer": {}, "optim": {}, "ema": {}}
         for key, value in arrays.items():
             group, _, name = key.partition(".")
             groups[group][name] = value
+        rng_states = meta.get("rng_states", {})
+        if "history" in meta:  # format 1: one run's
+            meta["histories"], meta["dropped"] = [meta["history"]], [None]
+            if "dropout" in rng_states:
+                rng_states["dropout"] = [rng_states["dropout"]]
         return Checkpoint(
             step=int(meta["step"]), epoch=int(meta["epoch"]), params=groups["param"],
             buffers=groups["buffer"], running_initialised=bool(meta["running_initialised"]),
             optimizer_state={k: v[()] if v.ndim == 0 else v for k, v in groups["optim"].items()},
-            rng_state=meta["rng_state"], history=meta["history"], timings=meta["timings"],
-            config_hash=meta["config_hash"], rng_states=meta.get("rng_states", {}),
+            rng_state=meta["rng_state"], histories=meta["histories"], timings=meta["timings"],
+            config_hash=meta["config_hash"], rng_states=rng_states, dropped=meta["dropped"],
             ema_state=({"step": int(meta["ema_step"]), **groups["ema"]}
                        if "ema_step" in meta else {}),
             source=path,
@@ -357,21 +371,24 @@ def fault_callbacks() -> list:
 class RunFolder:
     """The folder a training run writes into, locked while the run lasts.
 
-    ``with RunFolder(path, config, resume=..., restart=...) as folder:`` locks the folder
+    ``with RunFolder(path, configs, resume=..., restart=...) as folder:`` locks the folder
     (:func:`folder_lock`) and opens it: a new run writes config.toml; ``resume`` checks
-    that the saved config is ``config``; ``restart`` clears a run already there. Then
-    :meth:`checkpoint` after every epoch, :meth:`last_checkpoint` to resume and
-    :meth:`finish` at the end. With ``path`` None nothing is written.
+    that the saved config is the run's; ``restart`` clears a run already there. Then
+    :meth:`checkpoint` after every epoch and :meth:`last_checkpoint` to resume. With
+    ``path`` None nothing is written. ``configs``: the run's config, or a population's
+    (its checkpoint folder holds no config.toml and no history.csv: those go to each
+    member's run folder at the end).
     """
 
-    def __init__(self, path, config: TrainConfig, resume: bool = False,
-                 restart: bool = False):
+    def __init__(self, path, configs, resume: bool = False, restart: bool = False):
         if resume and restart:
             raise UserError("resume a run or restart it, not both")
         if resume and path is None:
-            raise UserError("resume needs the run folder to continue (run_dir)")
+            raise UserError("resume needs the folder to continue (run_dir or checkpoint_dir)")
         self.path = None if path is None else Path(path)
-        self.config, self.resume, self.restart = config, resume, restart
+        self.configs = [configs] if isinstance(configs, TrainConfig) else list(configs)
+        self.config = self.configs[0] if len(self.configs) == 1 else None
+        self.resume, self.restart = resume, restart
         self.last_step = None  # step of the last checkpoint written or read
         self.finished = False  # resuming a run that left its model and summary: no writes
         self._lock = ExitStack()
@@ -379,7 +396,7 @@ class RunFolder:
     def __enter__(self) -> "RunFolder":
         if self.path is None:
             return self
-        if self.resume:
+        if self.resume and self.config is not None:
             read_config(self.path)  # before creating anything: is it a run folder?
         self._lock.enter_context(folder_lock(self.path, "klayer train"))
         try:
@@ -396,7 +413,8 @@ class RunFolder:
         for tmp in self.path.glob(".*.tmp"):  # left by a killed writer; never trusted
             tmp.unlink()
         if self.resume:
-            if read_config(self.path).config_hash() != self.config.config_hash():
+            if self.config is not None and \
+                    read_config(self.path).config_hash() != self.config.config_hash():
                 raise UserError(f"{self.path} was started with another configuration "
                                 f"(see its {CONFIG_FILE}); resume it with that one")
             self.finished = all((self.path / name).exists()
@@ -404,49 +422,35 @@ class RunFolder:
             return
         if any((self.path / name).exists() for name in RUN_FILES[:5]):
             if not self.restart:
-                raise UserError(
-                    f"{self.path} already holds a run: resume it (klayer train --resume "
-                    f"{self.path}), start it again (add --restart) or choose another "
-                    "output folder")
+                what = "a run: resume it (klayer train --resume " f"{self.path})" \
+                    if self.config is not None else "a checkpoint: resume it (resume=True)"
+                raise UserError(f"{self.path} already holds {what}, start it again (add "
+                                "--restart) or choose another output folder")
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
-        write_config(self.path, self.config.replace(out=str(self.path)))
+        if self.config is not None:
+            write_config(self.path, self.config.replace(out=str(self.path)))
 
     def last_checkpoint(self) -> Checkpoint:
         """The checkpoint to resume from (see :func:`load_checkpoint`)."""
         ckpt = load_checkpoint(self.path)
-        if ckpt.config_hash != self.config.config_hash():
-            raise UserError(f"the checkpoint in {self.path} belongs to another configuration "
-                            f"than its {CONFIG_FILE}; start a new run instead")
+        if ckpt.config_hash != configs_hash(self.configs):
+            raise UserError(f"the checkpoint in {self.path} belongs to other configs than "
+                            "this run's; start a new run instead")
         if ckpt.source.name == PREVIOUS_CHECKPOINT_FILE:  # the newest is damaged: drop it,
             (self.path / CHECKPOINT_FILE).unlink(missing_ok=True)  # or it would replace this
         self.last_step = ckpt.step
-        self.finished = self.finished and ckpt.step == self.config.total_steps
+        self.finished = self.finished and ckpt.step == self.configs[0].total_steps
         return ckpt
 
     def checkpoint(self, ckpt: Checkpoint) -> None:
-        """Save the checkpoint and the history so far."""
+        """Save the checkpoint (and a run's history so far)."""
         if self.path is None:
             return
         save_checkpoint(self.path, ckpt)
-        write_history(self.path / HISTORY_FILE, ckpt.history)
+        if self.config is not None:
+            write_history(self.path / HISTORY_FILE, ckpt.histories[0])
         self.last_step = ckpt.step
-
-    def finish(self, result, data) -> None:
-        """The model, history, summary and curves of a finished ``TrainResult`` (kept as
-        they are when the run had finished before)."""
-        if self.path is None or self.finished:
-            return
-        from klayer import plots
-
-        c = result.config
-        folded = None if c.whiten == "none" else {
-            "method": c.whiten, "eps": c.whiten_eps, "components": c.whiten_components}
-        save_model(self.path, result.network, getattr(data, "standardizer", None),
-                   getattr(data, "class_names", None), folded_whitening=folded)
-        write_history(self.path / HISTORY_FILE, result.history)
-        write_summary(self.path, result.summary())
-        plots.plot_history(result.history, self.path, title=self.path.name)
 
     def whitening(self, fit):
         """The run's whitening: the one stored in whitening.npz when resuming, else
@@ -455,14 +459,14 @@ class RunFolder:
 
         path = None if self.path is None else self.path / WHITENING_FILE
         if self.resume and path.exists():
-            arrays = _read_npz(path.read_bytes(), path, advice="delete it to fit it again")
+            arrays = read_npz(path.read_bytes(), path, advice="delete it to fit it again")
             try:
                 meta = json.loads(str(arrays.pop("meta")))
                 whitening = Whitening.from_arrays(arrays, meta)
             except (KeyError, TypeError, ValueError) as exc:
                 raise UserError(f"{path} is not a klayer whitening ({exc}); delete it to "
                                 "fit it again") from None
-            c = self.config
+            c = self.configs[0]
             if (whitening.method, whitening.eps, whitening.components) != \
                     (c.whiten, c.whiten_eps, c.whiten_components):
                 raise UserError(f"{path} holds another whitening than {CONFIG_FILE} asks "
@@ -482,244 +486,7 @@ class RunFolder:
                 f"{self.path / CHECKPOINT_FILE}")
 
 
-# --- models --------------------------------------------------------------------------------
-
-
-def save_model(run_dir, net: Network, standardizer=None, class_names=None,
-               folded_whitening: dict | None = None) -> None:
-    """model.npz (params and moving averages by name) and its header model.json.
-
-    The header holds ``net.hyperparameters()``, the standardizer's ``to_dict()``, the
-    class names, the versions and a checksum of model.npz and of the header itself
-    (:func:`model_checksum`); model.npz is written first. ``folded_whitening``: for
-    information only, the whitening the network was trained behind and that is folded
-    into its first layer (the network takes standardised rows like any other).
-    """
-    run_dir = Path(run_dir)
-    buf = io.BytesIO()
-    np.savez(buf, **net.params, **net.buffers)
-    data = buf.getvalue()
-    atomic_write(run_dir / MODEL_FILE, lambda f: f.write(data))
-    header = {
-        "format": "klayer-model",
-        "format_version": FORMAT_VERSION,
-        "klayer_version": __version__,
-        "architecture": net.hyperparameters(),
-        "running_initialised": net.running_initialised,
-        "standardizer": None if standardizer is None else standardizer.to_dict(),
-        "class_names": None if class_names is None else list(class_names),
-    }
-    if folded_whitening is not None:
-        header["folded_whitening"] = folded_whitening
-    header["checksum"] = model_checksum(data, header)
-    write_json(run_dir / HEADER_FILE, header)
-
-
-def model_checksum(npz_bytes: bytes, header: dict) -> str:
-    """SHA-256 of everything that changes a prediction: the bytes of model.npz, then the
-    canonical JSON (sorted keys) of the header without its ``checksum`` field."""
-    fields = {k: v for k, v in header.items() if k != "checksum"}
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    h = hashlib.sha256(hashlib.sha256(npz_bytes).digest())
-    h.update(canonical.encode("ascii"))
-    return "sha256:" + h.hexdigest()
-
-
-def load_model(path):
-    """(Network, Standardizer or None, class names or None) from a run folder or model file.
-
-    ``path``: a run folder, its model.npz or its model.json. Raises FileNotFoundError
-    for a missing file and ValueError naming the problem for a truncated, edited or
-    malformed one. The header is checked against the shapes stored in model.npz before
-    any network is built, and the checksum covers both files.
-    """
-    path = Path(path)
-    if path.is_dir():
-        npz_path, header_path = path / MODEL_FILE, path / HEADER_FILE
-    else:
-        npz_path, header_path = path.with_suffix(".npz"), path.with_suffix(".json")
-    for p in (npz_path, header_path):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} not found: {path} holds no saved klayer model "
-                                    "(train one with `klayer train`, or check the path)")
-    header = _read_header(header_path)
-    expected = _declared_arrays(header, header_path)
-    data = npz_path.read_bytes()
-    _check_stored_arrays(_npz_headers(data, npz_path), expected, npz_path)
-    arrays = _read_npz(data, npz_path)
-    try:
-        net = Network.from_hyperparameters(header["architecture"])
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{header_path}: invalid architecture ({exc}); the header is "
-                        "damaged: restore it or retrain") from None
-    buffers = {k: arrays.pop(k) for k in list(arrays) if k.startswith("running_")}
-    restore_network(net, arrays, buffers, header["running_initialised"], npz_path)
-    standardizer = _header_standardizer(header, net, header_path)
-    if model_checksum(data, header) != header["checksum"]:
-        raise UserError(f"{header_path} or {npz_path.name} does not match the checksum in "
-                        f"{header_path.name}: a file was changed after it was saved "
-                        "(weights, class names, standardizer or architecture); restore "
-                        "it or retrain")
-    return net, standardizer, header["class_names"]
-
-
-def restore_network(net: Network, params: dict, buffers: dict, running_initialised: bool,
-                    source) -> None:
-    """Put saved arrays into ``net`` after checking names, shapes, dtypes and values."""
-    expected = {k: v.shape for k, v in net.params.items()}
-    expected_buffers = {}
-    if net.batch_norm and running_initialised:
-        for l in range(1, net.num_layers):
-            m = net.sizes[l]
-            expected_buffers[f"running_mean{l}"] = expected_buffers[f"running_var{l}"] = (m,)
-    stored = {name: (a.shape, a.dtype) for name, a in {**params, **buffers}.items()}
-    _check_stored_arrays(stored, {"parameters": (expected, net.dtype),
-                                  "moving averages": (expected_buffers, net.dtype)}, source)
-    for name, a in {**params, **buffers}.items():
-        if not np.isfinite(a).all():
-            raise UserError(f"{source}: {name} contains NaN or infinite values; the run "
-                            "diverged or the file is damaged: retrain it")
-    for name, a in buffers.items():
-        if name.startswith("running_var") and (a < 0).any():
-            raise UserError(f"{source}: {name} has negative variances; the file is damaged")
-    net.params = {k: np.array(params[k]) for k in expected}
-    net.buffers = {k: np.array(buffers[k]) for k in expected_buffers}
-    net.running_initialised = bool(running_initialised)
-
-
-def _check_stored_arrays(stored: dict, expected: dict, source) -> None:
-    """stored: {name: (shape, dtype)}; expected: {what: ({name: shape}, dtype)}, "what"
-    being "parameters" or "moving averages" (names starting with ``running_``)."""
-    for what, (shapes, dtype) in expected.items():
-        got = {k: v for k, v in stored.items()
-               if k.startswith("running_") == (what == "moving averages")}
-        missing, extra = sorted(set(shapes) - set(got)), sorted(set(got) - set(shapes))
-        if missing or extra:
-            raise UserError(
-                f"{source}: {what} do not match the architecture in the header "
-                f"(missing {missing or 'none'}, unexpected {extra or 'none'}); the file was "
-                "written for another network or was edited: retrain or restore it")
-        for name, shape in shapes.items():
-            got_shape, got_dtype = got[name]
-            if got_shape != shape:
-                raise UserError(f"{source}: {name} has shape {got_shape} but the architecture "
-                                f"in the header needs {shape}; retrain or restore the file")
-            if got_dtype != dtype:
-                raise UserError(f"{source}: {name} has dtype {got_dtype} but the header says "
-                                f"{dtype}; retrain or restore the file")
-
-
-def _declared_arrays(header: dict, path: Path) -> dict:
-    """{"parameters": ({name: shape}, dtype), "moving averages": (...)} that the header's
-    architecture declares, computed without building the network; absurd sizes refused."""
-    arch = header["architecture"]
-
-    def sizes(value, name):
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-            raise UserError(f"{path}: invalid architecture ({name} must be positive integers, "
-                            f"got {value!r}); the header is damaged: restore it or retrain")
-        return values
-
-    try:
-        widths = [*sizes(arch["input_size"], "input_size"),
-                  *sizes(arch["hidden_sizes"], "hidden_sizes"),
-                  *sizes(arch["num_classes"], "num_classes")]
-        dtype = np.dtype(arch["dtype"])
-        norm = bool(arch.get("batch_norm")) or bool(arch.get("layer_norm"))
-        batch_norm = bool(arch.get("batch_norm"))
-    except (KeyError, TypeError) as exc:
-        raise UserError(f"{path}: invalid architecture ({exc!r}); the header is damaged: "
-                        "restore it or retrain") from None
-    k = len(widths) - 1
-    params, buffers = {}, {}
-    for l in range(1, k + 1):
-        m = widths[l]
-        params[f"W{l}"], params[f"b{l}"] = (m, widths[l - 1]), (m,)
-        if norm and l < k:
-            params[f"gamma{l}"] = params[f"beta{l}"] = (m,)
-        if batch_norm and l < k and header["running_initialised"]:
-            buffers[f"running_mean{l}"] = buffers[f"running_var{l}"] = (m,)
-    values = sum(int(np.prod(s)) for s in (*params.values(), *buffers.values()))
-    if values > MAX_MODEL_VALUES:
-        raise UserError(f"{path}: the architecture declares {values} parameters, more than "
-                        f"klayer loads ({MAX_MODEL_VALUES}); the header is damaged: restore "
-                        "it or retrain")
-    return {"parameters": (params, dtype), "moving averages": (buffers, dtype)}
-
-
-def _npz_headers(data: bytes, path: Path) -> dict:
-    """{name: (shape, dtype)} of the arrays in an npz file, read from the .npy headers
-    without loading any array."""
-    try:
-        out = {}
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            for info in z.infolist():
-                with z.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-                    elif version == (2, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-                    else:
-                        raise UserError(f"unsupported .npy version {version}")
-                if dtype.hasobject:
-                    raise UserError(f"{info.filename} holds Python objects")
-                out[info.filename.removesuffix(".npy")] = (shape, dtype)
-        return out
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is truncated or not a NumPy .npz file ({exc}); "
-                        "restore it or retrain") from None
-
-
-def _read_header(path: Path) -> dict:
-    try:
-        header = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); the header is damaged: "
-                        "restore it or retrain") from None
-    if not isinstance(header, dict) or header.get("format") != "klayer-model":
-        raise UserError(f"{path} is not a klayer model header")
-    version = header.get("format_version")
-    if isinstance(version, int) and version < FORMAT_VERSION:
-        raise UserError(f"{path} has model format {version!r}, written by an older klayer, "
-                        f"whose checksum does not cover the header; this klayer "
-                        f"({__version__}) reads format {FORMAT_VERSION}: retrain the model "
-                        "or re-save it (runs.save_model) with this klayer")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{path} has model format {version!r}; this klayer "
-                        f"({__version__}) reads format {FORMAT_VERSION}: use a matching klayer")
-    required = ("architecture", "running_initialised", "standardizer", "class_names",
-                "checksum")
-    missing = [k for k in required if k not in header]
-    if missing:
-        raise UserError(f"{path} lacks {missing}; the header is damaged: restore it or retrain")
-    if not isinstance(header["architecture"], dict):
-        raise UserError(f"{path}: architecture must be a JSON object")
-    names = header["class_names"]
-    if names is not None and (not isinstance(names, list) or
-                              len(names) != header["architecture"].get("num_classes")):
-        raise UserError(f"{path}: class_names must list one name per class")
-    return header
-
-
-def _header_standardizer(header: dict, net: Network, path: Path):
-    if header["standardizer"] is None:
-        return None
-    from klayer.data import Standardizer
-
-    try:
-        std = Standardizer.from_dict(header["standardizer"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path}: invalid standardizer ({exc}); restore the header or retrain") \
-            from None
-    if std.mean.shape != (net.input_size,):
-        raise UserError(f"{path}: the standardizer has {std.mean.shape[0]} dimensions but the "
-                        f"network takes {net.input_size}; restore the header or retrain")
-    return std
-
-
-def _read_npz(data: bytes, path: Path, advice: str | None = "restore it or retrain") -> dict:
+def read_npz(data: bytes, path: Path, advice: str | None = "restore it or retrain") -> dict:
     """All arrays of an npz file held in ``data``, loaded without pickle after checking
     every member's CRC (a damaged byte anywhere is caught, not only a truncation)."""
     try:

@@ -1,4 +1,5 @@
-"""The training loop: mini-batch gradient descent with a learning-rate schedule.
+"""The training loop: mini-batch gradient descent with a learning-rate schedule, for one
+network or for a population of K trained in lockstep.
 
 For update step t = 0 .. T-1 (T = cycles · 2 n_s):
     η_t  = schedule(t)
@@ -9,9 +10,10 @@ Each epoch visits floor(n / batch_size) mini-batches of a fresh permutation draw
 seeded generator (the few examples left over are skipped that epoch). The history is
 recorded in eval mode (moving averages) at ``config.eval_steps()``.
 With augmentation, each mini-batch is transformed on the fly (:mod:`klayer.levers.augment`);
-with dropout, each step draws fresh masks. Shuffling, augmentation and dropout draw from
-generators seeded with (seed, stream), so turning one on does not change the others'
-draws. With ``precise_bn``, the final statistics are recomputed (:mod:`klayer.levers.bn_stats`)
+with dropout, each step draws fresh masks. Shuffling, augmentation and mixing draw from
+generators seeded with (``data_seed``, stream), ``data_seed`` being ``seed`` unless set;
+dropout from (``seed``, stream); so turning one on does not change the others' draws.
+With ``precise_bn``, the final statistics are recomputed (:mod:`klayer.levers.bn_stats`)
 and the results with the moving averages are kept beside them.
 
 The levers beyond that, in the order a mini-batch meets them:
@@ -24,7 +26,7 @@ The levers beyond that, in the order a mini-batch meets them:
   (3072, 3072) product per step, more than the step of the best MLP itself.
 - augmentation (flips, translations padded as ``pad_mode`` says, jitter), then MixUp /
   CutMix (``mixup``, ``cutmix``: a fifth generator stream; the loss takes the mixed
-  targets (y_a, y_b, λ) directly);
+  targets (y_a, y_b, weight) directly);
 - ``whiten = "pca"``: the projection onto the top ``whiten_components`` directions is
   applied to every batch after augmentation (the projected rows are not images any
   more, so it cannot come first);
@@ -40,17 +42,26 @@ the final network is the averaged one (batch-norm statistics recomputed for it o
 beside it in summary.json. On CIFAR-10 images, the final evaluation also records
 ``test_accuracy_tta``: test-time flip averaging (:mod:`klayer.levers.tta`).
 
-The loop prints nothing and touches no file itself: progress goes to callbacks, and when
-a run folder is given, a :class:`klayer.runs.RunFolder` (locked while the run lasts)
-writes the checkpoint after every epoch and the model, history, summary and figures at
-the end; :func:`finish` does the final evaluation and PreciseBN. A checkpoint holds the
-random state, so a resumed run ends with the same weights, bit for bit, as an
-uninterrupted one.
+Populations. :func:`train_population` trains K configs that share everything but the
+options marked ``member`` in :mod:`klayer.config` (λ, η range and schedule, init, seed,
+dropout, label smoothing, ...) as one :class:`klayer.nn.population.Population`: one
+mini-batch stream (shuffle, augmentation, mixing and whitening run once per step for
+all), each member's own dropout masks (from its own seed), its own weight average. A
+member follows the trajectory it would follow trained alone with the same
+``data_seed``, up to rounding. :func:`train` is the same loop with K = 1 (on a plain
+:class:`klayer.nn.network.Network`). What happens when the cost or a weight becomes
+non-finite is a policy: a run alone stops with a :class:`DivergenceError`; a
+population drops the member (with its step and reason) and the others go on.
+
+The loop prints nothing and touches no file itself: progress goes to callbacks, and
+a :class:`klayer.runs.RunFolder` (locked while the run lasts) writes the checkpoint after
+every epoch and each member's model, history, summary and figures at the end;
+:func:`finish` does the final evaluation and PreciseBN. A checkpoint holds the random
+state, so a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -60,20 +71,22 @@ from pathlib import Path
 import numpy as np
 
 from klayer import runs
+from klayer.config import TrainConfig, check_population
 from klayer.levers import augment
 from klayer.levers.bn_stats import population_statistics, use_statistics
-from klayer.config import TrainConfig
 from klayer.levers.ema import EMA
-from klayer.nn.errors import UserError
-from klayer.nn.network import Network
 from klayer.levers.tta import flip_average_accuracy
 from klayer.levers.whiten import Whitening
+from klayer.modelfile import restore_network, save_model
+from klayer.nn.network import Network
 from klayer.nn.optim import make_optimizer
-from klayer.nn.schedules import make_schedule
+from klayer.nn.population import Population, select_optimizer
+from klayer.nn.schedules import PerMember, make_schedule
+from klayer.nn.errors import UserError
 
-SHUFFLE_STREAM = 1  # the shuffling generator is seeded with (seed, SHUFFLE_STREAM)
+SHUFFLE_STREAM = 1  # the shuffling generator is seeded with (data_seed, SHUFFLE_STREAM)
 AUGMENT_STREAM = 2
-DROPOUT_STREAM = 3
+DROPOUT_STREAM = 3  # seeded with (seed, DROPOUT_STREAM): each member's own
 MIX_STREAM = 4  # MixUp and CutMix
 EMA_BN_BATCHES = 50  # batches for the EMA weights' batch-norm statistics (without precise_bn)
 
@@ -94,7 +107,9 @@ class TrainEvent:
     """What callbacks receive.
 
     kind: "step" after every update, "eval" after each history point (``record`` is the
-    new history row), "epoch" after each finished (and checkpointed) epoch.
+    new history row), "epoch" after each finished (and checkpointed) epoch. In a
+    population, ``eta``, ``cost`` and ``record`` are the first active member's and
+    ``active`` lists the indices of the configs still training.
     """
 
     kind: str
@@ -104,6 +119,7 @@ class TrainEvent:
     eta: float  # η of the last update
     cost: float  # mini-batch cost of the last update (nan before the first)
     record: dict | None = None
+    active: tuple = (0,)
 
 
 @dataclass
@@ -115,9 +131,9 @@ class TrainResult:
     statistics and ``final_moving_average`` the moving averages; ``best_*`` is the
     history row with the highest validation accuracy; ``timings`` has train_seconds
     (updates), eval_seconds (history and final evaluation) and total_seconds, summed over
-    resumed sessions. With ``ema``, ``final`` is the averaged weights' and
-    ``final_without_ema`` the plain weights'. On image data with a test set, ``final``
-    also holds ``test_accuracy_tta`` (test-time flip averaging).
+    resumed sessions (a population's, with ``population_size``). With ``ema``, ``final``
+    is the averaged weights' and ``final_without_ema`` the plain weights'. On image data
+    with a test set, ``final`` also holds ``test_accuracy_tta`` (test-time flip averaging).
     """
 
     config: TrainConfig
@@ -130,7 +146,7 @@ class TrainResult:
     steps: int
     epochs: float
     timings: dict
-    run_dir: Path | None = None
+    run_dir: object = None
     final_moving_average: dict | None = None
     final_without_ema: dict | None = None
 
@@ -156,6 +172,18 @@ class TrainResult:
 
 
 @dataclass
+class Dropped:
+    """A population member removed when it diverged."""
+
+    config: TrainConfig
+    step: int  # the update step whose cost (or weights) were not finite
+    eta: float
+    reason: str
+    history: list  # the history it had recorded until then
+    run_dir: object = None
+
+
+@dataclass
 class _Clock:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
@@ -178,7 +206,7 @@ def build_network(config: TrainConfig, input_size: int, num_classes: int = 10) -
 
 def evaluate(net: Network, splits: dict, lam: float) -> dict:
     """``{f"{name}_loss", f"{name}_cost", f"{name}_accuracy"}`` for each (X, y) in splits,
-    in eval mode."""
+    in eval mode (a population: one value per member)."""
     out = {}
     for name, (X, y) in splits.items():
         for key, value in net.evaluate(X, y, lam).items():
@@ -186,7 +214,6 @@ def evaluate(net: Network, splits: dict, lam: float) -> dict:
     return out
 
 
-@np.errstate(over="ignore", invalid="ignore")  # overflow is the divergence guard's to report
 def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = False,
           restart: bool = False) -> TrainResult:
     """Train the network ``config`` describes on preloaded ``data``.
@@ -200,31 +227,48 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
     restart: start again in a run_dir that already holds a run (its files are replaced).
     Raises :class:`DivergenceError` when the cost or a parameter becomes non-finite.
     """
+    [result] = train_population([config], data, callbacks, run_dir, resume, restart,
+                                run_dirs=[run_dir], on_divergence="raise")
+    return result
+
+
+@np.errstate(over="ignore", invalid="ignore")  # overflow is the divergence guard's to report
+def train_population(configs, data, callbacks=(), checkpoint_dir=None, resume: bool = False,
+                     restart: bool = False, run_dirs=None, on_divergence: str = "drop") -> list:
+    """Train K configs as one population on preloaded ``data`` (as :func:`train`).
+
+    configs: TrainConfigs that share every option not marked ``member`` and their
+    ``data_seed`` (:func:`klayer.config.check_population`).
+    callbacks: functions called with a :class:`TrainEvent`.
+    checkpoint_dir: folder of the population's checkpoint (written after every epoch);
+    resume: continue from it, with the same configs; restart: replace what it holds.
+    run_dirs: per config, the run folder its results are written to (None: none).
+    on_divergence: "drop" a member whose cost or weights become non-finite (it is
+    returned as a :class:`Dropped`), or "raise" a :class:`DivergenceError`.
+    Returns, per config, a :class:`TrainResult` or a :class:`Dropped`.
+    """
+    configs = list(configs)
+    check_population(configs)
+    first = configs[0]
     num_classes = len(data.class_names) if getattr(data, "class_names", None) else 10
-    splits = checked_splits(data, config.dtype, num_classes)
+    splits = checked_splits(data, first.dtype, num_classes)
     X_train, y_train = splits["train"]
     n, d = X_train.shape
-    B, total, eval_steps = config.batch_size, config.total_steps, set(config.eval_steps())
+    B, total = first.batch_size, first.total_steps
     steps_per_epoch = _steps_per_epoch(n, B)
-    augmentation, mixing = _augmentation(config, d), _mixing(config, d)
-    schedule = make_schedule(config)
+    augmentation, mixing = _augmentation(first, d), _mixing(first, d)
     emit = _broadcast([*callbacks, *runs.fault_callbacks()])
 
-    def record(step, eta):  # a history point, in eval mode; eta: η_t at this step
-        row = state.record(step, eta, seen)
-        emit(TrainEvent("eval", step, total, row["epoch"], eta, cost, row))
-
-    with runs.RunFolder(run_dir, config, resume=resume, restart=restart) as folder:
-        whitening = None if config.whiten == "none" else \
-            folder.whitening(partial(fit_whitening, config, X_train))
-        seen = whitened_splits(splits, whitening, config.dtype)  # what the network sees
-        X_rows = seen["train"][0] if config.whiten == "zca" else X_train  # batches from
-        per_batch = (lambda A: whitening.transform(A, config.dtype)) \
-            if config.whiten == "pca" else (lambda A: A)
+    with runs.RunFolder(checkpoint_dir, configs, resume=resume, restart=restart) as folder:
+        whitening = None if first.whiten == "none" else \
+            folder.whitening(partial(fit_whitening, first, X_train))
+        seen = whitened_splits(splits, whitening, first.dtype)  # what the network sees
+        X_rows = seen["train"][0] if first.whiten == "zca" else X_train  # batches from
+        per_batch = (lambda A: whitening.transform(A, first.dtype)) \
+            if first.whiten == "pca" else (lambda A: A)
         batches = Batches(X_rows, y_train, B)
-        state = TrainState.start(config, seen["train"][0].shape[1], num_classes,
-                                 steps_per_epoch)
-        net, optimizer = state.net, state.optimizer
+        state = TrainState.start(configs, seen["train"][0].shape[1], num_classes,
+                                 steps_per_epoch, on_divergence)
         if resume:
             state.restore(folder.last_checkpoint())
         else:
@@ -232,46 +276,139 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
         cost = math.nan
         for step in range(state.step, total):
             t0 = time.perf_counter()
-            j = step % state.steps_per_epoch
+            j = step % steps_per_epoch
             if j == 0:  # a new epoch (checkpoints fall here too): one permutation
                 order = state.shuffle.permutation(n)
             Xb, yb = batches(order, j)
-            eta = schedule(step)
+            eta = state.schedule(step)
             if step == 0:
                 state.clock.train_seconds += time.perf_counter() - t0
-                _record_initial(net, per_batch(Xb), yb, config.lam, partial(record, 0, eta))
+                _record_initial(state.net, per_batch(Xb), yb, state.lam,
+                                partial(state.record, 0, seen, emit, cost))
                 t0 = time.perf_counter()
             if augmentation.active:
                 Xb = augmentation(Xb, state.generators["augment"])
             targets = yb
             if mixing.active:
                 Xb, *mixed = mixing(Xb, yb, state.generators["mix"])
-                targets = tuple(mixed)  # (y_a, y_b, λ): the loss mixes the two targets
+                targets = tuple(mixed)  # (y_a, y_b, weight): the loss mixes the two targets
             Xb = per_batch(Xb)
-            masks = net.dropout_masks(B, state.generators["dropout"]) if net.dropout else None
-            loss = net.loss(Xb, targets, config.lam, mode="train", grads=True, check=False,
-                            masks=masks)
-            cost = loss.cost
-            if not math.isfinite(cost):
-                raise _divergence(net, step, eta, f"the mini-batch cost is {cost}", folder)
-            optimizer.step(net.params, loss.grads, eta)
-            net.update_running_stats(loss.batch_stats)
+            net = state.net
+            loss = net.loss(Xb, targets, state.lam, mode="train", grads=True, check=False,
+                            masks=state.dropout_masks(B))
+            grads, batch_stats = loss.grads, loss.batch_stats
+            bad = ~np.isfinite(np.atleast_1d(loss.cost))
+            if bad.any():
+                keep = state.diverged(bad, step, eta, "the mini-batch cost is not finite",
+                                      folder)
+                if not state.active:
+                    break
+                net = state.net
+                grads = {name: g[keep] for name, g in grads.items()}
+                batch_stats = {l: (mean[keep], var[keep])
+                               for l, (mean, var) in batch_stats.items()}
+                eta = eta[keep]
+            state.optimizer.step(net.params, grads, eta)
+            net.update_running_stats(batch_stats)
             if state.ema is not None:
                 state.ema.update(net.params)
             state.clock.train_seconds += time.perf_counter() - t0
             state.step = done = step + 1
-            epoch, end_of_epoch = done / state.steps_per_epoch, done % state.steps_per_epoch == 0
-            emit(TrainEvent("step", done, total, epoch, eta, cost))
-            if done in eval_steps:
-                record(done, schedule(done))
+            epoch, end_of_epoch = done / steps_per_epoch, done % steps_per_epoch == 0
+            cost = float(np.atleast_1d(loss.cost)[~bad][0])
+            emit(TrainEvent("step", done, total, epoch, _first(eta), cost,
+                            active=tuple(state.active)))
+            state.record(done, seen, emit, cost)
             if end_of_epoch or done == total:
-                _check_finite(net, done, eta, folder)
+                bad = state.non_finite()
+                if bad.any():
+                    state.diverged(bad, done, eta, "a parameter or moving average is not "
+                                   "finite", folder)
+                    if not state.active:
+                        break
                 folder.checkpoint(state.checkpoint())
                 if end_of_epoch:
-                    emit(TrainEvent("epoch", done, total, epoch, eta, cost))
-        result = finish(state, seen, folder.path, whitening=whitening, raw_splits=splits)
-        folder.finish(result, data)
-    return result
+                    emit(TrainEvent("epoch", done, total, epoch, _first(eta), cost,
+                                    active=tuple(state.active)))
+        results = finish(state, seen, whitening=whitening, raw_splits=splits,
+                         run_dirs=run_dirs)
+        for result in results:
+            if result.run_dir is not None and not folder.finished:  # finished: as it was
+                write_run(result.run_dir, result, data)
+    return results
+
+
+def write_run(run_dir, result, data=None) -> None:
+    """Write a finished run's (or population member's) results into its run folder:
+    config, model (the whitening folded in), history, summary and curves; a dropped
+    member's: config, history and a summary with its reason."""
+    from klayer import plots
+
+    run_dir, c = Path(run_dir), result.config
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_config(run_dir, c.replace(out=str(run_dir)))
+    runs.write_history(run_dir / runs.HISTORY_FILE, result.history)
+    if isinstance(result, Dropped):
+        runs.write_summary(run_dir, {"diverged": result.reason, "step": result.step})
+        return
+    folded = None if c.whiten == "none" else {
+        "method": c.whiten, "eps": c.whiten_eps, "components": c.whiten_components}
+    save_model(run_dir, result.network, getattr(data, "standardizer", None),
+               getattr(data, "class_names", None), folded_whitening=folded)
+    runs.write_summary(run_dir, result.summary())
+    plots.plot_history(result.history, run_dir, title=run_dir.name)
+
+
+def finish(state: "TrainState", splits: dict, whitening=None, raw_splits=None,
+           run_dirs=None) -> list:
+    """The final evaluation (test set included) of every member still training, each as
+    a run of its config alone would finish; its time is added to the state's
+    eval_seconds. Returns per config a :class:`TrainResult` or its :class:`Dropped`.
+
+    ``final`` is the last history row's train and val results and the test results;
+    with ``precise_bn``, the PreciseBN statistics replace the moving averages (the
+    results with those are kept in ``final_moving_average``); with ``ema``, the averaged
+    weights (statistics recomputed for them) replace the plain ones (kept in
+    ``final_without_ema``); on CIFAR-10 images, ``test_accuracy_tta`` is added.
+    splits: as the network sees them (whitened, if so); with a ``whitening``, the
+    returned networks have it folded into their first layer and take ``raw_splits``' rows.
+    """
+    t0 = time.perf_counter()  # train and val were just evaluated: the last history row
+    raw_splits = splits if raw_splits is None else raw_splits
+    run_dirs = run_dirs or [None] * len(state.configs)
+    results = list(state.outcome)
+    for k, net, ema in state.members():
+        config, history = state.configs[k], state.histories[k]
+        final = {key: v for key, v in history[-1].items() if key.startswith(("train_", "val_"))}
+        if "test" in splits:
+            final.update(evaluate(net, {"test": splits["test"]}, config.lam))
+        final, final_moving_average = with_precise_bn(net, config, splits, final)
+        final_without_ema = None
+        if ema is not None:
+            final_without_ema = _with_tta(final, net, raw_splits, whitening)
+            ema.swap_into(net, splits["train"][0], config.batch_size,
+                          config.precise_bn or EMA_BN_BATCHES, config.seed)
+            final = evaluate(net, splits, config.lam)
+        final = _with_tta(final, net, raw_splits, whitening)
+        if whitening is not None:
+            net = fold_whitening(net, whitening)
+        best = max(history, key=lambda row: row["val_accuracy"])
+        results[k] = TrainResult(
+            config=config, network=net, history=history, final=final,
+            best_val_accuracy=best["val_accuracy"], best_step=best["step"],
+            best_epoch=best["epoch"], steps=config.total_steps,
+            epochs=config.total_steps / state.steps_per_epoch, timings={},
+            final_moving_average=final_moving_average,
+            final_without_ema=final_without_ema)
+    state.clock.eval_seconds += time.perf_counter() - t0
+    timings = state.clock.as_dict()
+    if len(state.configs) > 1:
+        timings["population_size"] = len(state.configs)
+    for result, run_dir in zip(results, run_dirs):
+        result.run_dir = run_dir
+        if isinstance(result, TrainResult):
+            result.timings = dict(timings)
+    return results
 
 
 def with_precise_bn(net, config, splits: dict, final: dict) -> tuple[dict, dict | None]:
@@ -283,66 +420,6 @@ def with_precise_bn(net, config, splits: dict, final: dict) -> tuple[dict, dict 
     use_statistics(net, population_statistics(
         net, splits["train"][0], config.batch_size, config.precise_bn, seed=config.seed))
     return evaluate(net, splits, config.lam), final
-
-
-def finish(state: "TrainState", splits: dict, run_dir=None, whitening=None,
-           raw_splits=None) -> TrainResult:
-    """The final evaluation (test set included) of a trained state, through
-    :func:`finish_network`; its time is added to the state's eval_seconds.
-    splits: as the network sees them (whitened, if so); with a ``whitening``, the
-    returned network has it folded into its first layer and takes ``raw_splits``' rows.
-    """
-    config, net, clock = state.config, state.net, state.clock
-    t0 = time.perf_counter()  # train and val were just evaluated: the last history row
-    test = evaluate(net, {"test": splits["test"]}, config.lam) if "test" in splits else {}
-    result = finish_network(config, net, state.history, test, splits, state.steps_per_epoch,
-                            timings={}, ema=state.ema, whitening=whitening,  # {}: below
-                            raw_splits=raw_splits, run_dir=run_dir)
-    clock.eval_seconds += time.perf_counter() - t0
-    return dataclasses.replace(result, timings=clock.as_dict())
-
-
-def finish_network(config: TrainConfig, net: Network, history: list, test: dict,
-                   splits: dict, steps_per_epoch: int, timings: dict, ema: EMA | None = None,
-                   whitening=None, raw_splits=None, run_dir=None) -> TrainResult:
-    """The TrainResult of a network trained for ``config`` (alone, or as a member of a
-    population): ``final`` is the last history row's train and val results and ``test``
-    (test_loss, test_cost, test_accuracy, or empty without a test set); with
-    ``precise_bn``, the PreciseBN statistics replace the moving averages (the results
-    with those are kept in ``final_moving_average``); with ``ema``, the averaged weights
-    (statistics recomputed for them) replace the plain ones (kept in
-    ``final_without_ema``); on CIFAR-10 images, ``test_accuracy_tta`` is added. PreciseBN
-    replaces ``net``'s moving averages in place. splits, whitening, raw_splits: as
-    :func:`finish`.
-    """
-    raw_splits = splits if raw_splits is None else raw_splits
-    final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
-    final.update(test)
-    final_without_ema = None
-    final, final_moving_average = with_precise_bn(net, config, splits, final)
-    plain = net
-    if ema is not None:
-        final_without_ema = _with_tta(final, plain, raw_splits, whitening)
-        net = build_network(config, plain.input_size, plain.num_classes)
-        net.params = {k: v.copy() for k, v in ema.params.items()}
-        if net.batch_norm and net.num_layers > 1:
-            net.buffers = population_statistics(
-                net, splits["train"][0], config.batch_size,
-                config.precise_bn or EMA_BN_BATCHES, seed=config.seed)
-            net.running_initialised = True
-        final = evaluate(net, splits, config.lam)
-    final = _with_tta(final, net, raw_splits, whitening)
-    if whitening is not None:
-        net = fold_whitening(net, whitening)
-    best = max(history, key=lambda row: row["val_accuracy"])
-    return TrainResult(
-        config=config, network=net, history=history, final=final,
-        best_val_accuracy=best["val_accuracy"], best_step=best["step"],
-        best_epoch=best["epoch"], steps=config.total_steps,
-        epochs=config.total_steps / steps_per_epoch, timings=timings,
-        run_dir=run_dir, final_moving_average=final_moving_average,
-        final_without_ema=final_without_ema,
-    )
 
 
 def _with_tta(final: dict, net: Network, raw_splits: dict, whitening) -> dict:
@@ -392,41 +469,126 @@ def fold_whitening(net: Network, whitening: Whitening) -> Network:
 
 @dataclass
 class TrainState:
-    """Everything the loop changes, and so everything a checkpoint holds: the network,
-    the optimizer's state, the three generators, the history, the clock and the step."""
+    """Everything the loop changes, and so everything a checkpoint holds: the network (a
+    :class:`Population` when K > 1), the optimizer's state, the generators, the weight
+    average, each member's history and fate, the clock and the step."""
 
-    config: TrainConfig
+    configs: list
     net: Network
     optimizer: object
+    schedule: object  # η_t: a number, or a (K,) vector for a population
     steps_per_epoch: int
     shuffle: np.random.Generator  # one permutation per epoch
-    generators: dict  # "augment", "dropout" and "mix": their own streams
-    ema: EMA | None = None  # the weights' moving average, with ``ema``
-    history: list = field(default_factory=list)
+    generators: dict  # "augment" and "mix", shared by the members: their own streams
+    dropout: list  # one generator per config: its dropout masks
+    ema: EMA | None = None  # the weights' moving average, with ``ema`` (per member)
+    histories: list = field(default_factory=list)
+    outcome: list = field(default_factory=list)  # per config: None, or its Dropped
+    active: list = field(default_factory=list)  # indices of the configs still training
     clock: _Clock = field(default_factory=_Clock)
     step: int = 0  # updates done
+    on_divergence: str = "raise"
+    eval_steps: list = field(default_factory=list)  # per config: the steps it records
 
     @classmethod
-    def start(cls, config: TrainConfig, input_size: int, num_classes: int,
-              steps_per_epoch: int) -> "TrainState":
-        seed = config.seed
-        return cls(config, build_network(config, input_size, num_classes),
-                   make_optimizer(config.optimizer), steps_per_epoch,
-                   shuffle=np.random.default_rng([seed, SHUFFLE_STREAM]),
+    def start(cls, configs: list, input_size: int, num_classes: int, steps_per_epoch: int,
+              on_divergence: str = "raise") -> "TrainState":
+        if on_divergence not in ("raise", "drop"):
+            raise UserError(f"on_divergence must be 'raise' or 'drop', got {on_divergence!r}")
+        first, seed = configs[0], configs[0].stream_seed
+        nets = [build_network(c, input_size, num_classes) for c in configs]
+        schedules = [make_schedule(c) for c in configs]
+        return cls(configs, nets[0] if len(nets) == 1 else Population(nets),
+                   make_optimizer(first.optimizer),
+                   schedules[0] if len(nets) == 1 else PerMember(tuple(schedules)),
+                   steps_per_epoch, shuffle=np.random.default_rng([seed, SHUFFLE_STREAM]),
                    generators={"augment": np.random.default_rng([seed, AUGMENT_STREAM]),
-                               "dropout": np.random.default_rng([seed, DROPOUT_STREAM]),
                                "mix": np.random.default_rng([seed, MIX_STREAM])},
-                   ema=EMA(config.ema) if config.ema else None)
+                   dropout=[np.random.default_rng([c.seed, DROPOUT_STREAM]) for c in configs],
+                   ema=EMA(first.ema) if first.ema else None,
+                   histories=[[] for _ in configs], outcome=[None] * len(configs),
+                   active=list(range(len(configs))), on_divergence=on_divergence,
+                   eval_steps=[set(c.eval_steps()) for c in configs])
 
-    def record(self, step: int, eta: float, splits: dict) -> dict:
-        """Append the history row of ``step`` (train and val in eval mode) and return it."""
+    @property
+    def stacked(self) -> bool:
+        """Whether the arrays carry a member axis (a population)."""
+        return isinstance(self.net, Population)
+
+    @property
+    def lam(self):
+        """λ: a number, or the active members' (K,)."""
+        if not self.stacked:
+            return self.configs[0].lam
+        return np.array([self.configs[k].lam for k in self.active])
+
+    def dropout_masks(self, n: int):
+        """This step's dropout masks (None without dropout): each member's from its own
+        generator."""
+        rngs = [self.dropout[k] for k in self.active]
+        return self.net.dropout_masks(n, rngs if self.stacked else rngs[0]) or None
+
+    def members(self):
+        """(config index, network, weight average or None) of each active member: the
+        network itself for K = 1, else copies of each member's slices."""
+        if not self.stacked:
+            return [(k, self.net, self.ema) for k in self.active]  # none once dropped
+        return [(k, net, None if self.ema is None else self.ema.member(i))
+                for i, (k, net) in enumerate(zip(self.active, self.net.members()))]
+
+    def record(self, step: int, splits: dict, emit, cost: float) -> None:
+        """Append the history row of ``step`` (train and val in eval mode) of each active
+        member whose config records one there, and emit an "eval" event."""
+        wanted = [i for i, k in enumerate(self.active) if step in self.eval_steps[k]]
+        if not wanted:
+            return
         t0 = time.perf_counter()
-        row = {"step": step, "epoch": step / self.steps_per_epoch, "eta": eta}
-        row.update(evaluate(self.net, {"train": splits["train"], "val": splits["val"]},
-                            self.config.lam))
+        eta = np.atleast_1d(self.schedule(step))
+        metrics = {key: np.atleast_1d(value) for key, value in evaluate(
+            self.net, {"train": splits["train"], "val": splits["val"]}, self.lam).items()}
+        rows = []
+        for i in wanted:
+            row = {"step": step, "epoch": step / self.steps_per_epoch, "eta": float(eta[i])}
+            row.update({key: float(values[i]) for key, values in metrics.items()})
+            self.histories[self.active[i]].append(row)
+            rows.append(row)
         self.clock.eval_seconds += time.perf_counter() - t0
-        self.history.append(row)
-        return row
+        emit(TrainEvent("eval", step, self.configs[0].total_steps, rows[0]["epoch"],
+                        rows[0]["eta"], cost, rows[0], tuple(self.active)))
+
+    def non_finite(self) -> np.ndarray:
+        """(K,) booleans: the active member has a NaN or infinite parameter or moving
+        average."""
+        arrays = (*self.net.params.values(), *self.net.buffers.values())
+        if not self.stacked:
+            arrays = [a[None] for a in arrays]
+        return np.array([not all(np.isfinite(a[i]).all() for a in arrays)
+                         for i in range(len(self.active))])
+
+    def diverged(self, bad, step: int, eta, what: str, folder) -> np.ndarray:
+        """The members flagged in ``bad`` diverged at ``step``: raise a DivergenceError
+        (``on_divergence = "raise"``), or drop them and return the positions kept."""
+        if self.on_divergence == "raise":
+            raise _divergence(self.net, step, _first(eta), what, folder)
+        eta = np.broadcast_to(np.asarray(eta, float), bad.shape)
+        for i in np.flatnonzero(bad):
+            k = self.active[i]
+            reason = f"diverged at update step {step} (η = {eta[i]:.4g}): {what}"
+            self.outcome[k] = Dropped(self.configs[k], step, float(eta[i]), reason,
+                                      self.histories[k])
+        keep = np.flatnonzero(~bad)
+        self._select(keep)
+        return keep
+
+    def _select(self, keep) -> None:
+        """Go on with the active members at positions ``keep`` only."""
+        self.active = [self.active[i] for i in keep]
+        if self.stacked and self.active and len(keep) < self.net.size:
+            self.net = self.net.select(keep)
+            self.optimizer = select_optimizer(self.optimizer, keep)
+            self.schedule = self.schedule.select(keep)
+            if self.ema is not None:
+                self.ema.select(keep)
 
     def checkpoint(self) -> runs.Checkpoint:
         net = self.net
@@ -435,31 +597,48 @@ class TrainState:
             buffers=net.buffers, running_initialised=net.running_initialised,
             optimizer_state=self.optimizer.state_dict(),
             rng_state=self.shuffle.bit_generator.state,
-            rng_states={name: g.bit_generator.state for name, g in self.generators.items()},
-            history=self.history, timings=self.clock.as_dict(),
-            config_hash=self.config.config_hash(),
+            rng_states={**{name: g.bit_generator.state for name, g in self.generators.items()},
+                        "dropout": [g.bit_generator.state for g in self.dropout]},
+            histories=self.histories,
+            dropped=[None if d is None else {"step": d.step, "eta": d.eta, "reason": d.reason}
+                     for d in self.outcome],
+            timings=self.clock.as_dict(), config_hash=runs.configs_hash(self.configs),
             ema_state=self.ema.state_dict() if self.ema is not None else {},
         )
 
     def restore(self, ckpt: runs.Checkpoint) -> None:
-        """Continue from ``ckpt``: network, optimizer, generators, history and clock."""
-        runs.restore_network(self.net, ckpt.params, ckpt.buffers, ckpt.running_initialised,
+        """Continue from ``ckpt``: members dropped, network, optimizer, generators, weight
+        average, histories and clock."""
+        self.histories = ckpt.histories
+        for k, d in enumerate(ckpt.dropped):
+            if d is not None:
+                self.outcome[k] = Dropped(self.configs[k], d["step"], d["eta"], d["reason"],
+                                          self.histories[k])
+        self._select([k for k, d in enumerate(self.outcome) if d is None])
+        restore_network(self.net, ckpt.params, ckpt.buffers, ckpt.running_initialised,
                              ckpt.source)
         self.optimizer.load_state_dict(ckpt.optimizer_state)
         self.shuffle.bit_generator.state = ckpt.rng_state
         for name, generator in self.generators.items():
             if name in ckpt.rng_states:
                 generator.bit_generator.state = ckpt.rng_states[name]
+        for generator, state in zip(self.dropout, ckpt.rng_states.get("dropout", [])):
+            generator.bit_generator.state = state
         self.clock.train_seconds = ckpt.timings["train_seconds"]
         self.clock.eval_seconds = ckpt.timings["eval_seconds"]
         self.clock.before = ckpt.timings["total_seconds"]
-        self.step, self.history = ckpt.step, ckpt.history
+        self.step = ckpt.step
         if self.ema is not None:
             if not ckpt.ema_state and self.step:
                 raise UserError(f"{ckpt.source} holds no weight average (ema); start the run "
                                 "again")
             if ckpt.ema_state:
                 self.ema.load_state_dict(ckpt.ema_state)
+
+
+def _first(eta) -> float:
+    """η of the first active member (η itself for one network)."""
+    return float(np.atleast_1d(eta)[0])
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -503,7 +682,7 @@ def checked_splits(data, dtype, num_classes) -> dict:
             raise UserError(f"data: X_{name} contains NaN or infinite values")
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise UserError(f"data: y_{name} must lie in [0, {num_classes}), "
-                            f"got [{y.min()}, {y.max()}]")
+                             f"got [{y.min()}, {y.max()}]")
         splits[name] = (X, y)
     if splits["val"][0].shape[1] != splits["train"][0].shape[1]:
         raise UserError("data: X_train and X_val have different numbers of columns")
@@ -512,7 +691,8 @@ def checked_splits(data, dtype, num_classes) -> dict:
 
 def _record_initial(net: Network, Xb, yb, lam, record) -> None:
     """History point 0. With batch norm there are no moving averages yet: evaluate with
-    those the first update will set (this batch's statistics), then forget them again."""
+    those the first update will set (this batch's statistics), then forget them again.
+    ``lam``: a number, or one per member of a population."""
     if not net.batch_norm or net.running_initialised:
         record()
         return
@@ -556,13 +736,6 @@ def _broadcast(callbacks):
             callback(event)
 
     return emit
-
-
-def _check_finite(net, step, eta, folder) -> None:
-    """Before a checkpoint: every parameter and moving average must be finite."""
-    if _non_finite(net):
-        raise _divergence(net, step, eta, "a parameter or moving average is not finite",
-                          folder)
 
 
 def _non_finite(net) -> list[str]:

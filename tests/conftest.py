@@ -128,3 +128,15 @@ def pytest_runtest_teardown(item):
         pytest.fail(f"this test opened the real CIFAR-10 ({opened[0]}) but is not marked "
                     "@pytest.mark.cifar", pytrace=False)
     return result
+
+
+class Stop(Exception):
+    """Raised by :func:`stop_at`'s callback: training interrupted on purpose."""
+
+
+def stop_at(step: int):
+    """A training callback that raises :class:`Stop` right after update step ``step``."""
+    def callback(event):
+        if event.kind == "step" and event.step == step:
+            raise Stop
+    return callback

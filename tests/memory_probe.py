@@ -4,10 +4,10 @@ what klayer.memory.estimate says that run needs.
 
 python tests/memory_probe.py KIND OPTIONS SIZES, with KIND solo (klayer.train.train), trial
 (klayer.search.executors.run_trial, a search trial in the driver) or population
-(klayer.population.train_population, one member per λ in OPTIONS["lams"]); OPTIONS a
+(klayer.train.train_population, one member per λ in OPTIONS["lams"]); OPTIONS a
 TrainConfig as JSON; SIZES [n_train, n_val, n_test, d]. Prints JSON: "peak" (bytes held at
 the peak, the data included), "estimate" (the estimate's total: for a population the data
-once and everything else per member, as klayer.population.group_configs counts it).
+once and everything else per member, as klayer.search.driver.group_configs counts it).
 """
 
 import json
@@ -43,13 +43,13 @@ def main(kind: str, options: dict, sizes: list) -> dict:
 
         train(configs[0], data)
     elif kind == "population":
-        from klayer.population import train_population
+        from klayer.train import train_population
 
         train_population(configs, data)
     elif kind == "trial":
         from klayer.search.executors import run_trial
 
-        run_trial({"config": configs[0].to_dict(), "run_dir": None, "blas_threads": 1}, data)
+        run_trial({"configs": [configs[0].to_dict()], "run_dirs": [None], "blas_threads": 1}, data)
     else:
         raise SystemExit(f"unknown kind {kind!r}")
     peak = tracemalloc.get_traced_memory()[1]

@@ -285,28 +285,28 @@ def test_inactive_mixing_draws_nothing_and_returns_copies():
     before = rng.bit_generator.state
     mixing = Mixing()
     assert not mixing.active and mixing.describe() == "none"
-    out, y_a, y_b, lam = mixing(X, y, rng)
+    out, y_a, y_b, mix = mixing(X, y, rng)
     assert rng.bit_generator.state == before
     np.testing.assert_array_equal(out, X)
     assert not np.shares_memory(out, X)
     np.testing.assert_array_equal(y_a, y)
     np.testing.assert_array_equal(y_b, y)
-    np.testing.assert_array_equal(lam, np.ones(6))
+    np.testing.assert_array_equal(mix, np.ones(6))
 
 
 @pytest.mark.parametrize("alpha", [0.2, 1.0])
 def test_mixup_is_the_convex_combination_with_the_partner(alpha):
     n = 400
     X, y = _constant_images(n)
-    out, y_a, y_b, lam = Mixing(mixup=alpha)(X, y, np.random.default_rng(1))
+    out, y_a, y_b, mix = Mixing(mixup=alpha)(X, y, np.random.default_rng(1))
     np.testing.assert_array_equal(y_a, y)
     assert sorted(y_b) == list(range(n))  # a permutation of the batch
-    np.testing.assert_allclose(out, (lam * y_a + (1 - lam) * y_b)[:, None] * np.ones(D),
+    np.testing.assert_allclose(out, (mix * y_a + (1 - mix) * y_b)[:, None] * np.ones(D),
                                rtol=1e-12, atol=1e-9)
-    assert np.all((lam >= 0) & (lam <= 1)) and lam.dtype == np.float64
+    assert np.all((mix >= 0) & (mix <= 1)) and mix.dtype == np.float64
     # Beta(α, α): mean 1/2, variance 1 / (4 (2α + 1)), drawn per example
-    assert lam.mean() == pytest.approx(0.5, abs=0.05)
-    assert lam.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.2)
+    assert mix.mean() == pytest.approx(0.5, abs=0.05)
+    assert mix.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.2)
 
 
 @pytest.mark.parametrize("mixing", [Mixing(mixup=0.4), Mixing(cutmix=1.0)])
@@ -328,7 +328,7 @@ def test_mixing_keeps_the_dtype_and_the_input(mixing, dtype):
 def test_cutmix_pastes_one_box_of_the_partner_and_lam_is_the_share_kept(alpha):
     n = 300
     X, y = _constant_images(n)
-    out, y_a, y_b, lam = Mixing(cutmix=alpha)(X, y, np.random.default_rng(4))
+    out, y_a, y_b, mix = Mixing(cutmix=alpha)(X, y, np.random.default_rng(4))
     images = out.reshape(n, C, H, W)
     for i in range(n):
         image = images[i]
@@ -341,16 +341,16 @@ def test_cutmix_pastes_one_box_of_the_partner_and_lam_is_the_share_kept(alpha):
         if len(rows):  # one filled rectangle
             assert pasted[0].sum() == len(rows) * len(cols)
             assert np.all(np.diff(rows) == 1) and np.all(np.diff(cols) == 1)
-        assert lam[i] == pytest.approx(1 - pasted[0].mean(), abs=1e-12)
+        assert mix[i] == pytest.approx(1 - pasted[0].mean(), abs=1e-12)
     # the λ drawn (after the permutation) gives the box size; clipping only shrinks it
     rng = np.random.default_rng(4)
     rng.permutation(n)
     drawn = rng.beta(alpha, alpha, size=n)
     cut = np.sqrt(1 - drawn)
     unclipped = 1 - np.floor(H * cut) * np.floor(W * cut) / (H * W)
-    assert np.all(lam >= unclipped - 1e-12)
-    assert np.mean(np.abs(lam - unclipped) < 1e-12) > 0.1  # boxes inside the image
-    assert lam.min() < 0.2 and lam.max() > 0.8
+    assert np.all(mix >= unclipped - 1e-12)
+    assert np.mean(np.abs(mix - unclipped) < 1e-12) > 0.1  # boxes inside the image
+    assert mix.min() < 0.2 and mix.max() > 0.8
 
 
 def test_mixup_and_cutmix_together_pick_one_per_batch():
@@ -359,7 +359,7 @@ def test_mixup_and_cutmix_together_pick_one_per_batch():
     kinds = set()
     rng = np.random.default_rng(5)
     for _ in range(30):
-        out, y_a, y_b, lam = mixing(X, y, rng)
+        out, y_a, y_b, mix = mixing(X, y, rng)
         blended = np.any(out % 1 != 0)  # MixUp makes fractions; CutMix only copies
         kinds.add("mixup" if blended else "cutmix")
     assert kinds == {"mixup", "cutmix"}
@@ -397,11 +397,11 @@ def test_mixing_checks_shapes():
 
 def test_soft_targets_mix_one_hot_rows():
     y_a, y_b = np.array([0, 3, 2, 2]), np.array([1, 3, 0, 2])
-    lam = np.array([0.25, 0.6, 1.0, 0.0])
-    T = soft_targets(y_a, y_b, lam, 4)
+    mix = np.array([0.25, 0.6, 1.0, 0.0])
+    T = soft_targets(y_a, y_b, mix, 4)
     want = np.array([[0.25, 0.75, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0], [0, 0, 1, 0]])
     np.testing.assert_allclose(T, want, rtol=0, atol=1e-15)
-    Ts = soft_targets(y_a, y_b, lam, 4, smoothing=0.2, dtype="float32")
+    Ts = soft_targets(y_a, y_b, mix, 4, smoothing=0.2, dtype="float32")
     assert Ts.dtype == np.float32
     np.testing.assert_allclose(Ts, 0.8 * want + 0.05, rtol=1e-6)
     np.testing.assert_allclose(Ts.sum(axis=1), 1, rtol=1e-6)
@@ -414,14 +414,14 @@ def test_cross_entropy_of_soft_targets_is_the_mix_of_the_two_losses():
 
     rng = np.random.default_rng(9)
     scores = rng.standard_normal((20, 5))
-    y_a, y_b, lam = rng.integers(0, 5, 20), rng.integers(0, 5, 20), rng.random(20)
-    T = soft_targets(y_a, y_b, lam, 5)
+    y_a, y_b, mix = rng.integers(0, 5, 20), rng.integers(0, 5, 20), rng.random(20)
+    T = soft_targets(y_a, y_b, mix, 5)
     z = scores - scores.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     for i in range(20):
         ce_a, _ = softmax_cross_entropy(scores[i:i + 1], y_a[i:i + 1])
         ce_b, _ = softmax_cross_entropy(scores[i:i + 1], y_b[i:i + 1])
-        assert -(T[i] * log_p[i]).sum() == pytest.approx(lam[i] * ce_a + (1 - lam[i]) * ce_b,
+        assert -(T[i] * log_p[i]).sum() == pytest.approx(mix[i] * ce_a + (1 - mix[i]) * ce_b,
                                                          rel=1e-12)
 
 
@@ -429,7 +429,7 @@ def test_cross_entropy_of_soft_targets_is_the_mix_of_the_two_losses():
     ((np.array([0, 1]), np.array([0]), np.array([1.0, 1.0])), "one length"),
     ((np.array([0, 4]), np.array([0, 1]), np.array([1.0, 1.0])), "y_a"),
     ((np.array([0, 1]), np.array([0.0, 1.0]), np.array([1.0, 1.0])), "y_b"),
-    ((np.array([0, 1]), np.array([0, 1]), np.array([1.5, 1.0])), "lam"),
+    ((np.array([0, 1]), np.array([0, 1]), np.array([1.5, 1.0])), "mix"),
 ])
 def test_soft_targets_check_their_inputs(args, match):
     with pytest.raises(ValueError, match=match):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from klayer import runs
+from klayer import modelfile
 from klayer.cli import build_parser, main
 from klayer.commands.train import resolve_config
 
@@ -101,7 +102,7 @@ def test_train_evaluate_predict(cifar_dir, tmp_path, capsys):
     assert (run / "confusion.png").is_file()
 
     pixels, labels = D.read_batch(D.batch_files(cifar_dir)[D.TEST_BATCH])
-    net, standardizer, names = runs.load_model(run)
+    net, standardizer, names = modelfile.read_model(run)
     expected = net.predict(standardizer.transform(pixels[:2], net.dtype))
     paths = [_write_png(tmp_path / f"img{i}.png", pixels[i]) for i in range(2)]
     assert main(["predict", str(run), *map(str, paths), "--top", "3"]) == 0

@@ -201,6 +201,7 @@ CHANGED = {
     "whiten_eps": {"whiten_eps": 0.1, "whiten": "zca"},
     "whiten_components": {"whiten_components": 256, "whiten": "pca"},
     "ema": {"ema": 0.999},
+    "data_seed": {"data_seed": 3},
     "data_dir": {"data_dir": "/elsewhere"},
     "out": {"out": "runs/other"},
 }

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from klayer import runs
+from klayer import modelfile
 from klayer.cli import main
 from klayer.commands.predict import MAX_SIDE, read_image
 from klayer.data import CLASS_NAMES, Standardizer
@@ -77,7 +78,7 @@ def model_run(tmp_path):
     standardizer = Standardizer(np.full(3072, 0.5), np.full(3072, 0.25))
     run = tmp_path / "run"
     run.mkdir()
-    runs.save_model(run, net, standardizer, CLASS_NAMES)
+    modelfile.save_model(run, net, standardizer, CLASS_NAMES)
     return run
 
 

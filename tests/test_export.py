@@ -10,6 +10,7 @@ import pytest
 import klayer
 from klayer import data as D
 from klayer import export, runs
+from klayer import modelfile
 from klayer.cli import main
 from klayer.model import LoadedModel, to_planes
 from klayer.nn.network import Network
@@ -184,7 +185,7 @@ def test_loaded_model_takes_raw_pixels_in_both_layouts(cifar):
 
 def test_load_model_refuses_a_model_without_standardisation(tmp_path):
     net = Network(12, [5], 3, batch_norm=False)
-    runs.save_model(tmp_path, net)
+    modelfile.save_model(tmp_path, net)
     with pytest.raises(ValueError, match="no standardisation statistics"):
         klayer.load_model(tmp_path)
     assert main(["export", str(tmp_path)]) == 2
@@ -267,7 +268,7 @@ def test_export_user_errors_exit_2(tmp_path, capsys, monkeypatch):
     run.mkdir()
     rng = np.random.default_rng(0)
     standardizer = D.Standardizer.fit(rng.integers(0, 256, (50, 3072), dtype=np.uint8))
-    runs.save_model(run, Network(3072, [8], 10, batch_norm=False), standardizer)
+    modelfile.save_model(run, Network(3072, [8], 10, batch_norm=False), standardizer)
     cases = [
         (["export", str(run), "--format", "torch", "--input-layout", "hwc"],
          "--input-layout and --input-dtype apply to --format onnx"),

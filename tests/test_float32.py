@@ -25,7 +25,7 @@ import pytest
 from klayer.config import TrainConfig
 from klayer.nn.gradcheck import relative_error
 from klayer.nn.network import Network
-from klayer.runs import load_model
+from klayer.modelfile import read_model
 from klayer.train import train
 
 D, HIDDEN, C, N = 12, [16, 16, 16], 4, 40
@@ -263,7 +263,7 @@ def test_train_end_to_end_in_float32(data, tmp_path, optimizer, batch_norm):
         assert set(floats.values()) == {np.dtype(np.float32)}, (path.name, floats)
     with np.load(run / "checkpoint.npz", allow_pickle=False) as arrays:
         assert any(k.startswith("optim.") for k in arrays.files)  # its state was checked
-    net, _, _ = load_model(run)
+    net, _, _ = read_model(run)
     assert net.dtype == np.float32
     assert all(a.dtype == np.float32 for a in (*net.params.values(), *net.buffers.values()))
     assert bool(net.buffers) == batch_norm

@@ -85,3 +85,11 @@ def test_the_modules_import_alone(module):
 
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True,
                    cwd=PACKAGE.parent, timeout=120)
+
+
+def test_the_core_imports_nothing_else_from_klayer():
+    graph = import_graph(PACKAGE)
+    core = {name for name in graph if name == "klayer.nn" or name.startswith("klayer.nn.")}
+    assert "klayer.nn.population" in core and "klayer.nn.network" in core
+    outside = {name: sorted(t for t in graph[name] if t not in core) for name in core}
+    assert not any(outside.values()), f"the core imports the shell: {outside}"

@@ -6,17 +6,19 @@ import numpy as np
 import pytest
 
 from klayer import runs
+from klayer import modelfile
 from klayer.levers import augment
 from klayer.nn import layers
 from klayer.config import TrainConfig
 from klayer.nn.gradcheck import absolute_error, numerical_gradients, relative_error
 from klayer.nn.network import Network
 from klayer.nn.optim import SGD, Adam, Momentum
-from klayer.population import (
-    Dropped, Population, check_population, select_optimizer, train_population, write_run,
-)
+from klayer.config import check_population
+from klayer.nn.population import Population, select_optimizer
 from klayer.nn.schedules import CyclicLR, PerMember
-from klayer.train import TrainResult, train
+from klayer.train import Dropped, TrainResult, train, train_population, write_run
+
+from conftest import Stop, stop_at
 
 D, HIDDEN, C = 12, [8, 8], 4
 
@@ -247,17 +249,16 @@ def test_train_population_equals_one_run_per_config(data, optimizer):
     assert len(results[2].history) != len(results[0].history)  # its own eval steps
 
 
-def test_population_data_order_comes_from_the_first_members_seed(data):
-    plain = BASE.replace(batch_norm=False)
+def test_members_share_the_data_seed_and_keep_their_own_seeds(data):
+    plain = BASE.replace(batch_norm=False, dropout=0.2, data_seed=7)
     configs = [plain, plain.replace(seed=1)]
-    alone = train(configs[1], data)
-    _same(train_population(configs[1:], data)[0], alone)  # a population of one: the run
-    second = train_population(configs, data)[1]
-    # Member 1 starts from its own seed's weights but sees member 0's mini-batches,
-    # whereas train(configs[1]) shuffles with seed 1.
-    assert second.history[0]["train_cost"] == pytest.approx(alone.history[0]["train_cost"],
-                                                             rel=1e-12)
-    assert second.history[-1]["train_cost"] != pytest.approx(alone.history[-1]["train_cost"])
+    together = train_population(configs, data)
+    for config, member in zip(configs, together):  # data from seed 7, masks from its seed
+        _same(member, train(config, data))
+    assert together[0].history[-1]["train_cost"] != \
+        pytest.approx(together[1].history[-1]["train_cost"])
+    with pytest.raises(ValueError, match="share data_seed"):  # None: the seed orders the data
+        train_population([c.replace(data_seed=None) for c in configs], data)
 
 
 def test_diverging_member_is_dropped_and_the_others_go_on(data):
@@ -289,7 +290,8 @@ def test_all_members_diverging_leaves_only_dropped(data):
 def test_configs_must_share_the_architecture_and_the_stream(change, option):
     with pytest.raises(ValueError, match=f"^population configs must share {option}: "):
         check_population([BASE, BASE.replace(lam=0.1), BASE.replace(**change)])
-    check_population([BASE, BASE.replace(n_s=50, cycles=1, lam=0.1, seed=3, eta_max=0.2)])
+    check_population([BASE, BASE.replace(n_s=50, cycles=1, lam=0.1, seed=3, eta_max=0.2,
+                                         data_seed=0)])
 
 
 def test_write_run_leaves_a_normal_run_folder(data, tmp_path):
@@ -297,7 +299,7 @@ def test_write_run_leaves_a_normal_run_folder(data, tmp_path):
     configs = [plain, plain.replace(eta_max=1e8)]
     results = train_population(configs, data)
     write_run(tmp_path / "a", results[0], data)
-    net, _standardizer, _classes = runs.load_model(tmp_path / "a")
+    net, _standardizer, _classes = modelfile.read_model(tmp_path / "a")
     np.testing.assert_array_equal(net.params["W1"], results[0].network.params["W1"])
     assert runs.read_config(tmp_path / "a").replace(out=None) == configs[0]
     assert len(runs.read_history(tmp_path / "a" / runs.HISTORY_FILE)) == len(results[0].history)
@@ -332,32 +334,21 @@ def test_members_finish_as_runs_alone_do_with_flip_averaging(tmp_path):
     assert together["final"]["test_accuracy_tta"] == np.mean(p.argmax(axis=1) == data.y_test)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop_at(step):
-    def callback(done, active):
-        if done == step:
-            raise _Stop
-    return callback
-
-
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_resumed_population_ends_bit_identical_to_an_uninterrupted_one(data, tmp_path,
                                                                        batch_norm):
     # 10 steps an epoch: checkpoints at 10, 20, ...; stopped at 25, resumed from 20.
     base = BASE.replace(batch_norm=batch_norm, dropout=0.2, optimizer="momentum")
-    configs = [base, base.replace(lam=0.02, seed=3, eta_max=0.05)]
+    configs = [base, base.replace(lam=0.02, seed=3, eta_max=0.05, data_seed=0)]
     if not batch_norm:  # and a member dropped before the interruption
         configs.append(base.replace(schedule="constant", eta_max=1e8))
     uninterrupted = train_population(configs, data)
-    with pytest.raises(_Stop):
-        train_population(configs, data, callbacks=[_stop_at(25)], checkpoint_dir=tmp_path)
+    with pytest.raises(Stop):
+        train_population(configs, data, callbacks=[stop_at(25)], checkpoint_dir=tmp_path)
     assert runs.load_checkpoint(tmp_path).step == 20
     seen = []
-    resumed = train_population(configs, data, callbacks=[lambda done, active: seen.append(done)],
-                               checkpoint_dir=tmp_path, resume=True)
+    resumed = train_population(configs, data, checkpoint_dir=tmp_path, resume=True,
+                               callbacks=[lambda e: e.kind == "step" and seen.append(e.step)])
     assert seen[0] == 21 and seen[-1] == base.total_steps  # it went on from step 20
     for got, want in zip(resumed, uninterrupted):
         assert type(got) is type(want) and got.history == want.history

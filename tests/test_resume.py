@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from klayer import runs
+from klayer import modelfile
 from klayer.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +41,8 @@ def _killed_run(cifar_dir, run, fault):
 
 
 def _assert_same_model(run, straight):
-    a, _, _ = runs.load_model(run)
-    b, _, _ = runs.load_model(straight)
+    a, _, _ = modelfile.read_model(run)
+    b, _, _ = modelfile.read_model(straight)
     assert a.params.keys() == b.params.keys() and a.buffers.keys() == b.buffers.keys()
     for k in (*b.params, *b.buffers):
         np.testing.assert_array_equal({**a.params, **a.buffers}[k],
@@ -77,7 +78,7 @@ def test_killed_run_resumes_bit_identical(cifar_dir, tmp_path, uninterrupted, fa
     ckpt = runs.load_checkpoint(run)  # no warning: the newest is whole
     assert ckpt.step == kept_step and ckpt.epoch == kept_step // STEPS_PER_EPOCH
     assert 0 < kill_step - ckpt.step <= STEPS_PER_EPOCH  # at most one epoch lost
-    assert runs.load_checkpoint(run).history == \
+    assert runs.load_checkpoint(run).histories[0] == \
         [r for r in runs.read_history(uninterrupted / runs.HISTORY_FILE) if r["step"] <= kept_step]
     with np.load(run / runs.PREVIOUS_CHECKPOINT_FILE) as previous:
         assert '"step": %d,' % kept_previous in str(previous["meta"])

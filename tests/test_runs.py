@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from klayer import runs
+from klayer import modelfile
 from klayer.data import CLASS_NAMES, Standardizer
 from klayer.nn.network import Network
 
@@ -19,7 +20,7 @@ def saved(tmp_path):
     X, y = rng.standard_normal((20, 12)), rng.integers(0, 10, 20)
     net.update_running_stats(net.loss(X, y, grads=False).batch_stats)
     standardizer = Standardizer(rng.random(12), rng.random(12) + 0.1)
-    runs.save_model(tmp_path, net, standardizer, CLASS_NAMES)
+    modelfile.save_model(tmp_path, net, standardizer, CLASS_NAMES)
     return tmp_path, net, standardizer
 
 
@@ -43,7 +44,7 @@ def _edit_header(run_dir, change):
 def test_round_trip(saved):
     run_dir, net, standardizer = saved
     for where in (run_dir, run_dir / runs.MODEL_FILE, run_dir / runs.HEADER_FILE):
-        loaded, std, names = runs.load_model(where)
+        loaded, std, names = modelfile.read_model(where)
         assert loaded.hyperparameters() == net.hyperparameters()
         assert loaded.running_initialised
         for k in net.params:
@@ -60,11 +61,11 @@ def test_round_trip(saved):
 
 def test_missing_files(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no saved klayer model"):
-        runs.load_model(tmp_path / "nowhere")
+        modelfile.read_model(tmp_path / "nowhere")
     run_dir = saved[0]
     (run_dir / runs.HEADER_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="model.json not found"):
-        runs.load_model(run_dir)
+        modelfile.read_model(run_dir)
 
 
 def test_truncated_npz(saved):
@@ -72,10 +73,10 @@ def test_truncated_npz(saved):
     path = run_dir / runs.MODEL_FILE
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(ValueError, match="model.npz is truncated or not a NumPy .npz file"):
-        runs.load_model(run_dir)
+        modelfile.read_model(run_dir)
     path.write_bytes(b"")
     with pytest.raises(ValueError, match="truncated"):
-        runs.load_model(run_dir)
+        modelfile.read_model(run_dir)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -95,7 +96,7 @@ def test_tampered_arrays(saved, change, message):
     run_dir = saved[0]
     _rewrite_npz(run_dir, change)
     with pytest.raises(ValueError, match=message):
-        runs.load_model(run_dir)
+        modelfile.read_model(run_dir)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -115,14 +116,14 @@ def test_tampered_header(saved, change, message):
     run_dir = saved[0]
     _edit_header(run_dir, change)
     with pytest.raises(ValueError, match=message):
-        runs.load_model(run_dir)
+        modelfile.read_model(run_dir)
 
 
 def test_header_not_json(saved):
     run_dir = saved[0]
     (run_dir / runs.HEADER_FILE).write_text('{"format": "klayer-model", ')
     with pytest.raises(ValueError, match="model.json is not valid JSON"):
-        runs.load_model(run_dir)
+        modelfile.read_model(run_dir)
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -132,7 +133,7 @@ def test_checkpoint_round_trip(tmp_path):
         step=40, epoch=2, params={"W1": rng.standard_normal((3, 2))},
         buffers={"running_mean1": np.ones(3)}, running_initialised=True,
         optimizer_state={"t": 7, "m.W1": np.zeros((3, 2))},
-        rng_state=rng.bit_generator.state, history=[{"step": 0, "eta": 0.1 + 0.2}],
+        rng_state=rng.bit_generator.state, histories=[[{"step": 0, "eta": 0.1 + 0.2}]],
         timings={"train_seconds": 1.5}, config_hash="abc",
     )
     runs.save_checkpoint(tmp_path, ckpt)
@@ -141,7 +142,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert (back.step, back.epoch, back.running_initialised, back.config_hash) == \
         (40, 2, True, "abc")
     np.testing.assert_array_equal(back.params["W1"], ckpt.params["W1"])
-    assert back.optimizer_state["t"] == 7 and back.history == ckpt.history
+    assert back.optimizer_state["t"] == 7 and back.histories == ckpt.histories
     restored = np.random.default_rng()
     restored.bit_generator.state = back.rng_state
     np.testing.assert_array_equal(restored.permutation(10), rng.permutation(10))
@@ -200,7 +201,7 @@ def test_edited_header_is_refused(saved, change):
     run_dir = saved[0]
     _edit_header(run_dir, change)
     with pytest.raises(ValueError) as info:
-        runs.load_model(run_dir)
+        modelfile.read_model(run_dir)
     message = str(info.value)
     assert "\n" not in message and str(run_dir / runs.HEADER_FILE) in message
     assert "does not match the checksum" in message
@@ -210,12 +211,12 @@ def test_checksum_depends_on_every_header_field(saved):
     run_dir = saved[0]
     header = json.loads((run_dir / runs.HEADER_FILE).read_text())
     data = (run_dir / runs.MODEL_FILE).read_bytes()
-    assert runs.model_checksum(data, header) == header["checksum"]
-    assert runs.model_checksum(data, dict(reversed(header.items()))) == header["checksum"]
-    assert runs.model_checksum(data + b"\0", header) != header["checksum"]
+    assert modelfile.model_checksum(data, header) == header["checksum"]
+    assert modelfile.model_checksum(data, dict(reversed(header.items()))) == header["checksum"]
+    assert modelfile.model_checksum(data + b"\0", header) != header["checksum"]
     for key in header:
         if key != "checksum":
-            assert runs.model_checksum(data, {**header, key: "x"}) != header["checksum"], key
+            assert modelfile.model_checksum(data, {**header, key: "x"}) != header["checksum"], key
 
 
 def test_old_format_is_refused_with_advice(saved):
@@ -223,7 +224,7 @@ def test_old_format_is_refused_with_advice(saved):
     _edit_header(run_dir, lambda h: h.update(format_version=1))
     with pytest.raises(ValueError, match=r"model format 1, written by an older klayer.*"
                                          r"retrain the model or re-save it"):
-        runs.load_model(run_dir)
+        modelfile.read_model(run_dir)
 
 
 @pytest.mark.parametrize("hidden, message", [
@@ -242,11 +243,11 @@ def test_header_checked_against_stored_shapes_before_building(saved, monkeypatch
 
     monkeypatch.setattr(Network, "__init__", no_network)
     with pytest.raises(ValueError, match=message):
-        runs.load_model(run_dir)
+        modelfile.read_model(run_dir)
 
 
 def test_npz_shapes_read_without_loading(saved):
     run_dir, net, _ = saved
     data = (run_dir / runs.MODEL_FILE).read_bytes()
-    shapes = runs._npz_headers(data, run_dir / runs.MODEL_FILE)
+    shapes = modelfile._npz_headers(data, run_dir / runs.MODEL_FILE)
     assert shapes == {k: (v.shape, v.dtype) for k, v in {**net.params, **net.buffers}.items()}

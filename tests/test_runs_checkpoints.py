@@ -115,7 +115,7 @@ def test_checkpoint_rotation_is_atomic_at_each_rename(tmp_path, monkeypatch):
     and loading falls back to it."""
     ckpt = runs.Checkpoint(step=10, epoch=1, params={"W1": np.ones((2, 2))}, buffers={},
                            running_initialised=False, optimizer_state={}, rng_state={},
-                           history=[], timings={}, config_hash="h")
+                           histories=[[]], timings={}, config_hash="h")
     runs.save_checkpoint(tmp_path, ckpt)
     replace, calls = os.replace, []
 

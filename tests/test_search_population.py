@@ -11,16 +11,20 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from klayer import population, runs
+from klayer import modelfile, runs
 from klayer.cli import main
 from klayer.config import TrainConfig
-from klayer.population import Dropped, group_configs, population_key, train_population
+from klayer.config import SHARED_OPTIONS, check_population
 from klayer.search import dataset_for, parse_search, run_search
-from klayer.train import train
+from klayer.search.driver import group_configs
+from klayer.train import Dropped, train, train_population
+
+from conftest import Stop, stop_at
 
 # --- grouping, without training ---------------------------------------------------------
 
-BASE = TrainConfig(dtype="float64", hidden_sizes=(8,), n_s=5, cycles=1, subset=300)
+BASE = TrainConfig(dtype="float64", hidden_sizes=(8,), n_s=5, cycles=1, subset=300,
+                   data_seed=0)
 PLENTY = 2**40  # bytes: memory never limits these groups
 
 
@@ -44,8 +48,8 @@ def test_per_member_options_group_and_shared_options_split():
     ]
     assert group_configs(configs, 8, PLENTY) == [
         [0, 1, 3, 4, 14], [2, 8], [5, 11], [6], [7], [9], [10], [12], [13]]
-    assert population_key(configs[0]) == population_key(configs[1])
-    assert population_key(configs[0]) != population_key(configs[2])
+    assert configs[0].shared_options() == configs[1].shared_options()
+    assert configs[0].shared_options() != configs[2].shared_options()
 
 
 def test_population_size_and_memory_cap_the_groups():
@@ -62,16 +66,19 @@ def test_population_size_and_memory_cap_the_groups():
         group_configs(configs, 0)
 
 
-def test_a_config_with_an_option_populations_do_not_implement_trains_alone(monkeypatch):
-    # As if `jitter` were an option train_population did not know: away from its
-    # default, the config trains alone and train_population refuses it.
-    shared = tuple(name for name in population.SHARED_OPTIONS if name != "jitter")
-    monkeypatch.setattr(population, "SHARED_OPTIONS", shared)
-    configs = [BASE, BASE.replace(jitter=0.1), BASE.replace(jitter=0.1, lam=0.1), BASE]
-    assert population_key(configs[1]) is None
-    assert group_configs(configs, 8, PLENTY) == [[0, 3], [1], [2]]
-    with pytest.raises(ValueError, match="does not implement jitter"):
-        population.check_population(configs[:2])
+def test_which_options_members_share_is_declared_on_the_options():
+    # shared: the data, the architecture, the mini-batch stream; the rest is per member
+    assert {"hidden_sizes", "batch_size", "optimizer", "flip", "pad_mode", "mixup", "cutmix",
+            "whiten", "whiten_eps", "whiten_components", "ema", "subset"} <= set(SHARED_OPTIONS)
+    assert not {"lam", "seed", "init", "dropout", "eta_max", "schedule", "precise_bn"} & \
+        set(SHARED_OPTIONS)
+    # without data_seed, the seed orders the data: other seeds, other streams
+    alone = [BASE.replace(data_seed=None), BASE.replace(data_seed=None, seed=1)]
+    assert group_configs(alone, 8, PLENTY) == [[0], [1]]
+    with pytest.raises(ValueError, match="share data_seed"):
+        check_population(alone)
+    with pytest.raises(ValueError, match="share mixup"):
+        check_population([BASE, BASE.replace(mixup=0.2)])
 
 
 # --- searches on real data ---------------------------------------------------------------
@@ -123,7 +130,7 @@ def test_a_search_trains_populations_and_each_trial_is_its_member(spec, one_work
             assert row["val_accuracy"] == result.final["val_accuracy"]
             assert row["val_accuracy_best"] == result.best_val_accuracy
             assert row["test_accuracy"] == result.final["test_accuracy"]
-            net, _, _ = runs.load_model(row["run_dir"])
+            net, _, _ = modelfile.read_model(row["run_dir"])
             for key, value in result.network.params.items():
                 np.testing.assert_array_equal(net.params[key], value)
             summary = runs.read_summary(row["run_dir"])
@@ -258,17 +265,9 @@ def test_a_population_job_resumes_from_its_checkpoint_folder(data, tmp_path):
                        batch_norm=False)
     configs = [base, base.replace(lam=0.05, eta_max=0.05)]
     uninterrupted = train_population(configs, data)
-
-    class Stop(Exception):
-        pass
-
-    def stop(done, active):
-        if done == 25:
-            raise Stop
-
     checkpoint = tmp_path / ".population"
     with pytest.raises(Stop):  # as a killed study would leave it (checkpoint at step 20)
-        train_population(configs, data, [stop], checkpoint_dir=checkpoint)
+        train_population(configs, data, [stop_at(25)], checkpoint_dir=checkpoint)
     assert runs.load_checkpoint(checkpoint).step == 20
     run_dirs = [tmp_path / "a", tmp_path / "b"]
     job = {"configs": [c.to_dict() for c in configs], "run_dirs": [str(d) for d in run_dirs],

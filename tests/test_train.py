@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from klayer import runs
+from klayer import modelfile
 from klayer.nn import gradcheck
 from klayer.nn import layers
 from klayer.config import TrainConfig
@@ -129,7 +130,7 @@ def test_divergence_guard_keeps_last_good_checkpoint(data, tmp_path):
     assert 0 < ckpt.step < error.step and ckpt.step % 10 == 0
     assert all(np.isfinite(p).all() for p in ckpt.params.values())
     net = Network(20, [16, 12])
-    runs.restore_network(net, ckpt.params, ckpt.buffers, ckpt.running_initialised, "ckpt")
+    modelfile.restore_network(net, ckpt.params, ckpt.buffers, ckpt.running_initialised, "ckpt")
 
 
 def _interrupt_after_epoch(epoch):
@@ -348,7 +349,7 @@ def test_whitening_is_cached_folded_and_resumed_exactly(data, tmp_path, options)
     run = tmp_path / "straight"
     assert (run / runs.WHITENING_FILE).exists()
     # the saved model takes the standardised rows: the whitening is in its first layer
-    net, _, _ = runs.load_model(run)
+    net, _, _ = modelfile.read_model(run)
     assert net.input_size == 20 and net.params["W1"].shape == (16, 20)
     for split in ("val", "test"):
         X, y = getattr(data, f"X_{split}"), getattr(data, f"y_{split}")

@@ -231,6 +231,9 @@ class _Log:
         self.quiet, self.bar, self.best = quiet, None, None
 
     def event(self, e) -> None:
+        if e.kind == "note":
+            print(f"klayer search: {e.note}", file=sys.stderr, flush=True)
+            return
         if e.kind == "round":
             self.close()
             if self.quiet:

@@ -20,7 +20,7 @@ draws nothing, and ``pad_mode`` draws nothing at all, so adding an option never 
 the draws of the others.
 
 :class:`Mixing` (MixUp, CutMix) also changes the labels: it returns the mixed batch and
-``(y_a, y_b, λ)``, from which :func:`soft_targets` builds the target distribution.
+``(y_a, y_b, mix)``, from which :func:`soft_targets` builds the target distribution.
 Mixing comes after the geometric augmentation and before any whitening
 (:mod:`klayer.levers.whiten`); CutMix pastes pixels, so it must see pixel-space images.
 """
@@ -30,9 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
-
 from klayer.nn.errors import UserError
+from numpy.lib.stride_tricks import sliding_window_view
 
 IMAGE_SHAPE = (3, 32, 32)
 PAD_MODES = ("mean", "reflect", "edge")
@@ -133,19 +132,19 @@ class Augmentation:
 class Mixing:
     """MixUp and CutMix: each image mixed with another image of the same mini-batch.
 
-    With j a random permutation of the batch and, per example, λ_i ~ Beta(α, α):
+    With j a random permutation of the batch and, per example, w_i ~ Beta(α, α):
 
-    - MixUp (Zhang et al., 2018), ``mixup`` = α: x_i <- λ_i x_i + (1 - λ_i) x_j.
-    - CutMix (Yun et al., 2019), ``cutmix`` = α: a box of height ⌊H √(1-λ_i)⌋ and width
-      ⌊W √(1-λ_i)⌋, centred on a uniform pixel and clipped to the image, is copied from
-      x_j into x_i (all channels); λ_i then becomes 1 - (box area) / (H W), the share
+    - MixUp (Zhang et al., 2018), ``mixup`` = α: x_i <- w_i x_i + (1 - w_i) x_j.
+    - CutMix (Yun et al., 2019), ``cutmix`` = α: a box of height ⌊H √(1-w_i)⌋ and width
+      ⌊W √(1-w_i)⌋, centred on a uniform pixel and clipped to the image, is copied from
+      x_j into x_i (all channels); w_i then becomes 1 - (box area) / (H W), the share
       of x_i that is left.
 
-    The targets are λ_i of y_i plus (1 - λ_i) of y_j (:func:`soft_targets`). λ is drawn
+    The targets are w_i of y_i plus (1 - w_i) of y_j (:func:`soft_targets`). w is drawn
     per example (the original MixUp draws one per batch): the same expected mixing, less
     variance between batches. α = 0 turns a method off; with both on, each batch uses
     one of them, chosen with probability 1/2. Draw order: that choice (only when both
-    are on), the permutation, the λ_i, then CutMix's box centres (rows, then columns).
+    are on), the permutation, the w_i, then CutMix's box centres (rows, then columns).
     """
 
     mixup: float = 0.0
@@ -170,11 +169,11 @@ class Mixing:
         return ", ".join(parts) or "none"
 
     def __call__(self, X, y, rng):
-        """Mix X: (n, C·H·W) with labels y: (n,) -> (X_mixed, y_a, y_b, λ).
+        """Mix X: (n, C·H·W) with labels y: (n,) -> (X_mixed, y_a, y_b, mix).
 
         X_mixed: a new (n, C·H·W) array of X's dtype; y_a = y, y_b = y[j] (copies);
-        λ: (n,) float64, the weight of y_a in each target. Inactive: a copy of X,
-        y_b = y, λ = 1, and nothing drawn from ``rng``.
+        mix: (n,) float64, w_i, the weight of y_a in each target. Inactive: a copy of X,
+        y_b = y, mix = 1, and nothing drawn from ``rng``.
         """
         X, y = np.asarray(X), np.asarray(y)
         size = int(np.prod(self.image_shape))
@@ -190,22 +189,22 @@ class Mixing:
             else bool(rng.random() < 0.5)
         j = rng.permutation(n)
         if use_cutmix:
-            lam = rng.beta(self.cutmix, self.cutmix, size=n)
-            out, lam = _paste_boxes(X, j, lam, self.image_shape, rng)
+            mix = rng.beta(self.cutmix, self.cutmix, size=n)
+            out, mix = _paste_boxes(X, j, mix, self.image_shape, rng)
         else:
-            lam = rng.beta(self.mixup, self.mixup, size=n)
-            weight = lam.astype(X.dtype)[:, None]
-            out = X * weight
-            out += X[j] * (1 - weight)
-        return out, y.copy(), y[j], lam
+            mix = rng.beta(self.mixup, self.mixup, size=n)
+            w = mix.astype(X.dtype)[:, None]
+            out = X * w
+            out += X[j] * (1 - w)
+        return out, y.copy(), y[j], mix
 
 
-def _paste_boxes(X, j, lam, image_shape, rng):
+def _paste_boxes(X, j, mix, image_shape, rng):
     """CutMix's boxes: copy a box of x_{j_i} into x_i for every i, vectorised through one
-    (n, H, W) mask. Returns the new rows and λ_i = 1 - box area / (H W)."""
+    (n, H, W) mask. Returns the new rows and w_i = 1 - box area / (H W)."""
     n = len(X)
     C, H, W = image_shape
-    cut = np.sqrt(1.0 - lam)
+    cut = np.sqrt(1.0 - mix)
     h, w = np.floor(H * cut).astype(int), np.floor(W * cut).astype(int)
     cy, cx = rng.integers(0, H, size=n), rng.integers(0, W, size=n)
     y0, y1 = np.clip(cy - h // 2, 0, H), np.clip(cy - h // 2 + h, 0, H)
@@ -221,38 +220,38 @@ def _paste_boxes(X, j, lam, image_shape, rng):
     return out.reshape(n, C * H * W), 1.0 - area / (H * W)
 
 
-def soft_targets(y_a, y_b, lam, num_classes: int, smoothing: float = 0.0,
+def soft_targets(y_a, y_b, mix, num_classes: int, smoothing: float = 0.0,
                  dtype="float64") -> np.ndarray:
     """Target distributions T: (n, num_classes) for mixed examples, rows summing to 1:
 
-        t_i = (1 - ε) (λ_i e_{y_a,i} + (1 - λ_i) e_{y_b,i}) + ε / C
+        t_i = (1 - ε) (w_i e_{y_a,i} + (1 - w_i) e_{y_b,i}) + ε / C
 
     with e_k the one-hot vector of class k and ε = ``smoothing`` (label smoothing).
-    y_a, y_b: (n,) integer labels; lam: (n,) weights in [0, 1] (a number: the same for
-    all rows). λ = 1 and ε = 0 give the one-hot targets of y_a.
+    y_a, y_b: (n,) integer labels; mix: (n,) weights in [0, 1] (a number: the same for
+    all rows). w = 1 and ε = 0 give the one-hot targets of y_a.
     The cross-entropy against T is -(1/n) Σ_i Σ_c t_ic log p_ic, with gradient
     (P - T)/n on the scores, which :func:`klayer.nn.layers.softmax_cross_entropy` computes
-    from T, or from ``(y_a, y_b, lam)`` directly without building T.
+    from T, or from ``(y_a, y_b, mix)`` directly without building T.
     """
-    y_a, y_b, lam = np.asarray(y_a), np.asarray(y_b), np.asarray(lam, np.float64)
+    y_a, y_b, mix = np.asarray(y_a), np.asarray(y_b), np.asarray(mix, np.float64)
     n = len(y_a)
-    if lam.ndim == 0:
-        lam = np.full(y_a.shape, lam)
-    if y_a.ndim != 1 or y_b.shape != y_a.shape or np.shape(lam) != y_a.shape:
-        raise UserError(f"y_a, y_b and lam must be (n,) arrays of one length, got "
-                        f"{y_a.shape}, {y_b.shape} and {np.shape(lam)}")
+    if mix.ndim == 0:
+        mix = np.full(y_a.shape, mix)
+    if y_a.ndim != 1 or y_b.shape != y_a.shape or np.shape(mix) != y_a.shape:
+        raise UserError(f"y_a, y_b and mix must be (n,) arrays of one length, got "
+                        f"{y_a.shape}, {y_b.shape} and {np.shape(mix)}")
     for name, labels in (("y_a", y_a), ("y_b", y_b)):
         if n and (not np.issubdtype(labels.dtype, np.integer)
                   or labels.min() < 0 or labels.max() >= num_classes):
             raise UserError(f"{name} must be integer labels in [0, {num_classes})")
-    if n and not (np.all(lam >= 0) and np.all(lam <= 1)):
-        raise UserError("lam must lie in [0, 1]")
+    if n and not (np.all(mix >= 0) and np.all(mix <= 1)):
+        raise UserError("mix must lie in [0, 1]")
     if not 0 <= smoothing < 1:
         raise UserError(f"smoothing must be in [0, 1), got {smoothing!r}")
     rows = np.arange(n)
     T = np.zeros((n, num_classes), np.float64)
-    T[rows, y_a] += lam
-    T[rows, y_b] += 1.0 - lam
+    T[rows, y_a] += mix
+    T[rows, y_b] += 1.0 - mix
     if smoothing:
         T *= 1.0 - smoothing
         T += smoothing / num_classes

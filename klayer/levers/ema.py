@@ -85,6 +85,22 @@ class EMA:
             scratch *= 1 - d
             avg += scratch
 
+    # --- populations: the averages carry the member axis ----------------------------------
+
+    def select(self, keep) -> None:
+        """Keep the averages of members ``keep`` (indices along the leading axis)."""
+        self.params = {k: v[keep] for k, v in self.params.items()}
+        self.buffers = {k: v[keep] for k, v in self.buffers.items()}
+        self._scratch = {}
+
+    def member(self, k: int) -> "EMA":
+        """Member ``k``'s average: an EMA of one network (copies of its slices)."""
+        one = EMA(self.decay, self.warmup)
+        one.step = self.step
+        one.params = {name: v[k].copy() for name, v in self.params.items()}
+        one.buffers = {name: v[k].copy() for name, v in self.buffers.items()}
+        return one
+
     # --- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -117,7 +133,7 @@ class EMA:
     def swap_into(self, net, bn_data=None, batch_size: int = 256,
                   num_batches: int | None = 50, seed: int = 0) -> tuple:
         """Put copies of the averaged weights into ``net``; return what it held, for
-        :meth:`restore`. With batch norm, its statistics are recomputed for the averaged
+        :meth:`swap_back`. With batch norm, its statistics are recomputed for the averaged
         weights from ``bn_data`` (rows of the training set: ``num_batches`` batches of
         ``batch_size``, see :func:`klayer.levers.bn_stats.population_statistics`), or, when
         ``bn_data`` is None, the averaged buffers are used."""
@@ -137,13 +153,13 @@ class EMA:
                 raise UserError("no averaged batch-norm statistics: pass bn_data (training "
                                 "rows) to recompute them, or update() with the buffers")
         except Exception:
-            self.restore(net, previous)
+            self.swap_back(net, previous)
             raise
         net.running_initialised = True
         return previous
 
     @staticmethod
-    def restore(net, previous: tuple) -> None:
+    def swap_back(net, previous: tuple) -> None:
         """Give ``net`` back the parameters and buffers :meth:`swap_into` returned."""
         net.params, net.buffers, net.running_initialised = previous
 
@@ -155,7 +171,7 @@ class EMA:
         try:
             yield net
         finally:
-            self.restore(net, previous)
+            self.swap_back(net, previous)
 
 
 def _check_names(what: str, given: dict, averaged: dict) -> None:

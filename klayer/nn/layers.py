@@ -7,7 +7,7 @@ size, d for the input width and m for the output width; a mini-batch is stored o
 example per row, so the assignment's column equations ``s = W x + b`` become
 ``S = X W^T + b``.
 
-A population of K networks trained in lockstep (:mod:`klayer.population`) gives every
+A population of K networks trained in lockstep (:mod:`klayer.nn.population`) gives every
 array a leading member axis: x (K, n, d), W (K, m, d), per-feature vectors such as b, γ,
 μ of shape (K, m). The same functions serve both: statistics are taken over the n axis
 (``axis=-2``) per member, products are batched over K (``np.matmul`` on stacks), and

@@ -13,7 +13,7 @@ Options beyond this (each off by default, each gradient-checked):
 
 The same :meth:`Network.forward` serves training, evaluation and the gradient check;
 only ``mode`` differs ("train": batch statistics, "eval": moving averages). It also
-serves :class:`klayer.population.Population`, K networks whose parameters are stacked
+serves :class:`klayer.nn.population.Population`, K networks whose parameters are stacked
 along a leading member axis: the layer functions accept that axis.
 """
 
@@ -185,20 +185,16 @@ class Network:
         # networks with the same seed start from the same weights.
         rng = np.random.default_rng(self.seed)
         params = {}
-        sizes = self.sizes
-        for l in range(1, self.num_layers + 1):
-            d, m = sizes[l - 1], sizes[l]
-            if self.init == "he":
-                std = np.sqrt(2.0 / d)
-            elif self.init == "xavier":
-                std = np.sqrt(1.0 / d)
+        shapes, _ = array_shapes(self.sizes, self.norm is not None, self.batch_norm, False)
+        for name, shape in shapes.items():  # W1, b1, gamma1, beta1, W2, ...: W in order
+            if name.startswith("W"):
+                d = shape[1]
+                std = np.sqrt(2.0 / d) if self.init == "he" else \
+                    np.sqrt(1.0 / d) if self.init == "xavier" else self.init
+                params[name] = (rng.standard_normal(shape) * std).astype(self.dtype)
             else:
-                std = self.init
-            params[f"W{l}"] = (rng.standard_normal((m, d)) * std).astype(self.dtype)
-            params[f"b{l}"] = np.zeros(m, dtype=self.dtype)
-            if self.has_norm(l):
-                params[f"gamma{l}"] = np.ones(m, dtype=self.dtype)
-                params[f"beta{l}"] = np.zeros(m, dtype=self.dtype)
+                params[name] = (np.ones if name.startswith("gamma") else np.zeros)(
+                    shape, dtype=self.dtype)
         return params
 
     # --- the forward and backward passes -------------------------------------------
@@ -315,12 +311,7 @@ class Network:
         """
         if lam < 0 or not np.isfinite(lam):
             raise UserError(f"lam (λ) must be a finite number >= 0, got {lam}")
-        if check:
-            y = self._checked_labels(y, len(X))
-        if check and masks:
-            self._check_masks(masks, len(X))
-        fwd = self.forward(X, mode, check=check, masks=masks)
-        loss, dscores = L.softmax_cross_entropy(fwd.scores, y, self.label_smoothing)
+        fwd, loss, dscores = self._forward_loss(X, y, mode, check, masks)
         cost = loss + lam * self.l2_penalty() if lam else loss
         gradients = None
         if grads:
@@ -328,6 +319,15 @@ class Network:
             if lam:
                 self.add_l2_gradient(gradients, 2 * lam)
         return LossResult(loss, cost, gradients, fwd.batch_stats)
+
+    def _forward_loss(self, X, y, mode, check, masks):
+        """(forward pass, loss, d loss / d scores), inputs checked if ``check``."""
+        if check:
+            y = self._checked_labels(y, len(X))
+        if check and masks:
+            self._check_masks(masks, len(X))
+        fwd = self.forward(X, mode, check=check, masks=masks)
+        return (fwd, *L.softmax_cross_entropy(fwd.scores, y, self.label_smoothing))
 
     # --- moving averages ------------------------------------------------------------
 
@@ -414,8 +414,26 @@ class Network:
             raise UserError(f"y must be {n} integer labels, got shape {y.shape} dtype {y.dtype}")
         if n and (y.min() < 0 or y.max() >= self.num_classes):
             raise UserError(f"labels y must lie in [0, {self.num_classes}), "
-                            f"got range [{y.min()}, {y.max()}]")
+                             f"got range [{y.min()}, {y.max()}]")
         return y
+
+
+def array_shapes(sizes, norm: bool, batch_norm: bool, running_initialised: bool,
+                 lead: tuple = ()) -> tuple[dict, dict]:
+    """The arrays a network of layer widths ``sizes`` has: ({parameter: shape},
+    {moving average: shape}); W_l, b_l, and with a normalization gamma_l, beta_l per
+    hidden layer; with batch norm and recorded averages, running_mean_l and running_var_l.
+    ``lead``: a leading axis every shape carries ((K,) for a population)."""
+    params, buffers = {}, {}
+    k = len(sizes) - 1
+    for l in range(1, k + 1):
+        m = sizes[l]
+        params[f"W{l}"], params[f"b{l}"] = (*lead, m, sizes[l - 1]), (*lead, m)
+        if norm and l < k:
+            params[f"gamma{l}"] = params[f"beta{l}"] = (*lead, m)
+        if batch_norm and l < k and running_initialised:
+            buffers[f"running_mean{l}"] = buffers[f"running_var{l}"] = (*lead, m)
+    return params, buffers
 
 
 def _require_finite(X, s):

@@ -7,7 +7,7 @@ steps (velocities, moment estimates, a step counter) goes through ``state_dict()
 can store it with ``np.savez`` and a resumed run continues exactly. Momentum or Adam is
 one more class with these three methods and an entry in :data:`OPTIMIZERS`.
 
-Populations (:mod:`klayer.population`): parameters stacked as (K, ...), the learning rate
+Populations (:mod:`klayer.nn.population`): parameters stacked as (K, ...), the learning rate
 and every constant (μ, β1, β2, ε) may be one value per member, a (K,) vector, broadcast
 over each parameter's trailing axes by :func:`per_member`. ``hyperparameters()`` returns
 the constants, so that a population's optimizer can be rebuilt for fewer members.

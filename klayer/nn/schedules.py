@@ -3,7 +3,7 @@
 A schedule knows nothing about the optimizer or the model; the training loop asks it
 for η_t before update t and passes that to the optimizer. A new schedule is one more
 small class with ``__call__(step) -> float`` and an entry in :data:`SCHEDULES`.
-A population of networks (:mod:`klayer.population`) gives each member its own schedule:
+A population of networks (:mod:`klayer.nn.population`) gives each member its own schedule:
 :class:`PerMember` evaluates them all and returns η_t as a vector.
 """
 

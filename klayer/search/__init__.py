@@ -5,7 +5,7 @@
 - :mod:`klayer.search.executors`: where trials run (the driver, worker processes, Ray),
   and the one trial function the search and the study share;
 - :mod:`klayer.search.driver`: :func:`run_search`, which ties them together and groups
-  trials into populations (:mod:`klayer.population`);
+  trials into populations (:func:`klayer.train.train_population`);
 - :mod:`klayer.search.results`: trials.csv, trials.md, best.toml and the λ figure.
 """
 

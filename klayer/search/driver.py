@@ -8,21 +8,23 @@ trials are scheduled (bit for bit at equal BLAS threads per trial). The objectiv
 validation accuracy of the final network ("final", default) or the best one over the
 history points ("best"); both are kept as user attributes.
 
-Trials are trained in populations (:mod:`klayer.population`) unless the search says
-``population = false``: the trials asked together whose configurations differ only in
-options each member of a population may set for itself (λ, the learning rates and
-schedule, the initialisation, the seed, dropout, label smoothing, ...) and share the
-rest (architecture, data, batch size, number of steps, optimizer, augmentation) are one
-job of at most ``population_size`` members, trained in lockstep on one mini-batch
-stream. Each trial keeps its own Optuna trial, value, row, seed (still
+Trials are trained in populations (:func:`klayer.train.train_population`) unless the
+search says ``population = false``: the trials asked together whose configurations
+differ only in options each member of a population may set for itself (those marked
+``member`` in :mod:`klayer.config`: λ, the learning rates and schedule, the
+initialisation, the seed, dropout, label smoothing, ...) are one job of at most
+``population_size`` members, trained in lockstep on one mini-batch stream. Each trial
+keeps its own Optuna trial, value, row, seed (still
 :func:`~klayer.search.space.trial_seed`: its weights and dropout masks) and run folder;
-a member that diverges is FAIL with its reason while the others complete. The data
-order (shuffles and augmentation) of a population is its first member's (the trial
-asked first): a trial's result therefore also depends on which trials it was trained
-with. The driver asks up to ``LOOKAHEAD`` populations' worth of trials at a time (one
-population's worth with TPE, which learns from told trials), so that trials of one
-kind come together; which trials form a population depends only on the search and
-``population_size``, not on the number of workers.
+a member that diverges is FAIL with its reason while the others complete. Every trial's
+``data_seed`` (data order, augmentation, mixing) is the search's: a trial's numbers do
+not depend on which trials it was trained with, nor on ``population`` or
+``population_size``, and its config (in its run folder, and best.toml for the best)
+trained alone with ``klayer train`` gives them again. The driver asks up to
+``LOOKAHEAD`` populations' worth of trials at a time (one population's worth with TPE,
+which learns from told trials), so that trials of one kind come together; which trials
+form a population depends only on the search and ``population_size``, not on the
+number of workers.
 
 Running the same search again continues it: finished trials are kept; trials left
 RUNNING by a killed process are marked FAIL ("interrupted"), their unfinished run
@@ -45,12 +47,11 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from klayer import runs
-from klayer.config import TrainConfig
+from klayer.config import SHARED_OPTIONS, TrainConfig
 from klayer.nn.errors import UserError
-from klayer.population import group_configs
 from klayer.search.executors import make_executor
 from klayer.search.results import best_row, config_of, trial_row, write_results, write_tables
-from klayer.search.space import Round, SearchSpec, trial_seed
+from klayer.search.space import Round, SearchSpec, trial_config, trial_seed
 from klayer.search.studies import (best_trial, counts_towards_round, open_storage, open_study,
                                    requeue_failed, requeue_interrupted, retried_numbers,
                                    sampler_for, stored_trial, trials_to_ask)
@@ -61,13 +62,15 @@ LOOKAHEAD = 8  # populations' worth of trials asked at a time (grid and random s
 @dataclass
 class SearchEvent:
     """What ``on_event`` receives: kind "round" when a round starts (``done`` of
-    ``total`` trials already finished), "trial" when a trial finishes (``row``)."""
+    ``total`` trials already finished), "trial" when a trial finishes (``row``), "note"
+    for a line to show (``note``)."""
 
     kind: str
     round: str
     done: int
     total: int
     row: dict | None = None
+    note: str = ""
 
 
 @dataclass
@@ -162,6 +165,11 @@ def _run_round(storage, study, rnd: Round, spec: SearchSpec, out: Path, executor
     done = sum(t.state.is_finished() and counts_towards_round(t, retried) for t in trials)
     total = done + todo
     emit(SearchEvent("round", rnd.name, done, total))
+    shared = [d.name for d in rnd.space if d.name in (*SHARED_OPTIONS, "n_s", "cycles")]
+    if spec.population and shared:
+        emit(SearchEvent("note", rnd.name, done, total, note=(
+            f"trials with different {', '.join(shared)} cannot share a mini-batch stream "
+            "(or number of steps): only trials with equal values train together")))
     draw = 1 + max((t.user_attrs.get("draw", -1) for t in trials), default=-1)
     size = spec.population_size if spec.population else 1
     ahead = size if rnd.method == "random" and spec.sampler == "tpe" else size * LOOKAHEAD
@@ -205,6 +213,34 @@ def _run_round(storage, study, rnd: Round, spec: SearchSpec, out: Path, executor
                 tell(future)
 
 
+def group_configs(configs, max_size: int, available: int | None = None) -> list[list[int]]:
+    """The indices of ``configs`` in populations: equal
+    :meth:`~klayer.config.TrainConfig.shared_options`, in order of first appearance, at
+    most ``max_size`` members and (by :func:`klayer.memory.estimate`: the data once,
+    everything else per member) what fits in ``available`` bytes (default: the memory
+    free now)."""
+    from klayer import memory
+
+    if max_size < 1:
+        raise UserError(f"max_size must be at least 1, got {max_size}")
+    available = memory.available_bytes() if available is None else available
+    keyed: dict = {}
+    groups: list[list[int]] = []
+    for i, config in enumerate(configs):
+        key = config.shared_options()
+        parts = memory.estimate(config)
+        need = sum(parts.values()) - parts["data"]
+        group = keyed.get(key)
+        if group is not None and len(group[0]) < max_size and \
+                (available is None or group[1] + need <= available):
+            group[0].append(i)
+            group[1] += need
+            continue
+        keyed[key] = [[i], parts["data"] + need]
+        groups.append(keyed[key][0])
+    return groups
+
+
 def _remove_unfinished_run(trial, out: Path) -> None:
     """Delete the run folder an interrupted trial left (its retry trains in its own)."""
     run_dir = trial.user_attrs.get("run_dir")
@@ -221,29 +257,28 @@ def _job(trial, rnd: Round, spec: SearchSpec, out: Path, blas_threads: int):
     trial.set_user_attr("seed", seed)
     trial.set_user_attr("run_dir", "" if run_dir is None else str(run_dir))
     try:
-        config = spec.base.replace(**{**options, "seed": seed,
-                                      "out": None if run_dir is None else str(run_dir)})
+        config = trial_config(spec.base, options, seed,
+                              None if run_dir is None else str(run_dir))
     except ValueError as exc:
         trial.set_user_attr("fail_reason", f"bad parameter: {exc}")
         trial.study.tell(trial, state=TrialState.FAIL)
         return None
     if run_dir is not None and run_dir.exists():
         shutil.rmtree(run_dir)  # left by a study that was deleted: this trial's folder
-    return config, {"config": config.to_dict(),
-                    "run_dir": None if run_dir is None else str(run_dir),
+    return config, {"configs": [config.to_dict()],
+                    "run_dirs": [None if run_dir is None else str(run_dir)],
                     "blas_threads": blas_threads}
 
 
 def _population_job(members) -> dict:
-    """One trial's job, or the population job of several ((trial, config, job) each, the
-    first member's seed ordering the data); each trial records the population's first
-    trial number."""
+    """The job of one trial, or of several trained as one population ((trial, config,
+    job) each); each trial of a population records its first trial's number."""
     if len(members) == 1:
         return members[0][2]
     for trial, _, _ in members:
         trial.set_user_attr("population", members[0][0].number)
-    return {"configs": [job["config"] for _, _, job in members],
-            "run_dirs": [job["run_dir"] for _, _, job in members],
+    return {"configs": [job["configs"][0] for _, _, job in members],
+            "run_dirs": [job["run_dirs"][0] for _, _, job in members],
             "blas_threads": members[0][2]["blas_threads"]}
 
 
@@ -253,14 +288,12 @@ def _outcomes(future: Future, size: int) -> list:
         numbers = future.result()
     except Exception as exc:  # the whole job failed: every trial of it
         return [exc] * size
-    if "members" not in numbers:
-        return [numbers]
     return [m if "fail_reason" not in m else _MemberFailed(m["fail_reason"])
             for m in numbers["members"]]
 
 
 class _MemberFailed(Exception):
-    """A population member that diverged while the others went on."""
+    """A trial that diverged (in a population, while the others went on)."""
 
     def __str__(self):
         return self.args[0]
@@ -270,13 +303,8 @@ def _tell(study, trial, outcome, objective: str) -> None:
     """Record a finished trial: its numbers and value, or FAIL and the reason."""
     if isinstance(outcome, Exception):
         cause = getattr(outcome, "cause", None) or outcome  # Ray wraps the task's exception
-        from klayer.train import DivergenceError
-
-        if isinstance(cause, _MemberFailed):
-            reason = str(cause)
-        else:
-            kind = "diverged" if isinstance(cause, DivergenceError) else type(cause).__name__
-            reason = f"{kind}: {cause}"
+        reason = str(cause) if isinstance(cause, _MemberFailed) \
+            else f"{type(cause).__name__}: {cause}"
         trial.set_user_attr("fail_reason", reason)
         run_dir = trial.user_attrs.get("run_dir")
         if run_dir and not Path(run_dir).is_dir():  # a Ray trial sends its folder only at the end

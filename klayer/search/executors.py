@@ -2,9 +2,9 @@
 
 One trial function, :func:`run_trial`, serves the search and the study: it trains one
 TrainConfig into one run folder (resuming it from its checkpoint when it has one), or a
-population of K TrainConfigs in lockstep (:func:`klayer.population.train_population`)
-into K run folders, and returns the numbers the search records (per member for a
-population: a member that diverged is a failure of its own, the others complete). An
+population of K TrainConfigs in lockstep (:func:`klayer.train.train_population`) into K
+run folders, and returns the numbers the search records per member (a member that
+diverged is a failure of its own, the others complete). An
 executor's ``submit(job)`` returns a ``concurrent.futures.Future`` of those numbers;
 ``capacity`` is how many jobs (a trial or a population) it runs at once.
 
@@ -67,47 +67,33 @@ def dataset_for(config: TrainConfig):
 
 
 def run_trial(job: dict, data=None) -> dict:
-    """Train ``job["config"]`` (a TrainConfig dict) into ``job["run_dir"]`` (None: no files)
-    with at most ``job["blas_threads"]`` BLAS threads; a run folder with a checkpoint is
-    resumed. ``data``: the dataset (default: loaded here, once per process).
-    ``job["return_run_folder"]``: train into a temporary folder instead and return its
-    files under "run_folder" ({file name: bytes}) for the driver to write.
+    """Train ``job["configs"]`` (TrainConfig dicts: one trial, or the K trials of a
+    population, :func:`klayer.train.train_population`) into ``job["run_dirs"]`` (one per
+    config; None: no files) with at most ``job["blas_threads"]`` BLAS threads.
+    ``job["checkpoint_dir"]``: the population's checkpoint folder (resumed when it holds
+    one; removed at the end); a trial alone checkpoints in its run folder and resumes
+    from it. ``data``: the dataset (default: loaded here, once per process).
+    ``job["return_run_folder"]``: train into a temporary folder instead and return each
+    member's files under "run_folder" ({file name: bytes}) for the driver to write.
 
-    A population job has ``job["configs"]`` and ``job["run_dirs"]`` (one per member)
-    instead, and optionally ``job["checkpoint_dir"]`` (the population's checkpoint,
-    resumed when it holds one; removed at the end); it returns {"members": [...]}, per
-    member its numbers or {"fail_reason": ...} (a member that diverged).
-
-    Returns the trial's numbers; raises what training raises (DivergenceError,
-    ValueError), which the driver records.
+    Returns {"members": [...]}: per config its numbers, or {"fail_reason": ...} when it
+    diverged; raises what training raises otherwise (ValueError, ...), which the driver
+    records for every trial of the job.
     """
     from threadpoolctl import threadpool_limits
 
-    if "configs" in job:
-        configs = [TrainConfig.from_dict(c) for c in job["configs"]]
-        with threadpool_limits(limits=job["blas_threads"], user_api="blas"):
-            data = dataset_for(configs[0]) if data is None else data
-            if not job.get("return_run_folder"):
-                return _train_population(configs, data, job["run_dirs"],
-                                         job.get("checkpoint_dir"))
-            with tempfile.TemporaryDirectory(prefix="klayer-population-") as tmp:
-                folders = [None if d is None else Path(tmp) / f"{k}" / Path(d).name
-                           for k, d in enumerate(job["run_dirs"])]
-                numbers = _train_population(configs, data, folders, None)
-                for member, folder in zip(numbers["members"], folders):
-                    if folder is not None:
-                        member["run_folder"] = read_run_folder(folder)
-        return numbers
-    config = TrainConfig.from_dict(job["config"])
-    run_dir = job["run_dir"]
+    configs = [TrainConfig.from_dict(c) for c in job["configs"]]
     with threadpool_limits(limits=job["blas_threads"], user_api="blas"):
-        data = dataset_for(config) if data is None else data
-        if not (job.get("return_run_folder") and run_dir is not None):
-            return _train(config, data, run_dir)
+        data = dataset_for(configs[0]) if data is None else data
+        if not job.get("return_run_folder"):
+            return _train(configs, data, job["run_dirs"], job.get("checkpoint_dir"))
         with tempfile.TemporaryDirectory(prefix="klayer-trial-") as tmp:
-            folder = Path(tmp) / Path(run_dir).name
-            numbers = _train(config, data, folder)
-            numbers["run_folder"] = read_run_folder(folder)
+            folders = [None if d is None else Path(tmp) / f"{k}" / Path(d).name
+                       for k, d in enumerate(job["run_dirs"])]
+            numbers = _train(configs, data, folders, None)
+            for member, folder in zip(numbers["members"], folders):
+                if folder is not None:
+                    member["run_folder"] = read_run_folder(folder)
     return numbers
 
 
@@ -142,55 +128,28 @@ def _numbers(result, seconds: float) -> dict:
     }
 
 
-def _train_population(configs, data, run_dirs, checkpoint_dir) -> dict:
-    """Train a population, write each member's run folder (a diverged member's too:
-    config, history and the reason), return each member's numbers or failure."""
+def _train(configs, data, run_dirs, checkpoint_dir) -> dict:
+    """Train the configs (writing each member's run folder, a diverged member's too:
+    config, history and the reason) and return each member's numbers or failure."""
     import shutil
 
     from klayer import runs
-    from klayer.population import Dropped, train_population, write_run
+    from klayer.train import Dropped, train_population
 
-    resume = checkpoint_dir is not None and any(
-        (Path(checkpoint_dir) / name).exists()
+    run_dirs = [None if d is None else Path(d) for d in run_dirs]
+    own = checkpoint_dir is None and len(configs) == 1
+    folder = run_dirs[0] if own else checkpoint_dir  # a trial alone: its run folder
+    resume = folder is not None and any(  # a kill between the two renames leaves only .prev
+        (Path(folder) / name).exists()
         for name in (runs.CHECKPOINT_FILE, runs.PREVIOUS_CHECKPOINT_FILE))
-    faults = runs.fault_callbacks()  # test-only: they take training events
-    callbacks = [lambda done, active: [kill(_StepEvent(done)) for kill in faults]] \
-        if faults else []
     start = time.perf_counter()
-    results = train_population(configs, data, callbacks, checkpoint_dir, resume)
+    results = train_population(configs, data, checkpoint_dir=folder, resume=resume,
+                               run_dirs=run_dirs)
     seconds = time.perf_counter() - start  # the population's time, for every member
-    members = []
-    for config, result, run_dir in zip(configs, results, run_dirs):
-        if run_dir is not None:
-            write_run(run_dir, result, data)
-        if isinstance(result, Dropped):
-            members.append({"fail_reason": f"diverged: {result.reason}"})
-        else:
-            members.append(_numbers(result, seconds))
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return {"members": members}
-
-
-class _StepEvent:
-    """What the test-only fault callbacks read of a training event."""
-
-    kind = "step"
-
-    def __init__(self, step: int):
-        self.step = step
-
-
-def _train(config: TrainConfig, data, run_dir) -> dict:
-    from klayer import runs
-    from klayer.train import train
-
-    run_dir = None if run_dir is None else Path(run_dir)
-    resume = run_dir is not None and any(  # a kill between the two renames leaves only .prev
-        (run_dir / name).exists() for name in (runs.CHECKPOINT_FILE, runs.PREVIOUS_CHECKPOINT_FILE))
-    start = time.perf_counter()
-    result = train(config, data, run_dir, resume=resume)
-    return _numbers(result, time.perf_counter() - start)
+    return {"members": [{"fail_reason": f"diverged: {r.reason}"} if isinstance(r, Dropped)
+                        else _numbers(r, seconds) for r in results]}
 
 
 def read_run_folder(run_dir: Path) -> dict:
@@ -371,10 +330,7 @@ class RayExecutor:
 
     def submit(self, job: dict) -> Future:
         self._connect()
-        population = "configs" in job
-        configs = [TrainConfig.from_dict(c) for c in job["configs"]] if population \
-            else [TrainConfig.from_dict(job["config"])]
-        run_dirs = job["run_dirs"] if population else [job["run_dir"]]
+        configs = [TrainConfig.from_dict(c) for c in job["configs"]]
         key = data_key(configs[0])
         if key not in self.data_refs:  # loaded and standardised once, here
             self.data_refs[key] = self.ray.put(dataset_for(configs[0]))
@@ -384,8 +340,8 @@ class RayExecutor:
         def done(task_future):  # in a Ray thread, when the task ends
             try:
                 numbers = task_future.result()
-                members = numbers["members"] if population else [numbers]
-                for member, config, run_dir in zip(members, configs, run_dirs):
+                for member, config, run_dir in zip(numbers["members"], configs,
+                                                   job["run_dirs"]):
                     files = member.pop("run_folder", None)
                     if files is not None:
                         write_run_folder(Path(run_dir), files, config)

@@ -7,11 +7,11 @@ import csv
 from pathlib import Path
 
 from klayer.config import TrainConfig
-from klayer.search.space import Round, SearchSpec
+from klayer.search.space import Round, SearchSpec, trial_config
 
 # a table row: round, trial, state, the searched options, then these
-# (population: the number of the first trial of the population it was trained in, whose
-# seed ordered the data; seconds: that population's time)
+# (population: the number of the first trial of the population it was trained in;
+# seconds: that population's time)
 RESULT_KEYS = ("seed", "val_accuracy", "val_accuracy_best", "val_accuracy_final", "best_epoch",
                "test_accuracy", "seconds", "population", "run_dir", "fail_reason")
 
@@ -38,7 +38,7 @@ def best_row(rows: list) -> dict | None:
 def config_of(row: dict, spec: SearchSpec) -> TrainConfig:
     """The TrainConfig a trial trained (without its run folder)."""
     options = {d.name: row[d.name] for d in spec.space}
-    return spec.base.replace(**options, **{"seed": row["seed"], "out": None})
+    return trial_config(spec.base, options, row["seed"])
 
 
 def _columns(rows: list) -> list:

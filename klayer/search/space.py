@@ -308,6 +308,14 @@ def trial_seed(base_seed: int, options: dict) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") >> 1
 
 
+def trial_config(base, options: dict, seed: int, out=None):
+    """The TrainConfig of a trial: ``base`` with its options, its seed (weights, dropout)
+    and the search's data seed (data order, augmentation, mixing: the same for every
+    trial, so that a trial's numbers do not depend on the trials trained beside it)."""
+    return base.replace(**{"data_seed": base.stream_seed, **options, "seed": seed,
+                           "out": out})
+
+
 
 def grid_points(rnd: Round) -> list[dict]:
     """Every point of a grid round, as Optuna stores the parameters."""

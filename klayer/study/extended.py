@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from klayer.nn import gradcheck as G
-from klayer import runs
+from klayer.modelfile import read_model
 from klayer.config import TrainConfig
 from klayer.data import cifar_problem
 from klayer.nn.network import Network
@@ -144,7 +144,7 @@ def evaluate_statistics(study_runs: list[Run], data, batches: int = PRECISE_BATC
     for run in study_runs:
         if not run.config.batch_norm:
             continue
-        net, _, _ = runs.load_model(run.run_dir)
+        net, _, _ = read_model(run.run_dir)
         X_train = data.X_train.astype(net.dtype, copy=False)
         X_test = data.X_test.astype(net.dtype, copy=False)
         moving = net.evaluate(X_test, data.y_test)["accuracy"]

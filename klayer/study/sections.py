@@ -7,7 +7,7 @@ and reuses a finished run folder whose configuration matches, or resumes one tha
 checkpoint; a killed reproduction therefore loses at most the runs in progress.
 
 Runs that differ only in per-member options are trained together as populations
-(:mod:`klayer.population`): section v's σ runs with batch norm are one population and
+(:func:`klayer.train.train_population`): section v's σ runs with batch norm are one population and
 those without another, and the λ search trains its trials in populations (the coarse
 grid with batch norm, the grid without, the fine search). The single runs of sections ii
 and iii and the final run are trained alone.
@@ -177,9 +177,8 @@ def run_all(study_runs: list, root: Path, executor, emit=lambda msg: None) -> No
     :func:`klayer.search.run_trial`), then load each run's summary and history into it.
 
     study_runs: Runs, or lists of Runs trained together as one population
-    (:func:`klayer.population.train_population`: one mini-batch stream, the first
-    unfinished member's seed ordering the data; checkpointed in a ``.population-*``
-    folder of ``root`` and resumed from it).
+    (:func:`klayer.train.train_population`: one mini-batch stream; checkpointed in a
+    ``.population-*`` folder of ``root`` and resumed from it).
     """
     finish_runs(study_runs, start_runs(study_runs, root, executor, emit))
 
@@ -198,17 +197,13 @@ def start_runs(study_runs: list, root: Path, executor, emit=lambda msg: None) ->
                 emit(f"reusing {run.name} ({run.run_dir.name})")
             else:
                 todo.append(run)
-        if len(todo) == 1:
-            job = {"config": todo[0].config.to_dict(), "run_dir": str(todo[0].run_dir),
-                   "blas_threads": executor.blas_threads}
-        elif todo:
-            digest = hashlib.sha256("+".join(r.config.config_hash() for r in todo).encode())
-            job = {"configs": [r.config.to_dict() for r in todo],
-                   "run_dirs": [str(r.run_dir) for r in todo],
-                   "checkpoint_dir": str(root / f".population-{digest.hexdigest()[:16]}"),
-                   "blas_threads": executor.blas_threads}
-        else:
+        if not todo:
             continue
+        job = {"configs": [r.config.to_dict() for r in todo],
+               "run_dirs": [str(r.run_dir) for r in todo], "blas_threads": executor.blas_threads}
+        if len(todo) > 1:
+            digest = hashlib.sha256("+".join(r.config.config_hash() for r in todo).encode())
+            job["checkpoint_dir"] = str(root / f".population-{digest.hexdigest()[:16]}")
         future = executor.submit(job)
         future.add_done_callback(lambda future, todo=todo: _emit_finished(future, todo, emit))
         pending.append((todo, future))
@@ -220,7 +215,7 @@ def _emit_finished(future: Future, todo: list, emit) -> None:
     if future.cancelled() or future.exception() is not None:
         return
     numbers = future.result()
-    if all("fail_reason" not in member for member in numbers.get("members", [numbers])):
+    if all("fail_reason" not in member for member in numbers["members"]):
         emit(f"finished {', '.join(run.name for run in todo)}"
              + (" (one population)" if len(todo) > 1 else ""))
 
@@ -229,7 +224,7 @@ def finish_runs(study_runs: list, pending: list) -> None:
     """Wait for the jobs :func:`start_runs` submitted, then load every run's results."""
     for todo, future in pending:
         numbers = future.result()  # re-raises a failure (DivergenceError, ...) of that job
-        for run, member in zip(todo, numbers.get("members", [numbers])):
+        for run, member in zip(todo, numbers["members"]):
             if "fail_reason" in member:
                 raise ValueError(f"the study's run {run.name} failed: {member['fail_reason']}")
     for item in study_runs:
