@@ -4,9 +4,9 @@ Every ``klayer <command> ...`` line of README.md — in its fenced bash blocks a
 inline code — names a registered command, and every ``--flag`` on it is one that
 ``klayer <command> --help`` lists. The bash blocks' lines without placeholders (DIR, N,
 a|b) are also parsed by the real parser, which must accept them whole: no unknown
-argument, no bad value, no missing argument. The table of "Beyond the study" names config
-keys that exist and flags that both `klayer train` and `klayer search` take. This catches
-a README that documents a flag or a choice that no longer exists.
+argument, no bad value, no missing argument. The training options table (docs/training.md)
+names config keys that exist and flags that both `klayer train` and `klayer search` take.
+This catches a README that documents a flag or a choice that no longer exists.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from klayer.cli import COMMANDS, build_parser, main
 from klayer.config import TrainConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+TRAINING = README.parent / "docs" / "training.md"
+# commands the README documents that are being added on another branch: until they land,
+# their lines are expected failures (reported as xfail), checked in full once they exist
+PENDING = {"diagnose"}
 FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`([^`\n]+(?:\n[^`\n]+)?)`")  # may wrap onto a second line
 FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
@@ -83,6 +87,8 @@ def test_the_readme_has_command_lines():
                          ids=[" ".join(tokens) for _, tokens in COMMAND_LINES])
 def test_readme_command_uses_existing_flags(where, tokens):
     command = tokens[0]
+    if command in PENDING and command not in COMMANDS:
+        pytest.xfail(f"klayer {command} is not registered yet")
     assert command in COMMANDS, f"the README ({where}) runs `klayer {command}`, no such command"
     known = help_flags(command)
     used = {t.split("=")[0] for t in tokens[1:] if t.startswith("--")}
@@ -101,7 +107,7 @@ def test_readme_command_uses_existing_flags(where, tokens):
     assert not extra, f"klayer {' '.join(tokens)}: not understood: {extra}"
 
 
-# --- the table of "Beyond the study" ---------------------------------------------------------
+# --- the training options table (docs/training.md) ------------------------------------------
 
 
 def options_table(text: str) -> list[tuple[str, str]]:
@@ -116,7 +122,7 @@ def options_table(text: str) -> list[tuple[str, str]]:
     return rows
 
 
-OPTION_ROWS = options_table(README.read_text(encoding="utf-8"))
+OPTION_ROWS = options_table(TRAINING.read_text(encoding="utf-8"))
 # flags of the table a command lacks, each with a strict xfail test below
 
 
@@ -126,7 +132,7 @@ def test_options_table_keys_are_config_options():
             for span in INLINE.findall(cell)]
     assert len(keys) >= 12
     unknown = sorted(set(keys) - fields)
-    assert not unknown, f"README's options table names unknown config keys: {unknown}"
+    assert not unknown, f"docs/training.md's options table names unknown config keys: {unknown}"
 
 
 @pytest.mark.parametrize("command", ["train", "search"])
@@ -142,9 +148,9 @@ def test_options_table_flags_exist_in_train_and_search(command):
         tokens = span.split()
         assert tokens and tokens[0].startswith("--"), cell
         missing = sorted({t for t in tokens if t.startswith("--")} - flags)
-        assert not missing, f"klayer {command} has no {', '.join(missing)} (README: {span})"
+        assert not missing, f"klayer {command} has no {', '.join(missing)} (docs: {span})"
         for token in tokens:
             if "|" in token:
                 for choice in token.split("|"):
                     assert re.search(rf"[{{,]{choice}[,}}]", text), \
-                        f"klayer {command}: {choice!r} is not a choice (README: {span})"
+                        f"klayer {command}: {choice!r} is not a choice (docs: {span})"
