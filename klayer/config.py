@@ -119,7 +119,7 @@ class TrainConfig:
     batch_size: int = option(100, "mini-batch size", _integer, metavar="N")
     evals_per_cycle: int = option(10, "history points per cycle", _integer, metavar="N")
     data_dir: str | None = option(
-        None, "where CIFAR-10 is (default: $KLAYER_DATA)", checks.path, metavar="DIR",
+        None, "where CIFAR-10 is (default: $KLAYER_DATA, else the user cache)", checks.path, metavar="DIR",
         parse=str, hashed=False)
     protocol: str = option("full", "data split (full: 45k/5k/10k)", checks.choice,
                            choices=PROTOCOLS)
