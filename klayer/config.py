@@ -81,7 +81,7 @@ class TrainConfig:
     Data (see :func:`klayer.data.load_cifar10`): ``data_dir``, ``protocol``, ``n_val``,
     ``subset``. Output: ``out``, the run folder.
 
-    Beyond the study (all off by default; see README "Beyond the study"):
+    Beyond the study (all off by default; see docs/training.md, "Training options"):
     ``layer_norm`` (instead of batch norm), ``norm_position`` ("before"/"after" the
     ReLU), ``residual``, ``dropout`` (probability p), ``label_smoothing`` (ε);
     augmentation ``flip``, ``translate`` (pixels), ``jitter``; schedules "step"
