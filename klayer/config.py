@@ -86,7 +86,7 @@ class TrainConfig:
     Data (see :func:`klayer.data.load_cifar10`): ``data_dir``, ``protocol``, ``n_val``,
     ``subset``. Output: ``out``, the run folder.
 
-    Beyond the study (all off by default; see README "Beyond the study"):
+    Beyond the study (all off by default; see docs/training.md, "Training options"):
     ``layer_norm`` (instead of batch norm), ``norm_position`` ("before"/"after" the
     ReLU), ``residual``, ``dropout`` (probability p), ``label_smoothing`` (ε);
     augmentation ``flip``, ``translate`` (pixels), ``jitter``; schedules "step"
@@ -132,7 +132,7 @@ class TrainConfig:
     evals_per_cycle: int = option(10, "history points per cycle", _integer, metavar="N",
                                   member=True)
     data_dir: str | None = option(
-        None, "where CIFAR-10 is (default: $KLAYER_DATA)", checks.path, metavar="DIR",
+        None, "where CIFAR-10 is (default: $KLAYER_DATA, else the user cache)", checks.path, metavar="DIR",
         parse=str, hashed=False)
     protocol: str = option("full", "data split (full: 45k/5k/10k)", checks.choice,
                            choices=PROTOCOLS)

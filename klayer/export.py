@@ -37,7 +37,7 @@ PyTorch (:func:`torch_state_dict`): the state dict, float32 tensors only (load i
 
 then ``nn.Linear(m_{k-1}, C)`` and ``nn.Softmax(dim=1)``; standardisation is folded into
 the first Linear. ``Residual(linear)`` computes ``x + linear(x)`` and holds it as
-``.linear``; the README ("Using a trained model elsewhere") has it and the function that
+``.linear``; docs/export.md ("Using a trained model elsewhere") has it and the function that
 rebuilds the Sequential from a run's model.json.
 
 These functions are pure (arrays in, a model out); ``klayer export`` writes the files.

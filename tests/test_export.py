@@ -65,15 +65,17 @@ def run_onnx(proto, pixels):
 
 
 def readme_snippet(marker: str) -> str:
-    """The README's python code block that contains ``marker``."""
-    blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
+    """The python code block of docs/export.md (using a trained model elsewhere) that
+    contains ``marker``."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "docs" / "export.md").read_text(),
+                        re.S)
     found = [b for b in blocks if marker in b]
-    assert len(found) == 1, f"expected one README python block with {marker!r}"
+    assert len(found) == 1, f"expected one docs/export.md python block with {marker!r}"
     return found[0]
 
 
 def torch_sequential(architecture):
-    """The README's own ``klayer_sequential`` (its definitions only, not its use)."""
+    """docs/export.md's own ``klayer_sequential`` (its definitions only, not its use)."""
     torch_or_skip()
     code = readme_snippet("def klayer_sequential")
     namespace = {}
@@ -231,7 +233,7 @@ def test_exported_trained_run_matches_klayer(trained_run, cifar, capsys):
     hwc = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     assert_same_predictions(session.run(None, {"pixels": hwc})[0], expected)
 
-    # the README's line for (n, 32, 32, 3) images given to the PyTorch model
+    # docs/export.md's line for (n, 32, 32, 3) images given to the PyTorch model
     assert torch.equal(torch.as_tensor(hwc).permute(0, 3, 1, 2).flatten(1),
                        torch.as_tensor(pixels))
     state = torch.load(run / "model.pt", weights_only=True)
@@ -246,7 +248,7 @@ def test_exported_trained_run_matches_klayer(trained_run, cifar, capsys):
 
 @pytest.mark.cifar
 def test_readme_snippets_run_as_written(trained_run, cifar, monkeypatch):
-    """The README's Python API, onnxruntime and PyTorch snippets, run on runs/best."""
+    """docs/export.md's Python API, onnxruntime and PyTorch snippets, run on runs/best."""
     onnx_or_skip()
     torch_or_skip()
     run = trained_run

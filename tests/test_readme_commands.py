@@ -6,11 +6,12 @@ names a registered command, and every ``--flag`` on it is one that ``klayer <com
 --help`` lists. Every ``python experiments/….py`` and ``python benchmarks/….py`` line
 names a script that exists, whose ``--help`` lists each flag it uses, and is parsed whole
 by the script's own argparse (placeholders such as DIR replaced by a value) in a process
-that stops the script right after parsing: nothing is trained or timed. The bash blocks' lines without placeholders (DIR, N,
-a|b) are also parsed by the real parser, which must accept them whole: no unknown
-argument, no bad value, no missing argument. The table of "Beyond the study" names config
-keys that exist and flags that both `klayer train` and `klayer search` take. This catches
-a README that documents a flag or a choice that no longer exists.
+that stops the script right after parsing: nothing is trained or timed. The bash blocks'
+lines without placeholders (DIR, N, a|b) are also parsed by the real parser, which must
+accept them whole: no unknown argument, no bad value, no missing argument. The training
+options table (docs/training.md) names config keys that exist and flags that both
+`klayer train` and `klayer search` take. This catches a page that documents a flag or a
+choice that no longer exists.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from klayer.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+TRAINING = REPO / "docs" / "training.md"
 DOCS = [README, *sorted((REPO / "docs").rglob("*.md")), REPO / "experiments" / "README.md",
         REPO / "benchmarks" / "README.md"]
 FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
@@ -122,7 +124,7 @@ def test_readme_command_uses_existing_flags(where, tokens):
     assert not extra, f"klayer {' '.join(tokens)}: not understood: {extra}"
 
 
-# --- the table of "Beyond the study" ---------------------------------------------------------
+# --- the training options table (docs/training.md) ------------------------------------------
 
 
 def options_table(text: str) -> list[tuple[str, str]]:
@@ -137,7 +139,7 @@ def options_table(text: str) -> list[tuple[str, str]]:
     return rows
 
 
-OPTION_ROWS = options_table(README.read_text(encoding="utf-8"))
+OPTION_ROWS = options_table(TRAINING.read_text(encoding="utf-8"))
 # flags of the table a command lacks, each with a strict xfail test below
 
 
@@ -147,7 +149,7 @@ def test_options_table_keys_are_config_options():
             for span in INLINE.findall(cell)]
     assert len(keys) >= 12
     unknown = sorted(set(keys) - fields)
-    assert not unknown, f"README's options table names unknown config keys: {unknown}"
+    assert not unknown, f"docs/training.md's options table names unknown config keys: {unknown}"
 
 
 @pytest.mark.parametrize("command", ["train", "search"])

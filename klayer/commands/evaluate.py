@@ -31,7 +31,7 @@ def register(subparsers) -> None:
                     "run, and draw its confusion matrix.")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder (or its model.npz)")
     p.add_argument("--data-dir", metavar="DIR", help="where CIFAR-10 is (default: the run's, "
-                                                     "else $KLAYER_DATA)")
+                                                     "else $KLAYER_DATA, else the user cache)")
     p.add_argument("--precise-bn", type=int, metavar="BATCHES",
                    help="also evaluate with batch-norm statistics recomputed over BATCHES "
                         "training batches of the run's batch size (PreciseBN)")

@@ -3,7 +3,7 @@
 ONNX needs the ``onnx`` package (``pip install "klayer[onnx]"``); the PyTorch state dict
 needs torch (``pip install torch==2.13.0``). Neither is needed by klayer otherwise, so
 both are imported here, only when asked for. See :mod:`klayer.export` for what the files
-hold, and the README's "Using a trained model elsewhere" for how to run them.
+hold, and docs/export.md ("Using a trained model elsewhere") for how to run them.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def run(args) -> int:
         torch.save(state, buf)
         data = buf.getvalue()
         what = (f"PyTorch state dict of an nn.Sequential of {len(export.torch_layout(net))} "
-                "modules (rebuild it as the README shows)")
+                "modules (rebuild it as docs/export.md shows)")
     runs.atomic_write(out, lambda f: f.write(data))
     print(f"wrote {out} ({what})")
     if config is not None and not (run_dir / CARD_FILE).exists():

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="reproduction", help="output folder (default reproduction)")
     p.add_argument("--quick", action="store_true",
                    help="the same sections on a 5,000-image subset with short cycles "
-                        "(a few minutes)")
+                        "(under a minute)")
     p.add_argument("--extended", action="store_true",
                    help="also section vi: batch norm after the ReLU, layer norm, residual "
                         "connections, dropout, augmentation, label smoothing, Adam, and "

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
                    help="trials in parallel on this machine (default 1); each worker gets "
                         "cores // N BLAS threads. With --ray: trials in flight")
     p.add_argument("--ray", metavar="ADDRESS",
-                   help="run trials as Ray tasks on the cluster at ADDRESS ('auto', "
+                   help="run trials as Ray tasks on the cluster at ADDRESS (HEAD:PORT, 'auto', "
                         "'ray://host:10001'; 'local' starts one here); needs klayer[ray]")
     p.add_argument("--keep-failed", action="store_true",
                    help="keep the FAILed trials of an earlier run of this search instead of "

@@ -14,7 +14,7 @@ and iii and the final run are trained alone.
 
 Two budgets: "full" (the study's protocol: all 45,000 training images, the course
 assignment's cycle lengths) and "quick" (a 5,000-image subset and short cycles, the same
-sections, a few minutes in all: for smoke tests and CI).
+sections, under a minute in all: for smoke tests and CI).
 
 Section vi (:mod:`klayer.study.extended`) builds on the runs made here; ``klayer reproduce``
 composes the two.
