@@ -71,17 +71,17 @@ def time_per_step(step, steps):
 
 
 def klayer_step_fn(sizes, batches):
+    """The training loop's step with plain SGD, the L2 term added inside the update
+    (``loss(..., l2_gradient=False)`` and ``SGD.step(..., l2=net.l2_term(λ))``)."""
     net = Network(sizes[0], sizes[1:-1], sizes[-1], batch_norm=True, dtype="float32", seed=0)
-    params = net.params
-    scratch = {name: np.empty_like(p) for name, p in params.items()}
+    optimizer = SGD()
+    l2 = net.l2_term(LAM)
 
     def step(i):
         X, y = batches[i % len(batches)]
-        res = net.loss(X, y, LAM, mode="train", check=False)  # as klayer.train does
+        res = net.loss(X, y, LAM, mode="train", check=False, l2_gradient=False)
         net.update_running_stats(res.batch_stats)
-        for name, g in res.grads.items():  # SGD as klayer.nn.optim.SGD: no allocation
-            np.multiply(g, LR, out=scratch[name])
-            params[name] -= scratch[name]
+        optimizer.step(net.params, res.grads, LR, l2=l2)
     return step
 
 
