@@ -68,20 +68,25 @@ def _part(value, index):
     return value[index]
 
 
-def _scratch_for(scratch: dict, name: str, theta, blocks) -> np.ndarray:
-    """The scratch array kept for ``name``: the shape of theta's first block (of
-    ``blocks``), theta's dtype, reallocated only when those change."""
+def _pieces(scratch: dict, name: str, theta, arrays, constants):
+    """For each block of theta: (theta's block, a scratch array fitted to it, the same
+    block of each of ``arrays`` (theta's shape), each of ``constants`` lined up with it).
+    The scratch array is kept in ``scratch[name]`` (the shape of theta's first block,
+    theta's dtype), reallocated only when those change. A parameter of one block costs
+    no slicing."""
+    blocks = _blocks(theta)
     shape = theta.shape if blocks is _WHOLE else theta[blocks[0]].shape
     buf = scratch.get(name)
     if buf is None or buf.shape != shape or buf.dtype != theta.dtype:
         buf = scratch[name] = np.empty(shape, theta.dtype)
-    return buf
-
-
-def _fitted(buf, block):
-    """The leading part of the scratch array ``buf`` that matches ``block`` (the last
-    block of rows may be shorter)."""
-    return buf if buf.shape == block.shape else buf[..., :block.shape[-2], :]
+    if blocks is _WHOLE:
+        return ((theta, buf, *arrays, *constants),)
+    pieces = []
+    for i in blocks:
+        t = theta[i]
+        c = buf if t.shape == buf.shape else buf[..., :t.shape[-2], :]  # the last: shorter
+        pieces.append((t, c, *(a[i] for a in arrays), *(_part(c_, i) for c_ in constants)))
+    return pieces
 
 
 class SGD:
@@ -105,19 +110,15 @@ class SGD:
         """
         twice_lam, decayed = _l2_terms(l2)
         for name, theta in params.items():
-            g = grads[name]
-            eta = per_member(lr, theta)
-            blocks = _blocks(theta)
-            buf = _scratch_for(self._scratch, name, theta, blocks)
-            for i in blocks:
-                t = theta[i]
-                c = _fitted(buf, t)
-                if name in decayed:
-                    np.multiply(t, _part(twice_lam, i), out=c)  # 2λ θ
-                    c += g[i]  # g + 2λ θ
-                    c *= _part(eta, i)
+            decay = name in decayed
+            for t, c, g, eta, lam2 in _pieces(self._scratch, name, theta, (grads[name],),
+                                              (per_member(lr, theta), twice_lam)):
+                if decay:
+                    np.multiply(t, lam2, out=c)  # 2λ θ
+                    c += g  # g + 2λ θ
+                    c *= eta
                 else:
-                    np.multiply(g[i], _part(eta, i), out=c)
+                    np.multiply(g, eta, out=c)
                 t -= c
 
     def hyperparameters(self) -> dict:
@@ -160,26 +161,24 @@ class Momentum:
         twice_lam, decayed = _l2_terms(l2)
         for name, theta in params.items():
             g = grads[name]
-            eta, mu = per_member(lr, theta), per_member(self.momentum, theta)
-            blocks = _blocks(theta)
-            buf = _scratch_for(self._scratch, name, theta, blocks)
+            decay = name in decayed
             v = self.velocity.get(name)
             first = v is None
             if first:
                 v = self.velocity[name] = np.empty_like(g)
-            for i in blocks:
-                t, gb, vb = theta[i], g[i], v[i]
-                c = _fitted(buf, t)
-                if name in decayed:
-                    np.multiply(t, _part(twice_lam, i), out=c)  # 2λ θ
+            constants = (per_member(lr, theta), per_member(self.momentum, theta), twice_lam)
+            for t, c, gb, vb, eta, mu, lam2 in _pieces(self._scratch, name, theta, (g, v),
+                                                       constants):
+                if decay:
+                    np.multiply(t, lam2, out=c)  # 2λ θ
                     c += gb  # g + 2λ θ
                     gb = c
                 if first:  # v starts at the first gradient
                     vb[...] = gb
                 else:
-                    vb *= _part(mu, i)
+                    vb *= mu
                     vb += gb
-                np.multiply(vb, _part(eta, i), out=c)
+                np.multiply(vb, eta, out=c)
                 t -= c
 
     def hyperparameters(self) -> dict:
