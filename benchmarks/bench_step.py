@@ -2,7 +2,11 @@
 
 One training step = forward + backward of the cost (mean cross-entropy + λ Σ ||W||²)
 with batch norm in training mode, the moving-average update, then a plain SGD update
-p -= η g of every parameter. Both libraries run the same shapes in float32 on the same
+p -= η g of every parameter (klayer: the training loop's calls, the L2 term 2λW added
+inside the SGD update, ``loss(..., l2_gradient=False)`` then
+``SGD().step(params, grads, η, l2=net.l2_term(λ))``). With JAX installed (the
+``bench`` extra) the table has JAX's step too, and the run ends with the ratios of
+klayer's step time to PyTorch's and to JAX's for every case. Both libraries run the same shapes in float32 on the same
 pre-gathered contiguous mini-batches.
 
 Printed per case: the median time per step of each library over the repetitions, their
@@ -169,6 +173,7 @@ def main():
           + (" jax ms/step | klayer/jax |" if peer_jax else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if peer_jax else ""))
     selected = args.cases if args.cases is not None else range(len(CASES))
+    ratios = []  # (case, klayer/torch, klayer/jax or None)
     for c in selected:
         name, hidden, n, steps = CASES[c]
         steps = args.steps or steps
@@ -199,6 +204,12 @@ def main():
               f"{t['np_products'] / t['klayer']:.0%} |"
               + (f" {t['jax'] * 1e3:.3f} | {t['klayer'] / t['jax']:.2f} |" if peer_jax else ""),
               flush=True)
+        ratios.append((name.split(" [")[0], t["klayer"] / t["torch"],
+                       t["klayer"] / t["jax"] if peer_jax else None))
+    print("\nklayer step time / PyTorch's: "
+          + ", ".join(f"{case} {r:.2f}×" for case, r, _ in ratios))
+    print("klayer step time / JAX's:     " + (", ".join(f"{case} {r:.2f}×" for case, _, r in ratios)
+                                              if peer_jax else "(jax not installed)"))
     if args.population:
         population_table(args, selected, rng)
 
