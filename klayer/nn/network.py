@@ -322,8 +322,8 @@ class Network:
         dJ/dW_l = d loss/dW_l + 2 λ W_l. The loss is the cross-entropy against the
         (label-smoothed, if ``label_smoothing``) targets. masks: see :meth:`forward`.
         ``l2_gradient=False`` leaves 2 λ W_l out of the gradients (the cost keeps λ Σ
-        ||W_l||²): the optimizer adds it within its update, given ``l2_term(λ)``, which
-        reads each weight once instead of three times, with the same numbers.
+        ||W_l||²): the optimizer adds it within its update, given ``l2_term(λ)``, in one
+        pass over each weight and its gradient instead of several, with the same numbers.
         """
         if lam < 0 or not np.isfinite(lam):
             raise ValueError(f"lam (λ) must be a finite number >= 0, got {lam}")
