@@ -6,8 +6,8 @@ p -= η g of every parameter (klayer: the training loop's calls, the L2 term 2λ
 inside the SGD update, ``loss(..., l2_gradient=False)`` then
 ``SGD().step(params, grads, η, l2=net.l2_term(λ))``). With JAX installed (the
 ``bench`` extra) the table has JAX's step too, and the run ends with the ratios of
-klayer's step time to PyTorch's and to JAX's for every case. Both libraries run the same shapes in float32 on the same
-pre-gathered contiguous mini-batches.
+klayer's step time to PyTorch's and to JAX's for every case. The libraries run the
+same shapes in float32 on the same pre-gathered contiguous mini-batches.
 
 Printed per case: the median time per step of each library over the repetitions, their
 ratio (and the ratio of the best repetitions, a guide when other processes load the
@@ -208,8 +208,9 @@ def main():
                        t["klayer"] / t["jax"] if peer_jax else None))
     print("\nklayer step time / PyTorch's: "
           + ", ".join(f"{case} {r:.2f}×" for case, r, _ in ratios))
-    print("klayer step time / JAX's:     " + (", ".join(f"{case} {r:.2f}×" for case, _, r in ratios)
-                                              if peer_jax else "(jax not installed)"))
+    by_jax = ", ".join(f"{case} {r:.2f}×" for case, _, r in ratios) if peer_jax \
+        else "(jax not installed)"
+    print("klayer step time / JAX's:     " + by_jax)
     if args.population:
         population_table(args, selected, rng)
 

@@ -48,7 +48,8 @@ def test_relu_pair():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_backward_in_place_writes_the_plain_result_over_dout(dtype):
     rng = np.random.default_rng(3)
-    x, dout = rng.standard_normal((2, 7, 5)).astype(dtype), rng.standard_normal((2, 7, 5)).astype(dtype)
+    x = rng.standard_normal((2, 7, 5)).astype(dtype)
+    dout = rng.standard_normal((2, 7, 5)).astype(dtype)
     want_dx = dout * (x > 0)
     _, cache = L.relu_forward(x)
     dx = L.relu_backward(dout, cache, inplace=True)

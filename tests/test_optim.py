@@ -204,7 +204,8 @@ def test_l2_inside_the_update_equals_adding_it_to_the_gradient_first(name, dtype
     params, steps = _blocked_params(dtype)
     assert params["W1"].size > BLOCK and params["W1"].shape[0] * 300 % BLOCK
     twice_lam, names = 2 * 5e-3, ("W1", "W2")
-    fused, plain = {k: v.copy() for k, v in params.items()}, {k: v.copy() for k, v in params.items()}
+    fused = {k: v.copy() for k, v in params.items()}
+    plain = {k: v.copy() for k, v in params.items()}
     a, b = make_optimizer(name), make_optimizer(name)
     for lr, grads in zip([0.1, 0.05, 0.2], steps):
         before = {k: g.copy() for k, g in grads.items()}
