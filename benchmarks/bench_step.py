@@ -2,8 +2,12 @@
 
 One training step = forward + backward of the cost (mean cross-entropy + λ Σ ||W||²)
 with batch norm in training mode, the moving-average update, then a plain SGD update
-p -= η g of every parameter. Both libraries run the same shapes in float32 on the same
-pre-gathered contiguous mini-batches.
+p -= η g of every parameter (klayer: the training loop's calls, the L2 term 2λW added
+inside the SGD update, ``loss(..., l2_gradient=False)`` then
+``SGD().step(params, grads, η, l2=net.l2_term(λ))``). With JAX installed (the
+``bench`` extra) the table has JAX's step too, and the run ends with the ratios of
+klayer's step time to PyTorch's and to JAX's for every case. The libraries run the
+same shapes in float32 on the same pre-gathered contiguous mini-batches.
 
 Printed per case: the median time per step of each library over the repetitions, their
 ratio (and the ratio of the best repetitions, a guide when other processes load the
@@ -71,17 +75,17 @@ def time_per_step(step, steps):
 
 
 def klayer_step_fn(sizes, batches):
+    """The training loop's step with plain SGD, the L2 term added inside the update
+    (``loss(..., l2_gradient=False)`` and ``SGD.step(..., l2=net.l2_term(λ))``)."""
     net = Network(sizes[0], sizes[1:-1], sizes[-1], batch_norm=True, dtype="float32", seed=0)
-    params = net.params
-    scratch = {name: np.empty_like(p) for name, p in params.items()}
+    optimizer = SGD()
+    l2 = net.l2_term(LAM)
 
     def step(i):
         X, y = batches[i % len(batches)]
-        res = net.loss(X, y, LAM, mode="train", check=False)  # as klayer.train does
+        res = net.loss(X, y, LAM, mode="train", check=False, l2_gradient=False)
         net.update_running_stats(res.batch_stats)
-        for name, g in res.grads.items():  # SGD as klayer.nn.optim.SGD: no allocation
-            np.multiply(g, LR, out=scratch[name])
-            params[name] -= scratch[name]
+        optimizer.step(net.params, res.grads, LR, l2=l2)
     return step
 
 
@@ -169,6 +173,7 @@ def main():
           + (" jax ms/step | klayer/jax |" if peer_jax else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if peer_jax else ""))
     selected = args.cases if args.cases is not None else range(len(CASES))
+    ratios = []  # (case, klayer/torch, klayer/jax or None)
     for c in selected:
         name, hidden, n, steps = CASES[c]
         steps = args.steps or steps
@@ -199,6 +204,13 @@ def main():
               f"{t['np_products'] / t['klayer']:.0%} |"
               + (f" {t['jax'] * 1e3:.3f} | {t['klayer'] / t['jax']:.2f} |" if peer_jax else ""),
               flush=True)
+        ratios.append((name.split(" [")[0], t["klayer"] / t["torch"],
+                       t["klayer"] / t["jax"] if peer_jax else None))
+    print("\nklayer step time / PyTorch's: "
+          + ", ".join(f"{case} {r:.2f}×" for case, r, _ in ratios))
+    by_jax = ", ".join(f"{case} {r:.2f}×" for case, _, r in ratios) if peer_jax \
+        else "(jax not installed)"
+    print("klayer step time / JAX's:     " + by_jax)
     if args.population:
         population_table(args, selected, rng)
 

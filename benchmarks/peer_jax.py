@@ -80,10 +80,13 @@ def _cost(params, X, y, lam, eps):
 
 
 def make_step(example_state: dict, X, y, lam: float, lr: float, *, eps: float = 1e-5,
-              alpha: float = 0.9):
+              alpha: float = 0.9, members: int = 1):
     """One training step ``step(state, X, y) -> state``, compiled ahead of time for the
     shapes of ``example_state``, X: (n, d) float32 and y: (n,) int32.
 
+    ``members`` K > 1: the state's arrays are K states stacked along a leading axis, and
+    the step is vmapped over it with X and y shared (a population, as
+    ``klayer.nn.population.Population`` trains one).
     The state passed in is donated: do not use it after the call.
     """
     def step(state, X, y):
@@ -95,6 +98,8 @@ def make_step(example_state: dict, X, y, lam: float, lr: float, *, eps: float = 
             buffers[f"running_var{l}"] = a * old[f"running_var{l}"] + (1 - a) * var
         return {"params": params, "buffers": buffers, "alpha": jnp.float32(alpha)}
 
+    if members > 1:
+        step = jax.vmap(step, in_axes=(0, None, None))
     return jax.jit(step, donate_argnums=0).lower(example_state, X, y).compile()
 
 

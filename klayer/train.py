@@ -3,8 +3,10 @@ network or for a population of K trained in lockstep.
 
 For update step t = 0 .. T-1 (T = cycles · 2 n_s):
     η_t  = schedule(t)
-    J, ∇ = net.loss(X_batch, y_batch, λ, mode="train")     (batch statistics)
-    θ   ← optimizer.step(θ, ∇, η_t)                          (SGD: θ - η_t ∇)
+    J, ∇ = net.loss(X_batch, y_batch, λ, mode="train")     (batch statistics; ∇ of the
+                                                             data term alone)
+    θ   ← optimizer.step(θ, ∇, η_t, l2=2λ)                   (SGD: θ - η_t (∇ + 2λ W),
+                                                             the L2 term in the update)
     μ_av, v_av ← α μ_av + (1-α) μ_batch, same for v          (net.update_running_stats)
 Each epoch visits floor(n / batch_size) mini-batches of a fresh permutation drawn from a
 seeded generator (the few examples left over are skipped that epoch). The history is
@@ -295,7 +297,7 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None, resume: b
             Xb = per_batch(Xb)
             net = state.net
             loss = net.loss(Xb, targets, state.lam, mode="train", grads=True, check=False,
-                            masks=state.dropout_masks(B))
+                            masks=state.dropout_masks(B), l2_gradient=False)
             grads, batch_stats = loss.grads, loss.batch_stats
             bad = ~np.isfinite(np.atleast_1d(loss.cost))
             if bad.any():
@@ -308,7 +310,7 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None, resume: b
                 batch_stats = {l: (mean[keep], var[keep])
                                for l, (mean, var) in batch_stats.items()}
                 eta = eta[keep]
-            state.optimizer.step(net.params, grads, eta)
+            state.optimizer.step(net.params, grads, eta, l2=net.l2_term(state.lam))  # + 2λW
             net.update_running_stats(batch_stats)
             if state.ema is not None:
                 state.ema.update(net.params)

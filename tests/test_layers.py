@@ -45,6 +45,18 @@ def test_relu_pair():
     np.testing.assert_array_equal(dx, [[0, 0, 1], [1, 0, 1]])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_in_place_writes_the_plain_result_over_dout(dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 7, 5)).astype(dtype)
+    dout = rng.standard_normal((2, 7, 5)).astype(dtype)
+    want_dx = dout * (x > 0)
+    _, cache = L.relu_forward(x)
+    dx = L.relu_backward(dout, cache, inplace=True)
+    assert dx is dout and dx.dtype == dtype
+    np.testing.assert_array_equal(dx, want_dx)
+
+
 def test_softmax_cross_entropy_value_and_gradient():
     rng = np.random.default_rng(1)
     scores, y = rng.standard_normal((6, 4)) * 3, np.array([0, 1, 2, 3, 0, 1])

@@ -174,3 +174,117 @@ def test_per_member_lines_a_vector_up_with_the_leading_axis():
     assert lined_up.shape == (3, 1, 1) and lined_up.dtype == np.float32
     with pytest.raises(ValueError, match="momentum must be in"):
         OPTIMIZERS["momentum"](np.array([0.9, 1.0]))
+
+
+# --- the L2 term inside the update (step(..., l2=(2λ, names))) ------------------------
+
+
+def _blocked_params(dtype, members=None):
+    """A weight of more than BLOCK entries (updated in several blocks, the last one
+    shorter), a small weight and a bias; (K, ...) stacks for ``members`` K."""
+    from klayer.nn.optim import BLOCK
+    rng = np.random.default_rng(5)
+    lead = () if members is None else (members,)
+    rows = BLOCK // (300 if members is None else 300 * members) + 7
+    params = {"W1": rng.standard_normal(lead + (rows, 300)).astype(dtype),
+              "b1": rng.standard_normal(lead + (rows,)).astype(dtype),
+              "W2": rng.standard_normal(lead + (5, rows)).astype(dtype)}
+    steps = [{k: rng.standard_normal(v.shape).astype(dtype) for k, v in params.items()}
+             for _ in range(3)]
+    return params, steps
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+def test_l2_inside_the_update_equals_adding_it_to_the_gradient_first(name, dtype):
+    """step(..., l2=(2λ, names)) gives bit for bit what adding 2λ θ to the gradients
+    (as Network.add_l2_gradient does: θ·2λ, then g + that) and stepping gives, and
+    leaves the gradients untouched."""
+    from klayer.nn.optim import BLOCK
+    params, steps = _blocked_params(dtype)
+    assert params["W1"].size > BLOCK and params["W1"].shape[0] * 300 % BLOCK
+    twice_lam, names = 2 * 5e-3, ("W1", "W2")
+    fused = {k: v.copy() for k, v in params.items()}
+    plain = {k: v.copy() for k, v in params.items()}
+    a, b = make_optimizer(name), make_optimizer(name)
+    for lr, grads in zip([0.1, 0.05, 0.2], steps):
+        before = {k: g.copy() for k, g in grads.items()}
+        a.step(fused, grads, lr, l2=(twice_lam, names))
+        for k in grads:
+            np.testing.assert_array_equal(grads[k], before[k])
+        with_l2 = {k: g + plain[k] * twice_lam if k in names else g for k, g in grads.items()}
+        b.step(plain, with_l2, lr)
+        for k in params:
+            assert fused[k].dtype == dtype
+            np.testing.assert_array_equal(fused[k], plain[k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_with_l2_is_the_plain_formula(dtype):
+    """θ ← θ - η (g + 2λ θ), evaluated as written, bit for bit (float32 and float64)."""
+    params, steps = _blocked_params(dtype)
+    theta, g = params["W1"].copy(), steps[0]["W1"]
+    SGD().step(params, steps[0], 0.1, l2=(0.01, ("W1", "W2")))
+    np.testing.assert_array_equal(params["W1"], theta - (g + theta * 0.01) * 0.1)
+
+
+def test_momentum_with_l2_is_the_plain_formula():
+    """v ← μ v + g + 2λ θ, θ ← θ - η v over three steps, float64 to 1e-12."""
+    params, steps = _blocked_params(np.float64)
+    theta = params["W1"].copy()
+    v = None
+    opt = make_optimizer("momentum")
+    for lr, grads in zip([0.1, 0.05, 0.2], steps):
+        g = grads["W1"] + 0.01 * theta
+        v = g if v is None else 0.9 * v + g
+        theta = theta - lr * v
+        opt.step(params, grads, lr, l2=(0.01, ("W1", "W2")))
+    np.testing.assert_allclose(params["W1"], theta, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum"])
+def test_l2_inside_a_population_update_equals_one_member_at_a_time(name):
+    """Per-member η, μ and 2λ (K, 1, 1) on parameters of more than BLOCK entries,
+    including a bias (K, m) whose blocks cut the member axis: each member's numbers are
+    those of the member trained alone, bit for bit."""
+    from klayer.nn.optim import BLOCK
+    K = 3
+    params, steps = _blocked_params(np.float32, members=K)
+    params["b2"] = np.random.default_rng(6).standard_normal((K, BLOCK // 2)).astype(np.float32)
+    for grads in steps:
+        grads["b2"] = np.ones_like(params["b2"])
+    lam = np.array([1e-3, 0.0, 5e-2])
+    twice = (2 * lam).astype(np.float32)[:, None, None]
+    lrs = np.array([0.1, 0.01, 0.3])
+    constants = {"sgd": {}, "momentum": {"momentum": np.array([0.9, 0.0, 0.5])}}[name]
+    together = {k: v.copy() for k, v in params.items()}
+    opt = OPTIMIZERS[name](**constants)
+    for grads in steps:
+        opt.step(together, grads, lrs, l2=(twice, ("W1", "W2")))
+    for k in range(K):
+        alone = {key: v[k].copy() for key, v in params.items()}
+        member = OPTIMIZERS[name](**{c: float(v[k]) for c, v in constants.items()})
+        for grads in steps:
+            member.step(alone, {key: g[k] for key, g in grads.items()}, float(lrs[k]),
+                        l2=(twice[k, 0, 0], ("W1", "W2")))
+        for key in alone:
+            np.testing.assert_array_equal(together[key][k], alone[key])
+
+
+def test_network_l2_term_with_the_update_equals_the_l2_gradient():
+    """loss(l2_gradient=False) + step(l2=net.l2_term(λ)) moves a network exactly as
+    loss() + step() does, and l2_term(0) is None."""
+    from klayer.nn.network import Network
+    rng = np.random.default_rng(7)
+    X, y = rng.standard_normal((20, 12)).astype(np.float32), rng.integers(0, 3, 20)
+    nets = [Network(12, [8, 6], 3, dtype="float32", seed=1) for _ in range(2)]
+    opts = [make_optimizer("momentum") for _ in range(2)]
+    assert nets[0].l2_term(0.0) is None
+    for _ in range(3):
+        a = nets[0].loss(X, y, 0.01, l2_gradient=False)
+        opts[0].step(nets[0].params, a.grads, 0.1, l2=nets[0].l2_term(0.01))
+        b = nets[1].loss(X, y, 0.01)
+        assert a.cost == b.cost
+        opts[1].step(nets[1].params, b.grads, 0.1)
+    for k in nets[0].params:
+        np.testing.assert_array_equal(nets[0].params[k], nets[1].params[k])

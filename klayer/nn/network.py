@@ -262,9 +262,9 @@ class Network:
             if after:
                 if c.norm is not None:
                     dh, grads[f"gamma{l}"], grads[f"beta{l}"] = norm_backward(dh, c.norm)
-                ds = L.relu_backward(dh, c.relu)
+                ds = L.relu_backward(dh, c.relu, inplace=True)  # dh: this pass's own
             else:
-                ds = L.relu_backward(dh, c.relu)
+                ds = L.relu_backward(dh, c.relu, inplace=True)
                 if c.norm is not None:
                     ds, grads[f"gamma{l}"], grads[f"beta{l}"] = norm_backward(ds, c.norm)
             dh, grads[f"W{l}"], grads[f"b{l}"] = L.affine_backward(
@@ -301,13 +301,26 @@ class Network:
             np.multiply(W, twice_lam, out=buf)
             gradients[f"W{l}"] += buf
 
+    def l2_term(self, lam):
+        """What an optimizer needs to add the L2 term itself (``optimizer.step(params,
+        grads, lr, l2=net.l2_term(λ))``): ``(2λ, names of the weights)``, or None for
+        λ = 0. Pair it with ``loss(..., l2_gradient=False)``."""
+        if not isinstance(lam, np.ndarray) and not lam:
+            return None
+        twice = 2 * lam if not isinstance(lam, np.ndarray) else \
+            (2 * lam).astype(self.dtype).reshape(-1, 1, 1)  # one λ per population member
+        return twice, tuple(f"W{l}" for l in range(1, self.num_layers + 1))
+
     def loss(self, X, y, lam: float = 0.0, mode: str = "train", grads: bool = True,
-             check: bool = True, masks=None) -> LossResult:
+             check: bool = True, masks=None, l2_gradient: bool = True) -> LossResult:
         """Loss, cost and (if ``grads``) the gradient of the cost for every parameter.
 
         X: (n, input_size), y: (n,) integer labels. J = loss + λ Σ ||W_l||²,
         dJ/dW_l = d loss/dW_l + 2 λ W_l. The loss is the cross-entropy against the
         (label-smoothed, if ``label_smoothing``) targets. masks: see :meth:`forward`.
+        ``l2_gradient=False`` leaves 2 λ W_l out of the gradients (the cost keeps λ Σ
+        ||W_l||²): the optimizer adds it within its update, given ``l2_term(λ)``, in one
+        pass over each weight and its gradient instead of several, with the same numbers.
         """
         if lam < 0 or not np.isfinite(lam):
             raise UserError(f"lam (λ) must be a finite number >= 0, got {lam}")
@@ -316,7 +329,7 @@ class Network:
         gradients = None
         if grads:
             gradients = self.backward(dscores, fwd)
-            if lam:
+            if lam and l2_gradient:
                 self.add_l2_gradient(gradients, 2 * lam)
         return LossResult(loss, cost, gradients, fwd.batch_stats)
 

@@ -11,6 +11,15 @@ Populations (:mod:`klayer.nn.population`): parameters stacked as (K, ...), the l
 and every constant (μ, β1, β2, ε) may be one value per member, a (K,) vector, broadcast
 over each parameter's trailing axes by :func:`per_member`. ``hyperparameters()`` returns
 the constants, so that a population's optimizer can be rebuilt for fewer members.
+
+The L2 term can ride along with the update: ``step(params, grads, lr, l2=(2λ, names))``
+adds 2λ θ to the gradient of each named parameter inside the update itself, instead of
+:meth:`klayer.nn.network.Network.add_l2_gradient` adding it to ``grads`` beforehand. The
+numbers are the same bit for bit (the same operations on every entry, in the same
+order); what changes is memory traffic. A weight is updated block by block, each block
+of about :data:`BLOCK` entries small enough to stay in the CPU cache while the L2 term,
+the momentum and the step are applied to it, so the weight, its gradient and its velocity
+are each read from memory once, and no weight-sized temporary is written.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import numpy as np
 
 from klayer.nn.errors import UserError
 
+BLOCK = 1 << 17  # entries per block of a fused update: 512 kB of float32, within L2 cache
+
 
 def per_member(value, theta):
     """``value`` lined up with the parameter ``theta``: a number stays as it is; one value
@@ -26,6 +37,58 @@ def per_member(value, theta):
     if not isinstance(value, np.ndarray):  # isinstance: 20× cheaper than np.ndim
         return value
     return np.asarray(value, theta.dtype).reshape((-1,) + (1,) * (theta.ndim - 1))
+
+
+def _l2_terms(l2) -> tuple:
+    """``l2`` as (2λ, names): None or ``(twice_lam, names)`` -> (twice_lam or None, set)."""
+    if l2 is None:
+        return None, frozenset()
+    twice_lam, names = l2
+    return twice_lam, frozenset(names)
+
+
+_WHOLE = (...,)  # one block: the whole parameter
+
+
+def _blocks(theta):
+    """Indices of theta block by block: runs of rows (the axis before the last) of
+    about :data:`BLOCK` entries, every member's rows at once for a population (K, m, d).
+    A small or 1-D parameter is one block (the index ``...``)."""
+    if theta.ndim < 2 or theta.size <= BLOCK:
+        return _WHOLE
+    rows = theta.shape[-2]
+    per_block = max(1, BLOCK * rows // theta.size)
+    return [(..., slice(i, i + per_block), slice(None)) for i in range(0, rows, per_block)]
+
+
+def _part(value, index):
+    """A constant lined up with a parameter (a number, or per member (K, 1, ..., 1) from
+    :func:`per_member`), cut to the block ``index`` when the rows are its member axis."""
+    if index is ... or not isinstance(value, np.ndarray) or value.ndim < 2 \
+            or value.shape[-2] == 1:
+        return value
+    return value[index]
+
+
+def _pieces(scratch: dict, name: str, theta, arrays, constants):
+    """For each block of theta: (theta's block, a scratch array fitted to it, the same
+    block of each of ``arrays`` (theta's shape), each of ``constants`` lined up with it).
+    The scratch array is kept in ``scratch[name]`` (the shape of theta's first block,
+    theta's dtype), reallocated only when those change. A parameter of one block costs
+    no slicing."""
+    blocks = _blocks(theta)
+    shape = theta.shape if blocks is _WHOLE else theta[blocks[0]].shape
+    buf = scratch.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != theta.dtype:
+        buf = scratch[name] = np.empty(shape, theta.dtype)
+    if blocks is _WHOLE:
+        return ((theta, buf, *arrays, *constants),)
+    pieces = []
+    for i in blocks:
+        t = theta[i]
+        c = buf if t.shape == buf.shape else buf[..., :t.shape[-2], :]  # the last: shorter
+        pieces.append((t, c, *(a[i] for a in arrays), *(_part(c_, i) for c_ in constants)))
+    return pieces
 
 
 class SGD:
@@ -40,15 +103,25 @@ class SGD:
     def __init__(self):
         self._scratch: dict[str, np.ndarray] = {}
 
-    def step(self, params: dict, grads: dict, lr: float) -> None:
-        """θ -= lr · g for each name in ``params`` (``grads`` has the same names and shapes)."""
+    def step(self, params: dict, grads: dict, lr: float, l2=None) -> None:
+        """θ -= lr · g for each name in ``params`` (``grads`` has the same names and shapes).
+
+        l2: None, or ``(twice_lam, names)``: for each parameter in ``names`` the gradient
+        is g + 2λ θ, formed block by block as ``Network.add_l2_gradient`` forms it (the
+        same rounding); ``twice_lam`` is a number or, for a population, (K, 1, 1).
+        """
+        twice_lam, decayed = _l2_terms(l2)
         for name, theta in params.items():
-            g = grads[name]
-            buf = self._scratch.get(name)
-            if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
-                buf = self._scratch[name] = np.empty_like(g)
-            np.multiply(g, per_member(lr, theta), out=buf)
-            theta -= buf
+            decay = name in decayed
+            for t, c, g, eta, lam2 in _pieces(self._scratch, name, theta, (grads[name],),
+                                              (per_member(lr, theta), twice_lam)):
+                if decay:
+                    np.multiply(t, lam2, out=c)  # 2λ θ
+                    c += g  # g + 2λ θ
+                    c *= eta
+                else:
+                    np.multiply(g, eta, out=c)
+                t -= c
 
     def hyperparameters(self) -> dict:
         """The constructor's arguments; none for SGD."""
@@ -81,18 +154,34 @@ class Momentum:
         self.velocity: dict[str, np.ndarray] = {}
         self._scratch: dict[str, np.ndarray] = {}
 
-    def step(self, params: dict, grads: dict, lr: float) -> None:
+    def step(self, params: dict, grads: dict, lr: float, l2=None) -> None:
+        """v ← μ v + g, θ -= lr · v for each name in ``params``.
+
+        l2: None, or ``(twice_lam, names)``: g + 2λ θ for the parameters in ``names``,
+        added block by block in the same pass (as :meth:`SGD.step`).
+        """
+        twice_lam, decayed = _l2_terms(l2)
         for name, theta in params.items():
             g = grads[name]
+            decay = name in decayed
             v = self.velocity.get(name)
-            if v is None:
-                v = self.velocity[name] = g.copy()
-                self._scratch[name] = np.empty_like(g)
-            else:
-                v *= per_member(self.momentum, theta)
-                v += g
-            np.multiply(v, per_member(lr, theta), out=self._scratch[name])
-            theta -= self._scratch[name]
+            first = v is None
+            if first:
+                v = self.velocity[name] = np.empty_like(g)
+            constants = (per_member(lr, theta), per_member(self.momentum, theta), twice_lam)
+            for t, c, gb, vb, eta, mu, lam2 in _pieces(self._scratch, name, theta, (g, v),
+                                                       constants):
+                if decay:
+                    np.multiply(t, lam2, out=c)  # 2λ θ
+                    c += gb  # g + 2λ θ
+                    gb = c
+                if first:  # v starts at the first gradient
+                    vb[...] = gb
+                else:
+                    vb *= mu
+                    vb += gb
+                np.multiply(vb, eta, out=c)
+                t -= c
 
     def hyperparameters(self) -> dict:
         return {"momentum": self.momentum}
@@ -108,7 +197,6 @@ class Momentum:
                 raise UserError(f"unexpected optimizer entry {key!r} for momentum: the "
                                 "checkpoint was written with another optimizer")
             self.velocity[name] = np.array(value)
-            self._scratch[name] = np.empty_like(self.velocity[name])
 
 
 class Adam:
@@ -125,7 +213,11 @@ class Adam:
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
 
-    def step(self, params: dict, grads: dict, lr: float) -> None:
+    def step(self, params: dict, grads: dict, lr: float, l2=None) -> None:
+        """One Adam step for each name in ``params``. l2: None, or ``(twice_lam, names)``:
+        the gradient of the parameters in ``names`` is g + 2λ θ (not fused: Adam's
+        update takes several passes anyway)."""
+        twice_lam, decayed = _l2_terms(l2)
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         correction1, correction2 = 1 - b1 ** self.t, 1 - b2 ** self.t
@@ -133,6 +225,8 @@ class Adam:
         lined_up = {}  # parameter rank -> the constants lined up with such a parameter
         for name, theta in params.items():
             g = grads[name]
+            if name in decayed:
+                g = g + np.multiply(theta, twice_lam)  # as Network.add_l2_gradient
             if name not in self.m:
                 self.m[name], self.v[name] = np.zeros_like(g), np.zeros_like(g)
             if theta.ndim not in lined_up:

@@ -121,16 +121,17 @@ class Population(Network):
         return sum(np.einsum("kij,kij->k", W, W) for W in self.weights())
 
     def loss(self, X, y, lam=0.0, mode: str = "train", grads: bool = True,
-             check: bool = True, masks=None) -> LossResult:
+             check: bool = True, masks=None, l2_gradient: bool = True) -> LossResult:
         """:meth:`Network.loss` per member: X (n, d) shared, λ a number or (K,); loss
-        and cost (K,), gradients stacked (K, ...)."""
+        and cost (K,), gradients stacked (K, ...); ``l2_gradient`` as there."""
         lam = self._per_member_lam(lam)
         fwd, loss, dscores = self._forward_loss(X, y, mode, check, masks)
         cost = loss + lam * self.l2_penalty()
         gradients = None
         if grads:
             gradients = self.backward(dscores, fwd)
-            self.add_l2_gradient(gradients, (2 * lam).astype(self.dtype)[:, None, None])
+            if l2_gradient:
+                self.add_l2_gradient(gradients, self.l2_term(lam)[0])
         return LossResult(loss, cost, gradients, fwd.batch_stats)
 
     def evaluate(self, X, y, lam=0.0, chunk: int = 10000) -> dict:
