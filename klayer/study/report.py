@@ -105,15 +105,13 @@ def _population_sentence(r: StudyResult) -> list[str]:
     found = _populations(r)
     if not found:
         return []
-    same = [what for what, seeds in found if len(set(seeds)) == 1]
     text = ("Trained together as populations, each member a network of its own (its own "
             "initial weights from its own seed) trained in lockstep with the others on one "
-            "shared stream of mini-batches, whose order comes from the first member's seed: "
-            + "; ".join(what for what, _ in found) + ". Every other run was trained alone, "
-            "its mini-batches ordered by its own seed.")
-    if same:
-        text += (" Within " + " and within ".join(same) + ", every member has the same "
-                 "seed, so each saw exactly the mini-batches it would have seen alone.")
+            "shared stream of mini-batches, ordered by the members' common data seed "
+            "(`data_seed`, recorded in each run's config): "
+            + "; ".join(what for what, _ in found) + ". Every other run was trained alone. "
+            "A run's mini-batches depend on its data seed alone, so each member saw exactly "
+            "the mini-batches it would have seen trained alone with its config.")
     return [text, ""]
 
 
