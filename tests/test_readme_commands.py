@@ -41,8 +41,9 @@ INLINE = re.compile(r"`([^`\n]+(?:\n[^`\n]+)?)`")  # may wrap onto a second line
 FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
 
 
-def readme_commands(text: str) -> list[tuple[str, list[str]]]:
-    """(where, tokens after "klayer") of every klayer command line in the README."""
+def shell_lines(text: str) -> list[tuple[str, str]]:
+    """(where, line) of every line of a page's fenced shell blocks (continued lines joined)
+    and of its inline code."""
     lines = []
     for block in FENCED.finditer(text):
         if block.group(1) in ("bash", "sh", "shell", "console", ""):
@@ -51,8 +52,13 @@ def readme_commands(text: str) -> list[tuple[str, list[str]]]:
     prose = FENCED.sub("", text)
     lines += [("inline code", " ".join(span.replace("\\|", "|").split()))
               for span in INLINE.findall(prose)]
+    return lines
+
+
+def readme_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(where, tokens after "klayer") of every klayer command line in the README."""
     found = []
-    for where, line in lines:
+    for where, line in shell_lines(text):
         line = re.sub(r"(^|\s)#.*$", "", line)  # a shell comment
         for part in line.split("&&"):
             tokens = [t.strip("[]") for t in part.split()]
@@ -180,16 +186,8 @@ SCRIPT = re.compile(r"(experiments|benchmarks)/[A-Za-z0-9_]+\.py")
 
 def script_commands(text: str) -> list[tuple[str, str, list[str]]]:
     """(where, script, arguments) of every ``python experiments|benchmarks/x.py ...`` line."""
-    lines = []
-    for block in FENCED.finditer(text):
-        if block.group(1) in ("bash", "sh", "shell", "console", ""):
-            body = re.sub(r"\\\n\s*", " ", block.group(2))
-            lines += [("bash block", line) for line in body.splitlines()]
-    prose = FENCED.sub("", text)
-    lines += [("inline code", " ".join(span.replace("\\|", "|").split()))
-              for span in INLINE.findall(prose)]
     found = []
-    for where, line in lines:
+    for where, line in shell_lines(text):
         line = re.sub(r"(^|\s)#.*$", "", line)
         for part in line.split("&&"):
             tokens = [t.strip("[]") for t in part.split()]

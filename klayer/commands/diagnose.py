@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 
 from klayer.nn import checks
+from klayer.commands import checked
 
 MODEL = """\
 the model (both layouts compute the same function):
@@ -43,10 +44,6 @@ _at_least_3 = partial(checks.integer, minimum=3)
 _at_least_2 = partial(checks.integer, minimum=2)
 
 
-def _checked(check, name, parse=float):
-    return checks.flag_type(check, name, parse)
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "diagnose",
@@ -66,23 +63,23 @@ def register(subparsers) -> None:
                     "no ReLU input near 0. .mat needs SciPy (pip install 'klayer[mat]').",
         epilog=MODEL, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("case", metavar="CASE", help="output file, .npz or .mat")
-    m.add_argument("--hidden", type=_checked(checks.widths, "hidden", checks.parse_widths),
+    m.add_argument("--hidden", type=checked(checks.widths, "hidden", checks.parse_widths),
                    default=(8, 6), metavar="W1,W2,...", help="hidden widths (default 8,6)")
-    m.add_argument("--dims", type=_checked(checks.integer, "dims", int), default=10,
+    m.add_argument("--dims", type=checked(checks.integer, "dims", int), default=10,
                    metavar="D", help="input dimensions d (default 10)")
-    m.add_argument("--samples", type=_checked(_at_least_3, "samples", int), default=8,
+    m.add_argument("--samples", type=checked(_at_least_3, "samples", int), default=8,
                    metavar="N", help="examples n (default 8; small, so 1/n and 1/(n-1) differ)")
-    m.add_argument("--classes", type=_checked(_at_least_2, "classes", int), default=4,
+    m.add_argument("--classes", type=checked(_at_least_2, "classes", int), default=4,
                    metavar="K", help="classes K (default 4)")
-    m.add_argument("--lambda", dest="lam", type=_checked(checks.number, "lambda"),
+    m.add_argument("--lambda", dest="lam", type=checked(checks.number, "lambda"),
                    default=0.1, metavar="L",
                    help="L2 coefficient λ (default 0.1; with 0 the l2-factor bug cannot show)")
-    m.add_argument("--eps", type=_checked(partial(checks.number, strict=True), "eps"),
+    m.add_argument("--eps", type=checked(partial(checks.number, strict=True), "eps"),
                    default=1e-5, help="batch-norm ε (default 1e-5)")
     m.add_argument("--layout", choices=("columns", "rows"), default="columns",
                    help="columns: X d×n, W m×d (DD2424); rows: X n×d, W d×m (cs231n); "
                         "default columns")
-    m.add_argument("--seed", type=_checked(_at_least_0, "seed", int), default=0, metavar="S",
+    m.add_argument("--seed", type=checked(_at_least_0, "seed", int), default=0, metavar="S",
                    help="first seed tried (default 0)")
     m.set_defaults(handler=run_make_case)
 

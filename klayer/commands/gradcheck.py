@@ -10,16 +10,12 @@ from klayer.nn import checks
 from klayer.nn import gradcheck as G
 from klayer.data import cifar_problem
 from klayer.nn.network import INITS, NORM_POSITIONS, Network
+from klayer.commands import checked
 
 _positive = partial(checks.number, strict=True)
 _at_least_0 = partial(checks.integer, minimum=0)
 _at_least_2 = partial(checks.integer, minimum=2)
 _init = partial(checks.init, inits=INITS)
-
-
-def _checked(check, name, parse=float):
-    """argparse type: the text parsed, then checked (a bad value is a one-line error)."""
-    return checks.flag_type(check, name, parse)
 
 
 def register(subparsers) -> None:
@@ -31,7 +27,7 @@ def register(subparsers) -> None:
                     "and print the per-layer table. Exit status 1 if any error exceeds the "
                     "tolerance.",
     )
-    p.add_argument("--hidden", type=_checked(checks.widths, "hidden", checks.parse_widths),
+    p.add_argument("--hidden", type=checked(checks.widths, "hidden", checks.parse_widths),
                    default=[50, 50], metavar="W1,W2,...",
                    help="hidden widths, comma-separated (default 50,50; 'none' for a "
                         "1-layer softmax)")
@@ -39,25 +35,25 @@ def register(subparsers) -> None:
     bn.add_argument("--batch-norm", dest="batch_norm", action="store_true", default=True,
                     help="batch normalization in the hidden layers (default)")
     bn.add_argument("--no-batch-norm", dest="batch_norm", action="store_false")
-    p.add_argument("--dims", type=_checked(checks.integer, "dims", int), default=20,
+    p.add_argument("--dims", type=checked(checks.integer, "dims", int), default=20,
                    help="input dimensions (default 20)")
-    p.add_argument("--samples", type=_checked(_at_least_2, "samples", int), default=20,
+    p.add_argument("--samples", type=checked(_at_least_2, "samples", int), default=20,
                    help="examples (default 20)")
-    p.add_argument("--lambda", dest="lam", type=_checked(checks.number, "lambda"),
+    p.add_argument("--lambda", dest="lam", type=checked(checks.number, "lambda"),
                    default=0.01, help="L2 coefficient λ (default 0.01)")
-    p.add_argument("--init", type=_checked(_init, "init", str), default="he",
+    p.add_argument("--init", type=checked(_init, "init", str), default="he",
                    help="he, xavier or a number σ (default he)")
-    p.add_argument("--seed", type=_checked(_at_least_0, "seed", int), default=0,
+    p.add_argument("--seed", type=checked(_at_least_0, "seed", int), default=0,
                    help="seed of weights and inputs")
-    p.add_argument("--tol", type=_checked(_positive, "tol"), default=G.DEFAULT_TOL,
+    p.add_argument("--tol", type=checked(_positive, "tol"), default=G.DEFAULT_TOL,
                    help=f"relative-error tolerance (default {G.DEFAULT_TOL:g})")
-    p.add_argument("--abs-tol", type=_checked(checks.number, "abs-tol"),
+    p.add_argument("--abs-tol", type=checked(checks.number, "abs-tol"),
                    default=G.DEFAULT_ABS_TOL,
                    help="absolute-error tolerance for biases feeding batch norm "
                         f"(default {G.DEFAULT_ABS_TOL:g})")
-    p.add_argument("--h", type=_checked(_positive, "h"), default=G.DEFAULT_H,
+    p.add_argument("--h", type=checked(_positive, "h"), default=G.DEFAULT_H,
                    help=f"finite-difference step (default {G.DEFAULT_H:g})")
-    p.add_argument("--floor", type=_checked(_positive, "floor"), default=G.DEFAULT_FLOOR,
+    p.add_argument("--floor", type=checked(_positive, "floor"), default=G.DEFAULT_FLOOR,
                    help=f"floor of the relative error's denominator (default "
                         f"{G.DEFAULT_FLOOR:g})")
     p.add_argument("--order", type=int, choices=(2, 4), default=2,
@@ -70,14 +66,14 @@ def register(subparsers) -> None:
                    help="normalise before the ReLU (default) or after it")
     x.add_argument("--residual", action="store_true",
                    help="residual connections between hidden layers of equal width")
-    x.add_argument("--dropout", type=_checked(checks.fraction, "dropout"), default=0.0,
+    x.add_argument("--dropout", type=checked(checks.fraction, "dropout"), default=0.0,
                    metavar="P", help="dropout probability (one fixed mask, seed 0)")
-    x.add_argument("--label-smoothing", type=_checked(checks.fraction, "label-smoothing"),
+    x.add_argument("--label-smoothing", type=checked(checks.fraction, "label-smoothing"),
                    default=0.0, metavar="ε")
     p.add_argument("--cifar", action="store_true",
                    help="use the first SAMPLES CIFAR-10 training images (first DIMS "
                         "standardised dimensions) instead of random inputs")
-    p.add_argument("--data-dir", type=_checked(checks.path, "data-dir", str), help="CIFAR-10 folder (default: KLAYER_DATA, then the cache)")
+    p.add_argument("--data-dir", type=checked(checks.path, "data-dir", str), help="CIFAR-10 folder (default: KLAYER_DATA, then the cache)")
     p.set_defaults(handler=run)
 
 
