@@ -135,7 +135,7 @@ def test_extended_statistics_table_labels_adaptive_bn_transductive(quick_report)
 def test_populations_are_named_and_the_steps_counted(quick_report):
     out, text = quick_report
     header = text[:text.index(SECTIONS[0])]
-    assert ("whose order comes from the first member's seed: the 3 σ runs with batch norm; "
+    assert ("recorded in each run's config): the 3 σ runs with batch norm; "
             "the 3 σ runs without batch norm; 8 trials of the coarse λ grid with batch norm; "
             "8 trials of the coarse λ grid without batch norm; 3 trials of the fine λ search "
             "with batch norm.") in header

@@ -32,9 +32,9 @@ def register(subparsers) -> None:
                     "coarse grid followed by a fine random round around its best. Trials run "
                     "in this process, in --workers processes or as Ray tasks, in populations "
                     "of trials that differ only in per-member options (one mini-batch stream, "
-                    "ordered by the first member's seed; --no-population: one by one); the "
-                    "study is "
-                    "kept in DIR/study.db, so running the same command again continues an "
+                    "ordered by the search's data seed, which every trial records, so a "
+                    "trial's numbers do not depend on its population; --no-population: one "
+                    "by one); the study is kept in DIR/study.db, so running the same command again continues an "
                     "interrupted search. Writes trials.csv, trials.md, best.toml and "
                     "lambda_search.png to DIR.")
     p.add_argument("--config", type=Path, metavar="SEARCH.toml",
