@@ -35,6 +35,7 @@ from klayer.levers.augment import PAD_MODES
 from klayer.nn.checks import DTYPES
 from klayer.data import PROTOCOLS
 from klayer.nn.errors import UserError
+from klayer.nn.layers import BN_MIN_BATCH
 from klayer.nn.network import INITS, NORM_POSITIONS
 from klayer.nn.optim import OPTIMIZERS
 from klayer.nn.schedules import SCHEDULES
@@ -319,9 +320,9 @@ def _validate(c: TrainConfig) -> dict:
 
 def _cross_checks(v: dict) -> None:
     """The rules that involve more than one option."""
-    if v["batch_norm"] and v["hidden_sizes"] and v["batch_size"] < 2:
-        raise UserError(f"config: batch_size must be an integer >= 2 with batch norm "
-                        f"(batch statistics need two examples), got {v['batch_size']}")
+    if v["batch_norm"] and v["hidden_sizes"] and v["batch_size"] < BN_MIN_BATCH:
+        raise UserError(f"config: batch_size must be an integer >= {BN_MIN_BATCH} with batch "
+                        f"norm (batch statistics need two examples), got {v['batch_size']}")
     if v["batch_norm"] and v["layer_norm"]:
         raise UserError("config: batch_norm and layer_norm are alternatives; set "
                         "batch_norm = false to use layer_norm")

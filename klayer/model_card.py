@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from klayer import runs
+from klayer.levers import augment
 
 CARD_FILE = "MODEL.md"
 CONFUSION_FILE = "confusion.png"
@@ -74,11 +75,7 @@ def model_card(name: str, architecture: dict, config=None, summary: dict | None 
         lines.append(f"- {config.optimizer} on mini-batches of {config.batch_size}, "
                      f"{_schedule(config)}, {config.total_steps} steps, λ = {config.lam:g} "
                      "(L2 on the weights)")
-        augment = [x for x, on in (("horizontal flips", config.flip),
-                                   (f"translations up to {config.translate} px",
-                                    config.translate),
-                                   (f"colour jitter {config.jitter:g}", config.jitter)) if on]
-        lines.append("- augmentation: " + (", ".join(augment) if augment else "none"))
+        lines.append(f"- augmentation: {augment.describe(config)}")
         if config.precise_bn:
             lines.append(f"- batch-norm statistics recomputed after training over "
                          f"{config.precise_bn} training batches (PreciseBN)")

@@ -38,7 +38,7 @@ def test_card_states_architecture_protocol_results_and_limits():
     assert "3072 → 50 → 50 → 10 (156,910 parameters)" in text  # weights, biases, γ and β
     assert "batch norm before each hidden ReLU" in text
     assert "first 2000 images of each split" in text and "2,000 training" in text
-    assert "augmentation: horizontal flips" in text and "900 steps" in text
+    assert "augmentation: flips" in text and "900 steps" in text
     assert "Config hash `0123456789abcdef`" in text
     assert "| test | 51.50% | 1.4100 |" in text
     assert "**51.23%**" in text and "with the saved moving averages" in text
@@ -92,3 +92,13 @@ def test_export_writes_the_card_and_evaluate_completes_it(cifar_dir, tmp_path, c
     before = card
     assert main(["export", str(run), "--format", "onnx"]) == 0  # keeps an existing card
     assert (run / "MODEL.md").read_text(encoding="utf-8") == before
+
+
+def test_card_names_every_batch_transformation_of_the_config():
+    config = TrainConfig(hidden_sizes=(50, 50), flip=True, translate=3, pad_mode="reflect",
+                         mixup=0.2, n_s=450, cycles=1)
+    text = model_card("mixed", architecture(), config, SUMMARY, [{}] * 11)
+    assert ("- augmentation: flips, translations ±3 px (reflect padding), MixUp α=0.2\n"
+            in text)
+    plain = model_card("plain", architecture(), TrainConfig(hidden_sizes=(50, 50)), SUMMARY)
+    assert "- augmentation: none\n" in plain

@@ -117,10 +117,10 @@ def _describe(config: TrainConfig) -> str:
     extras += ["residual"] if config.residual else []
     extras += [f"dropout {config.dropout:g}"] if config.dropout else []
     extras += [f"label smoothing {config.label_smoothing:g}"] if config.label_smoothing else []
-    from klayer.levers.augment import from_config
+    from klayer.levers.augment import describe
 
-    augmentation = from_config(config)
-    extras += [f"augmentation: {augmentation.describe()}"] if augmentation.active else []
+    augmentation = describe(config)
+    extras += [f"augmentation: {augmentation}"] if augmentation != "none" else []
     return (f"{len(config.hidden_sizes) + 1}-layer network (hidden {widths}, {norm}, "
             f"{config.dtype}; {'; '.join(extras)}) for {config.total_steps} steps")
 

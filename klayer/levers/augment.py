@@ -262,3 +262,12 @@ def from_config(config) -> Augmentation:
     """The augmentation a :class:`klayer.config.TrainConfig` asks for."""
     return Augmentation(flip=config.flip, translate=config.translate, jitter=config.jitter,
                         pad_mode=config.pad_mode)
+
+
+def describe(config) -> str:
+    """What a :class:`klayer.config.TrainConfig` does to each training batch, in words:
+    the augmentation, then the label mixing ("none" when neither is on)."""
+    parts = [part.describe() for part in (from_config(config),
+                                          Mixing(mixup=config.mixup, cutmix=config.cutmix))
+             if part.active]
+    return ", ".join(parts) or "none"

@@ -79,6 +79,16 @@ def relu_backward(dout, cache, inplace=False):
 # --- batch normalization --------------------------------------------------------------
 
 
+BN_MIN_BATCH = 2  # batch statistics (a mean and a variance) need two examples
+
+
+def check_batch_statistics(n: int) -> None:
+    """Raise if a batch of ``n`` examples is too small for batch norm in train mode."""
+    if n < BN_MIN_BATCH:
+        raise UserError(f"batch norm in train mode needs a batch of at least {BN_MIN_BATCH} "
+                        f"examples (got {n}); use eval mode or a larger batch")
+
+
 def batchnorm_forward(s, gamma, beta, eps, mean=None, var=None):
     """Batch normalization of s: (n, m) per column (population: (K, n, m), per member),
     then scale and shift.
@@ -93,11 +103,7 @@ def batchnorm_forward(s, gamma, beta, eps, mean=None, var=None):
     train = mean is None
     if train:
         n = s.shape[-2]
-        if n < 2:
-            raise UserError(
-                "batch norm in train mode needs a batch of at least 2 examples "
-                f"(got {n}); use eval mode or a larger batch"
-            )
+        check_batch_statistics(n)
         mean = s.sum(axis=-2) / n  # not s.mean(): 4 µs instead of 8 µs on (100, 50)
         centred = s - mean[..., None, :]
         # biased: 1/n; no (n, m) temporary

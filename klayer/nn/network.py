@@ -402,11 +402,8 @@ class Network:
         if not np.issubdtype(X.dtype, np.number):
             raise UserError(f"X must be numeric, got dtype {X.dtype}")
         # Finiteness is tested in forward, on the first layer's output (_require_finite).
-        if self.batch_norm and mode == "train" and X.shape[0] < 2:
-            raise UserError(
-                f"X has {X.shape[0]} example(s): batch norm in train mode needs a batch "
-                "of at least 2 (use mode='eval' for single examples)"
-            )
+        if self.batch_norm and mode == "train":
+            L.check_batch_statistics(X.shape[0])
         if self.batch_norm and mode == "eval" and not self.running_initialised:
             raise UserError(
                 "mode='eval' needs batch-norm moving averages, but none have been "
