@@ -236,7 +236,8 @@ def train(config: TrainConfig, data, run_dir=None, callbacks=(), resume: bool = 
 
 @np.errstate(over="ignore", invalid="ignore")  # overflow is the divergence guard's to report
 def train_population(configs, data, callbacks=(), checkpoint_dir=None, resume: bool = False,
-                     restart: bool = False, run_dirs=None, on_divergence: str = "drop") -> list:
+                     restart: bool = False, run_dirs=None, on_divergence: str = "drop",
+                     train_history: bool = True) -> list:
     """Train K configs as one population on preloaded ``data`` (as :func:`train`).
 
     configs: TrainConfigs that share every option not marked ``member`` and their
@@ -247,6 +248,10 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None, resume: b
     run_dirs: per config, the run folder its results are written to (None: none).
     on_divergence: "drop" a member whose cost or weights become non-finite (it is
     returned as a :class:`Dropped`), or "raise" a :class:`DivergenceError`.
+    train_history: evaluate the training split at every history point; False: at the
+    last one only (the rows before hold NaN there), for runs that need only the
+    validation curve, such as a search's trials (the training split is 9 times the
+    validation split: most of a history point's cost).
     Returns, per config, a :class:`TrainResult` or a :class:`Dropped`.
     """
     configs = list(configs)
@@ -271,6 +276,7 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None, resume: b
         batches = Batches(X_rows, y_train, B)
         state = TrainState.start(configs, seen["train"][0].shape[1], num_classes,
                                  steps_per_epoch, on_divergence)
+        state.train_history = train_history
         if resume:
             state.restore(folder.last_checkpoint())
         else:
@@ -491,6 +497,7 @@ class TrainState:
     step: int = 0  # updates done
     on_divergence: str = "raise"
     eval_steps: list = field(default_factory=list)  # per config: the steps it records
+    train_history: bool = True  # False: the training split at the last history point only
 
     @classmethod
     def start(cls, configs: list, input_size: int, num_classes: int, steps_per_epoch: int,
@@ -546,8 +553,12 @@ class TrainState:
             return
         t0 = time.perf_counter()
         eta = np.atleast_1d(self.schedule(step))
-        metrics = {key: np.atleast_1d(value) for key, value in evaluate(
-            self.net, {"train": splits["train"], "val": splits["val"]}, self.lam).items()}
+        names = ("train", "val") if self.train_history or step == self.configs[0].total_steps \
+            else ("val",)
+        metrics = {f"train_{key}": np.full(len(self.active), np.nan)
+                   for key in ("loss", "cost", "accuracy")}  # replaced when evaluated
+        metrics.update({key: np.atleast_1d(value) for key, value in evaluate(
+            self.net, {name: splits[name] for name in names}, self.lam).items()})
         rows = []
         for i in wanted:
             row = {"step": step, "epoch": step / self.steps_per_epoch, "eta": float(eta[i])}

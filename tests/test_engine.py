@@ -133,6 +133,26 @@ def test_one_run_raises_a_population_drops(tmp_path):
     assert runs.read_summary(tmp_path / "run")["diverged"] == dropped.reason
 
 
+def test_a_history_without_the_training_split_trains_the_same_network(tmp_path):
+    configs = [BASE.replace(mixup=0.3, ema=0.9), BASE.replace(mixup=0.3, ema=0.9, lam=0.02,
+                                                              seed=2)]
+    full = train_population(configs, IMAGES)
+    lean = train_population(configs, IMAGES, train_history=False,
+                            run_dirs=[tmp_path / "a", tmp_path / "b"])
+    for got, want in zip(lean, full):
+        assert [row["step"] for row in got.history] == [row["step"] for row in want.history]
+        for g, w in zip(got.history[:-1], want.history[:-1]):
+            assert all(np.isnan(g[f"train_{key}"]) for key in ("loss", "cost", "accuracy"))
+            assert {k: g[k] for k in g if not k.startswith("train_")} == \
+                {k: w[k] for k in w if not k.startswith("train_")}
+        assert got.history[-1] == want.history[-1]  # the last point has every split
+        assert got.final == want.final and got.best_val_accuracy == want.best_val_accuracy
+        for name, param in want.network.params.items():
+            assert np.array_equal(got.network.params[name], param), name
+    written = runs.read_history(tmp_path / "a" / runs.HISTORY_FILE)  # NaN survives the CSV
+    assert np.isnan(written[0]["train_loss"]) and written[-1] == lean[0].history[-1]
+
+
 # --- searches on real data ---------------------------------------------------------------
 
 SEARCH = ["--workers", "1", "--hidden", "30,30", "--batch-norm", "on", "--subset", "2000",

@@ -138,6 +138,11 @@ def test_a_search_trains_populations_and_each_trial_is_its_member(spec, one_work
             assert summary["timings"]["population_size"] == len(members)
             history = runs.read_history(Path(row["run_dir"]) / runs.HISTORY_FILE)
             assert len(history) == len(result.history)
+            # a trial records the validation curve; the training split at the end only
+            assert [r["val_accuracy"] for r in history] == \
+                [r["val_accuracy"] for r in result.history]
+            assert all(np.isnan(r["train_loss"]) for r in history[:-1])
+            assert history[-1] == result.history[-1]
     table = list(csv.DictReader(open(one_worker.out / "trials.csv", encoding="utf-8")))
     assert [int(r["population"]) for r in table] == [r["population"] for r in rows]
 

@@ -267,7 +267,7 @@ def _job(trial, rnd: Round, spec: SearchSpec, out: Path, blas_threads: int):
         shutil.rmtree(run_dir)  # left by a study that was deleted: this trial's folder
     return config, {"configs": [config.to_dict()],
                     "run_dirs": [None if run_dir is None else str(run_dir)],
-                    "blas_threads": blas_threads}
+                    "blas_threads": blas_threads, "train_history": False}
 
 
 def _population_job(members) -> dict:
@@ -279,7 +279,7 @@ def _population_job(members) -> dict:
         trial.set_user_attr("population", members[0][0].number)
     return {"configs": [job["configs"][0] for _, _, job in members],
             "run_dirs": [job["run_dirs"][0] for _, _, job in members],
-            "blas_threads": members[0][2]["blas_threads"]}
+            "blas_threads": members[0][2]["blas_threads"], "train_history": False}
 
 
 def _outcomes(future: Future, size: int) -> list:

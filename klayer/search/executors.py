@@ -75,6 +75,8 @@ def run_trial(job: dict, data=None) -> dict:
     from it. ``data``: the dataset (default: loaded here, once per process).
     ``job["return_run_folder"]``: train into a temporary folder instead and return each
     member's files under "run_folder" ({file name: bytes}) for the driver to write.
+    ``job["train_history"]``: False to evaluate the training split at the last history
+    point only (a search's trials; default True).
 
     Returns {"members": [...]}: per config its numbers, or {"fail_reason": ...} when it
     diverged; raises what training raises otherwise (ValueError, ...), which the driver
@@ -86,11 +88,12 @@ def run_trial(job: dict, data=None) -> dict:
     with threadpool_limits(limits=job["blas_threads"], user_api="blas"):
         data = dataset_for(configs[0]) if data is None else data
         if not job.get("return_run_folder"):
-            return _train(configs, data, job["run_dirs"], job.get("checkpoint_dir"))
+            return _train(configs, data, job["run_dirs"], job.get("checkpoint_dir"),
+                          job.get("train_history", True))
         with tempfile.TemporaryDirectory(prefix="klayer-trial-") as tmp:
             folders = [None if d is None else Path(tmp) / f"{k}" / Path(d).name
                        for k, d in enumerate(job["run_dirs"])]
-            numbers = _train(configs, data, folders, None)
+            numbers = _train(configs, data, folders, None, job.get("train_history", True))
             for member, folder in zip(numbers["members"], folders):
                 if folder is not None:
                     member["run_folder"] = read_run_folder(folder)
@@ -128,9 +131,10 @@ def _numbers(result, seconds: float) -> dict:
     }
 
 
-def _train(configs, data, run_dirs, checkpoint_dir) -> dict:
+def _train(configs, data, run_dirs, checkpoint_dir, train_history: bool = True) -> dict:
     """Train the configs (writing each member's run folder, a diverged member's too:
-    config, history and the reason) and return each member's numbers or failure."""
+    config, history and the reason) and return each member's numbers or failure;
+    ``train_history`` as in :func:`klayer.train.train_population`."""
     import shutil
 
     from klayer import runs
@@ -144,7 +148,7 @@ def _train(configs, data, run_dirs, checkpoint_dir) -> dict:
         for name in (runs.CHECKPOINT_FILE, runs.PREVIOUS_CHECKPOINT_FILE))
     start = time.perf_counter()
     results = train_population(configs, data, checkpoint_dir=folder, resume=resume,
-                               run_dirs=run_dirs)
+                               run_dirs=run_dirs, train_history=train_history)
     seconds = time.perf_counter() - start  # the population's time, for every member
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
