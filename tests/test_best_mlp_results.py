@@ -40,3 +40,18 @@ def test_the_readme_table_is_what_seeds_py_prints_on_the_committed_runs(capsys):
     mean = statistics.mean(tests)
     assert mean >= 0.70  # the goal the README says is reached
     assert f"{100 * mean:.2f}%" in readme.split("### The best MLP klayer trains here", 1)[1][:200]
+
+
+def test_the_measured_variant_row_is_its_committed_run():
+    """docs/best-mlp.md's MixUp and label smoothing row is docs/best_mlp/v4/seed0, a run of
+    configs/best_mlp_v4.toml, against the seed 0 of the three above."""
+    run = REPO_ROOT / "docs" / "best_mlp" / "v4" / "seed0"
+    config = TrainConfig.from_toml(REPO_ROOT / "configs" / "best_mlp_v4.toml")
+    assert TrainConfig.from_toml(run / "config.toml").config_hash() == config.config_hash()
+    final = json.loads((run / "summary.json").read_text())["final"]
+    base = json.loads((RUNS / "seed0" / "summary.json").read_text())["final"]
+    page = (REPO_ROOT / "docs" / "best-mlp.md").read_text(encoding="utf-8")
+    [row] = [line for line in page.splitlines() if "`best_mlp_v4.toml`, seed 0 |" in line]
+    delta = 100 * (final["test_accuracy"] - base["test_accuracy"])
+    assert f"| {100 * final['test_accuracy']:.2f}% (validation {100 * final['val_accuracy']:.2f}%, " \
+           f"training {100 * final['train_accuracy']:.2f}%) | {delta:+.2f} |".replace("-", "−") in row
