@@ -233,3 +233,10 @@ def test_the_machine_is_described_once():
         text = path.read_text(encoding="utf-8")
         for phrase in ("this machine", "this 2-core machine", "AMD EPYC", "OpenBLAS 0."):
             assert phrase not in text, f"{path.relative_to(REPO_ROOT)}: {phrase!r}"
+
+
+def test_the_scaling_slopes_on_the_performance_page_are_the_committed_run():
+    full = (DOCS / "performance" / "scaling.md").read_text(encoding="utf-8")
+    page = section(PERFORMANCE, "## How the cost grows")
+    assert table(page, "| axis | sizes |") == table(full, "| axis | sizes |")
+    assert table(page, "| axis | sizes |")  # not two empty tables
