@@ -555,10 +555,11 @@ class TrainState:
         eta = np.atleast_1d(self.schedule(step))
         names = ("train", "val") if self.train_history or step == self.configs[0].total_steps \
             else ("val",)
-        metrics = {f"train_{key}": np.full(len(self.active), np.nan)
-                   for key in ("loss", "cost", "accuracy")}  # replaced when evaluated
-        metrics.update({key: np.atleast_1d(value) for key, value in evaluate(
-            self.net, {name: splits[name] for name in names}, self.lam).items()})
+        metrics = {key: np.atleast_1d(value) for key, value in evaluate(
+            self.net, {name: splits[name] for name in names}, self.lam).items()}
+        if "train" not in names:  # the training split is recorded as NaN here
+            metrics.update({f"train_{key}": np.full(len(self.active), np.nan)
+                            for key in ("loss", "cost", "accuracy")})
         rows = []
         for i in wanted:
             row = {"step": step, "epoch": step / self.steps_per_epoch, "eta": float(eta[i])}
