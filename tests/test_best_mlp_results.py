@@ -55,3 +55,44 @@ def test_the_measured_variant_row_is_its_committed_run():
     delta = 100 * (final["test_accuracy"] - base["test_accuracy"])
     assert f"| {100 * final['test_accuracy']:.2f}% (validation {100 * final['val_accuracy']:.2f}%, " \
            f"training {100 * final['train_accuracy']:.2f}%) | {delta:+.2f} |".replace("-", "−") in row
+
+
+def _ablation_runs():
+    """(row, run folder, seeds.py command) for each row of docs/best-mlp.md's ablation that
+    names one committed run: ``(run in `docs/best_mlp/NAME/seed0/`...)``."""
+    page = (REPO_ROOT / "docs" / "best-mlp.md").read_text(encoding="utf-8")
+    found = []
+    for row in page.splitlines():
+        if row.startswith("|") and "(run in `docs/best_mlp/" in row:
+            folder = row.split("(run in `", 1)[1].split("`", 1)[0]
+            command = row.split("`python experiments/seeds.py ", 1)[1].split("`", 1)[0]
+            found.append((row, REPO_ROOT / folder, command))
+    return found
+
+
+def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
+    """Each row that names a committed run quotes that run's test accuracy and its
+    difference to seed 0 of the three runs above, and the row's command (the config plus
+    the flags after ``--``, seed 0) gives exactly the configuration the run saved."""
+    import shlex
+
+    from klayer.cli import build_parser
+    from klayer.config import flags_given
+
+    rows = _ablation_runs()
+    assert len(rows) >= 3, [r[1] for r in rows]
+    base = json.loads((RUNS / "seed0" / "summary.json").read_text())["final"]["test_accuracy"]
+    for row, run, command in rows:
+        tokens = shlex.split(command)
+        extra = tokens[tokens.index("--") + 1:] if "--" in tokens else []
+        config_file = tokens[tokens.index("--config") + 1]
+        args = build_parser().parse_args(["train", "--config", config_file, "--seed", "0",
+                                          *extra])
+        want = TrainConfig.from_toml(REPO_ROOT / config_file).with_overrides(flags_given(args))
+        saved = TrainConfig.from_toml(run / "config.toml")
+        assert saved.config_hash() == want.config_hash(), run
+        test = json.loads((run / "summary.json").read_text())["final"]["test_accuracy"]
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[2].startswith(f"{100 * test:.2f}%"), (run, cells[2])
+        if cells[3]:  # the difference to best_mlp_v3.toml's seed 0
+            assert cells[3] == f"{100 * (test - base):+.2f}".replace("-", "−"), (run, cells[3])
