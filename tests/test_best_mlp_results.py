@@ -96,3 +96,33 @@ def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
         assert cells[2].startswith(f"{100 * test:.2f}%"), (run, cells[2])
         if cells[3]:  # the difference to best_mlp_v3.toml's seed 0
             assert cells[3] == f"{100 * (test - base):+.2f}".replace("-", "−"), (run, cells[3])
+
+
+def test_the_accuracy_against_time_table_is_the_committed_runs():
+    """docs/best-mlp.md's "Accuracy against time" rows quote the committed runs' test
+    accuracies and the wall times `experiments/seeds.py` measured (measured.json)."""
+    page = (REPO_ROOT / "docs" / "best-mlp.md").read_text(encoding="utf-8")
+    table = page.split("## Accuracy against time", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:5]]
+            for line in table.splitlines() if line.startswith("| ") and "epochs" in line}
+    root = REPO_ROOT / "docs" / "best_mlp"
+
+    def test_accuracy(run):
+        return 100 * json.loads((run / "summary.json").read_text())["final"]["test_accuracy"]
+
+    def minutes(run):
+        return json.loads((run / "measured.json").read_text())["wall_seconds"] / 60
+
+    v3 = [root / "v3" / f"seed{s}" for s in SEEDS]
+    v2 = [root / "v2" / f"seed{s}" for s in SEEDS]
+    expected = {
+        "200 epochs": (f"{statistics.mean(map(test_accuracy, v2)):.2f}% (3 seeds)",
+                       f"{minutes(v2[2]):.1f} min"),
+        "300 epochs": (f"{statistics.mean(map(test_accuracy, v3)):.2f}% (3 seeds)",
+                       f"{statistics.mean(map(minutes, v3)):.1f} min (mean of 3)"),
+        "350 epochs": (f"{test_accuracy(root / 'v4_350ep' / 'seed0'):.2f}% (seed 0)",
+                       f"{minutes(root / 'v4_350ep' / 'seed0'):.1f} min"),
+    }
+    for budget, (accuracy, wall) in expected.items():
+        assert rows[budget][0] == accuracy, budget
+        assert rows[budget][1].startswith(wall), (budget, rows[budget][1])
