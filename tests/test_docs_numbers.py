@@ -3,8 +3,9 @@ result file are the numbers in that file.
 
 - the study's results (README.md, docs/study.md) are docs/reproduction/REPORT.md's, the
   report `klayer reproduce --extended` wrote;
-- the best MLP's table on docs/best-mlp.md is what experiments/seeds.py prints on the
-  committed runs in docs/best_mlp/v3/ (tests/test_best_mlp_results.py checks the README's);
+- the best MLP's tables on docs/best-mlp.md are what experiments/seeds.py prints on the
+  committed runs in docs/best_mlp/v5/ and v3/; the README's is the v5 one, and the
+  performance page's wall time a seed is its mean;
 - the float32-against-float64 table on docs/performance.md is the output of
   benchmarks/dtype_accuracy.py kept in docs/results/dtype_accuracy.md, and the standard
   runs on docs/training.md are its float64 runs;
@@ -133,17 +134,30 @@ def test_precise_bn_summary_is_the_report():
 # --- the best MLP -----------------------------------------------------------------------
 
 
-def test_best_mlp_page_table_is_what_seeds_py_prints(capsys):
+def seeds_py_table(capsys, name: str, config: str) -> str:
+    """The table `experiments/seeds.py` prints on the committed runs docs/best_mlp/NAME/."""
     seeds = load_seeds_script()
-    runs = DOCS / "best_mlp" / "v3"
-    argv = ["--config", str(REPO_ROOT / "configs" / "best_mlp_v3.toml"), "--seeds", "0", "1",
-            "2", "--out", str(runs)]
+    argv = ["--config", str(REPO_ROOT / "configs" / config), "--seeds", "0", "1", "2",
+            "--out", str(DOCS / "best_mlp" / name)]
     assert seeds.main(argv) == 0  # the runs are finished: reused, never trained here
     printed = capsys.readouterr().out
-    printed = printed[printed.index("| seed |"):].strip()
+    return printed[printed.index("| seed |"):].strip()
+
+
+def test_best_mlp_page_tables_are_what_seeds_py_prints(capsys):
     page = (DOCS / "best-mlp.md").read_text(encoding="utf-8")
-    assert printed in page
-    assert printed in README
+    best = seeds_py_table(capsys, "v5", "best_mlp_v5.toml")
+    assert best in page
+    assert best in README
+    assert seeds_py_table(capsys, "v3", "best_mlp_v3.toml") in page
+
+
+def test_the_best_mlp_wall_time_on_the_performance_page_is_the_runs():
+    best = table((DOCS / "best-mlp.md").read_text(encoding="utf-8"), "| seed | test |")
+    mean_std = best[-1][-2]  # "**mean ± std**" row, wall time column: "61.2 ± 3.4 min"
+    assert mean_std.endswith(" min") and "±" in mean_std, mean_std
+    page = section(PERFORMANCE, "## The study and the best MLP")
+    assert f"The best MLP takes {mean_std} a seed" in " ".join(page.split())
 
 
 # --- performance ------------------------------------------------------------------------
