@@ -19,6 +19,20 @@ CONFIG = REPO_ROOT / "configs" / "best_mlp_v5.toml"
 SEEDS = (0, 1, 2)
 
 
+def _final(run, key="final") -> dict:
+    """A committed run's final numbers (``final_without_ema``: its plain weights')."""
+    return json.loads((run / "summary.json").read_text())[key]
+
+
+def _accuracies(runs, key="final") -> list[float]:
+    """Test accuracy in percent of seeds 0, 1, 2 in the folder ``runs``."""
+    return [100 * _final(runs / f"seed{s}", key)["test_accuracy"] for s in SEEDS]
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.2f}".replace("-", "−")
+
+
 @pytest.mark.parametrize("runs, config", [(RUNS, CONFIG),
                                           (RUNS.parent / "v3", CONFIG.parent / "best_mlp_v3.toml")])
 def test_the_committed_runs_are_runs_of_the_config(runs, config):
@@ -40,14 +54,11 @@ def test_the_readme_table_is_what_seeds_py_prints_on_the_committed_runs(capsys):
     printed = printed[printed.index("| seed |"):].strip()  # the table, after the command
     readme = (REPO_ROOT / "README.md").read_text()
     assert printed in readme
-    tests = [json.loads((RUNS / f"seed{s}" / "summary.json").read_text())["final"]["test_accuracy"]
-             for s in SEEDS]
-    mean = statistics.mean(tests)
-    faster = [json.loads((RUNS.parent / "v3" / f"seed{s}" / "summary.json").read_text())
-              ["final"]["test_accuracy"] for s in SEEDS]
-    assert mean > statistics.mean(faster)  # the README shows the better configuration
-    assert f"{100 * mean:.2f}%" in readme.split("### The best MLP klayer trains here", 1)[1][:200]
-    assert f"reaches {100 * mean:.2f}% test accuracy" in " ".join(readme[:1500].split())
+    mean = statistics.mean(_accuracies(RUNS))
+    # the README shows the better configuration
+    assert mean > statistics.mean(_accuracies(RUNS.parent / "v3"))
+    assert f"{mean:.2f}%" in readme.split("### The best MLP klayer trains here", 1)[1][:200]
+    assert f"reaches {mean:.2f}% test accuracy" in " ".join(readme[:1500].split())
 
 
 def _ablation_runs():
@@ -75,7 +86,7 @@ def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
 
     rows = _ablation_runs()
     assert len(rows) >= 3, [r[1] for r in rows]
-    base = json.loads((RUNS / "seed0" / "summary.json").read_text())["final"]["test_accuracy"]
+    base = _final(RUNS / "seed0")["test_accuracy"]
     for row, run, command in rows:
         tokens = shlex.split(command)
         extra = tokens[tokens.index("--") + 1:] if "--" in tokens else []
@@ -85,7 +96,7 @@ def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
         want = TrainConfig.from_toml(REPO_ROOT / config_file).with_overrides(flags_given(args))
         saved = TrainConfig.from_toml(run / "config.toml")
         assert saved.config_hash() == want.config_hash(), run
-        final = json.loads((run / "summary.json").read_text())["final"]
+        final = _final(run)
         test = final["test_accuracy"]
         cells = [c.strip() for c in row.split("|")]
         assert cells[2].startswith(f"{100 * test:.2f}%"), (run, cells[2])
@@ -93,7 +104,7 @@ def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
             assert cells[2] == f"{100 * test:.2f}% (validation {100 * final['val_accuracy']:.2f}%, " \
                                f"training {100 * final['train_accuracy']:.2f}%)", (run, cells[2])
         if cells[3]:  # the difference to best_mlp_v5.toml's seed 0
-            assert cells[3] == f"{100 * (test - base):+.2f}".replace("-", "−"), (run, cells[3])
+            assert cells[3] == _signed(100 * (test - base)), (run, cells[3])
 
 
 def test_every_three_seed_row_of_the_ablation_is_its_runs():
@@ -105,14 +116,7 @@ def test_every_three_seed_row_of_the_ablation_is_its_runs():
     table = page.split("## What each option is worth", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in table.splitlines() if line.startswith("| ")]
 
-    def accuracies(runs, key):
-        return [100 * json.loads((runs / f"seed{s}" / "summary.json").read_text())[key]
-                ["test_accuracy"] for s in SEEDS]
-
-    def signed(x):
-        return f"{x:+.2f}".replace("-", "−")
-
-    base = accuracies(RUNS, "final")
+    base = _accuracies(RUNS)
     checked = []
     for i, line in enumerate(lines):
         if "(runs in `docs/best_mlp/" not in line:
@@ -120,7 +124,7 @@ def test_every_three_seed_row_of_the_ablation_is_its_runs():
         runs = REPO_ROOT / line.split("(runs in `", 1)[1].split("`", 1)[0]
         for row, key in ((line, "final"), (lines[i + 1], "final_without_ema")):
             cells = [c.strip() for c in row.split("|")]
-            got = accuracies(runs, key)
+            got = _accuracies(runs, key)
             if key == "final":
                 want = f"{got[0]:.2f}% (mean of 3: {statistics.mean(got):.2f} ± " \
                        f"{statistics.stdev(got):.2f}%)"
@@ -131,8 +135,8 @@ def test_every_three_seed_row_of_the_ablation_is_its_runs():
             if runs == RUNS and key == "final":
                 assert cells[3] == "", cells[3]
             else:
-                assert cells[3] == f"{signed(got[0] - base[0])} (mean " \
-                                   f"{signed(statistics.mean(got) - statistics.mean(base))})", \
+                assert cells[3] == f"{_signed(got[0] - base[0])} (mean " \
+                                   f"{_signed(statistics.mean(got) - statistics.mean(base))})", \
                     (runs, key, cells[3])
         checked.append(runs.name)
     assert checked[0] == RUNS.name and len(checked) >= 3, checked
@@ -147,22 +151,19 @@ def test_the_accuracy_against_time_table_is_the_committed_runs():
             for line in table.splitlines() if line.startswith("| ") and "epochs" in line}
     root = REPO_ROOT / "docs" / "best_mlp"
 
-    def test_accuracy(run):
-        return 100 * json.loads((run / "summary.json").read_text())["final"]["test_accuracy"]
-
     def minutes(run):
         return json.loads((run / "measured.json").read_text())["wall_seconds"] / 60
 
-    v3 = [root / "v3" / f"seed{s}" for s in SEEDS]
-    v2 = [root / "v2" / f"seed{s}" for s in SEEDS]
-    v5 = [root / "v5" / f"seed{s}" for s in SEEDS]
+    def mean_of_3(name):
+        runs = [root / name / f"seed{s}" for s in SEEDS]
+        return (f"{statistics.mean(_accuracies(root / name)):.2f}% (3 seeds)",
+                f"{statistics.mean(map(minutes, runs)):.1f} min (mean of 3)")
+
     expected = {
-        "200 epochs": (f"{statistics.mean(map(test_accuracy, v2)):.2f}% (3 seeds)",
-                       f"{minutes(v2[2]):.1f} min"),
-        "300 epochs": (f"{statistics.mean(map(test_accuracy, v3)):.2f}% (3 seeds)",
-                       f"{statistics.mean(map(minutes, v3)):.1f} min (mean of 3)"),
-        "350 epochs": (f"{statistics.mean(map(test_accuracy, v5)):.2f}% (3 seeds)",
-                       f"{statistics.mean(map(minutes, v5)):.1f} min (mean of 3)"),
+        "200 epochs": (f"{statistics.mean(_accuracies(root / 'v2')):.2f}% (3 seeds)",
+                       f"{minutes(root / 'v2' / 'seed2'):.1f} min"),
+        "300 epochs": mean_of_3("v3"),
+        "350 epochs": mean_of_3("v5"),
     }
     for budget, (accuracy, wall) in expected.items():
         assert rows[budget][0] == accuracy, budget
