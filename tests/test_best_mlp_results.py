@@ -168,3 +168,35 @@ def test_the_accuracy_against_time_table_is_the_committed_runs():
     for budget, (accuracy, wall) in expected.items():
         assert rows[budget][0] == accuracy, budget
         assert rows[budget][1].startswith(wall), (budget, rows[budget][1])
+
+
+SEARCH_LR = REPO_ROOT / "docs" / "best_mlp" / "search_lr"
+
+
+def test_the_learning_rate_grid_in_the_docs_is_its_committed_trials():
+    """docs/best-mlp.md's η × λ table: each row is a committed trial of
+    configs/search_best_mlp_lr.toml (its base options with the trial's η, λ and seed,
+    trained the full 50 epochs), and its numbers are that trial's summary."""
+    from klayer.search.space import load_search
+
+    spec = load_search(REPO_ROOT / "configs" / "search_best_mlp_lr.toml")
+    page = (REPO_ROOT / "docs" / "best-mlp.md").read_text()
+    trials = sorted(SEARCH_LR.glob("search-*"))
+    assert len(trials) == 4
+    grid = set()
+    for trial in trials:
+        run = TrainConfig.from_toml(trial / "config.toml")
+        grid.add((run.eta_max, run.lam))
+        assert run.config_hash() == spec.base.replace(
+            eta_max=run.eta_max, lam=run.lam, seed=run.seed, data_seed=spec.seed,
+            out=run.out).config_hash(), trial.name
+        summary = json.loads((trial / "summary.json").read_text())
+        assert summary["steps"] == spec.base.total_steps
+        f = summary["final"]
+        row = (f"| {run.eta_max:g} | {run.lam:.3g}".replace("0.0005", "5e-4")
+               .replace("0.00125", "1.25e-3"))
+        cells = [f"{100 * f[k]:.2f}%" for k in ("val_accuracy", "test_accuracy",
+                                                 "train_accuracy")]
+        line = next(l for l in page.splitlines() if l.startswith(row + " |"))
+        assert [c.strip(" *") for c in line.split("|")[3:6]] == cells, line
+    assert grid == {(e, l) for e in (0.02, 0.05) for l in (0.0005, 0.00125)}
