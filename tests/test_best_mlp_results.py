@@ -199,4 +199,5 @@ def test_the_learning_rate_grid_in_the_docs_is_its_committed_trials():
                                                  "train_accuracy")]
         line = next(l for l in page.splitlines() if l.startswith(row + " |"))
         assert [c.strip(" *") for c in line.split("|")[3:6]] == cells, line
-    assert grid == {(e, l) for e in (0.02, 0.05) for l in (0.0005, 0.00125)}
+    space = {d.name: d.values() for d in spec.space}
+    assert grid == {(e, l) for e in space["eta_max"] for l in space["lam"]}
