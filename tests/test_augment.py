@@ -4,7 +4,7 @@ map per image, seeded draws, input untouched, dtype kept, arguments checked."""
 import numpy as np
 import pytest
 
-from klayer.levers.augment import IMAGE_SHAPE, Augmentation, Mixing, mirror, soft_targets
+from klayer.levers.augment import IMAGE_SHAPE, Augmentation, Mixing, _pad, mirror, soft_targets
 
 C, H, W = IMAGE_SHAPE
 D = C * H * W
@@ -215,7 +215,7 @@ def _border_index(k, size, mode):
 
 
 @pytest.mark.parametrize("mode", ["reflect", "edge"])
-@pytest.mark.parametrize("t", [1, 3, 8])
+@pytest.mark.parametrize("t", [1, 3, 8, 31])
 def test_pad_modes_read_the_mirrored_or_repeated_border(mode, t):
     """Each output pixel (c, y, x) is the input pixel at the border-mapped (y + dy - t,
     x + dx - t), with (dy, dx) the draws of the default mode."""
@@ -228,6 +228,17 @@ def test_pad_modes_read_the_mirrored_or_repeated_border(mode, t):
         rows = _border_index(np.arange(H) + dy[i] - t, H, mode)
         cols = _border_index(np.arange(W) + dx[i] - t, W, mode)
         np.testing.assert_array_equal(outs[i], images[i][:, rows][:, :, cols])
+
+
+@pytest.mark.parametrize("mode", ["mean", "reflect", "edge"])
+@pytest.mark.parametrize("t", [1, 4, 31])
+def test_the_padded_batch_is_np_pad_of_it(mode, t):
+    images = _images(5, seed=t).reshape(5, C, H, W)[:, :, ::-1]  # a strided view
+    want = np.pad(images, ((0, 0), (0, 0), (t, t), (t, t)),
+                  **({"mode": "constant"} if mode == "mean" else {"mode": mode}))
+    got = _pad(images, t, mode)
+    assert got.dtype == images.dtype
+    np.testing.assert_array_equal(got, want)
 
 
 def test_pad_mode_draws_nothing_and_mean_is_the_default():

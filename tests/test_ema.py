@@ -37,6 +37,24 @@ def test_update_follows_the_recursion(warmup):
         np.testing.assert_allclose(ema.params[k], want[k], rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("shape", [(700, 400), (3, 300, 500)])  # one network, a population
+def test_weights_larger_than_a_block_average_as_the_whole_array_would(shape):
+    """Weights of more than one block (klayer.nn.optim.BLOCK entries) are averaged block by
+    block: the same bits as θ_ema + (1 - d)(θ - θ_ema) on the whole array."""
+    from klayer.nn.optim import BLOCK
+    assert np.prod(shape) > 2 * BLOCK
+    first, second = (_params(s, (("W1", shape), ("b1", (7,)))) for s in (1, 2))
+    first = {k: v.astype(np.float32) for k, v in first.items()}
+    second = {k: v.astype(np.float32) for k, v in second.items()}
+    ema = EMA(0.99)
+    ema.update(first)
+    ema.update(second)
+    d = np.float32(1 - ema.decay_at(1))
+    for k in first:
+        want = first[k] + (second[k] - first[k]) * d
+        np.testing.assert_array_equal(ema.params[k], want)
+
+
 def test_averages_are_copies_updated_in_place():
     p = _params(0)
     ema = EMA(0.5)

@@ -35,6 +35,7 @@ import numpy as np
 
 from klayer.levers.bn_stats import population_statistics
 from klayer.nn.errors import UserError
+from klayer.nn.optim import pieces
 
 
 class EMA:
@@ -77,13 +78,14 @@ class EMA:
         self.step += 1
 
     def _average(self, averages: dict, current: dict, d: float) -> None:
+        # Block by block, as the optimisers update a weight (klayer.nn.optim.pieces): the
+        # three passes over a block run while it is in the cache.
         for name, avg in averages.items():
-            scratch = self._scratch.get(name)
-            if scratch is None:
-                scratch = self._scratch[name] = np.empty_like(avg)
-            np.subtract(current[name], avg, out=scratch)
-            scratch *= 1 - d
-            avg += scratch
+            for avg_block, scratch, current_block in pieces(self._scratch, name, avg,
+                                                            (current[name],), ()):
+                np.subtract(current_block, avg_block, out=scratch)
+                scratch *= 1 - d
+                avg_block += scratch
 
     # --- populations: the averages carry the member axis ----------------------------------
 

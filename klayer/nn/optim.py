@@ -70,7 +70,7 @@ def _part(value, index):
     return value[index]
 
 
-def _pieces(scratch: dict, name: str, theta, arrays, constants):
+def pieces(scratch: dict, name: str, theta, arrays, constants):
     """For each block of theta: (theta's block, a scratch array fitted to it, the same
     block of each of ``arrays`` (theta's shape), each of ``constants`` lined up with it).
     The scratch array is kept in ``scratch[name]`` (the shape of theta's first block,
@@ -83,12 +83,12 @@ def _pieces(scratch: dict, name: str, theta, arrays, constants):
         buf = scratch[name] = np.empty(shape, theta.dtype)
     if blocks is _WHOLE:
         return ((theta, buf, *arrays, *constants),)
-    pieces = []
+    out = []
     for i in blocks:
         t = theta[i]
         c = buf if t.shape == buf.shape else buf[..., :t.shape[-2], :]  # the last: shorter
-        pieces.append((t, c, *(a[i] for a in arrays), *(_part(c_, i) for c_ in constants)))
-    return pieces
+        out.append((t, c, *(a[i] for a in arrays), *(_part(c_, i) for c_ in constants)))
+    return out
 
 
 class SGD:
@@ -113,7 +113,7 @@ class SGD:
         twice_lam, decayed = _l2_terms(l2)
         for name, theta in params.items():
             decay = name in decayed
-            for t, c, g, eta, lam2 in _pieces(self._scratch, name, theta, (grads[name],),
+            for t, c, g, eta, lam2 in pieces(self._scratch, name, theta, (grads[name],),
                                               (per_member(lr, theta), twice_lam)):
                 if decay:
                     np.multiply(t, lam2, out=c)  # 2λ θ
@@ -169,7 +169,7 @@ class Momentum:
             if first:
                 v = self.velocity[name] = np.empty_like(g)
             constants = (per_member(lr, theta), per_member(self.momentum, theta), twice_lam)
-            for t, c, gb, vb, eta, mu, lam2 in _pieces(self._scratch, name, theta, (g, v),
+            for t, c, gb, vb, eta, mu, lam2 in pieces(self._scratch, name, theta, (g, v),
                                                        constants):
                 if decay:
                     np.multiply(t, lam2, out=c)  # 2λ θ
