@@ -129,8 +129,8 @@ def _pad(images, t: int, mode: str) -> np.ndarray:
     W + 2t) array: "mean" pads with 0, "reflect" and "edge" read the border as ``np.pad``
     does in those modes (the padded coordinates of one axis are mapped to image
     coordinates by ``np.pad`` of that axis's index range). The centre is copied once,
-    then the four border strips; ``np.pad`` of the batch builds the same array but goes
-    over it several times, and costs about twice as much."""
+    then the four border strips; ``np.pad`` of the whole batch builds the same array with
+    more passes over it."""
     n, C, H, W = images.shape
     padded = np.empty((n, C, H + 2 * t, W + 2 * t), images.dtype)
     padded[:, :, t:t + H, t:t + W] = images
