@@ -76,8 +76,8 @@ def _ablation_runs():
 
 def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
     """Each row that names a committed run quotes that run's test accuracy (and its
-    validation and training accuracies when it gives them) and its difference to seed 0
-    of the README's configuration, and the row's command (the config plus
+    validation and training accuracies when it gives them), its difference to seed 0
+    of the README's configuration and its wall time when it gives one, and the row's command (the config plus
     the flags after ``--``, seed 0) gives exactly the configuration the run saved."""
     import shlex
 
@@ -105,6 +105,9 @@ def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
                                f"training {100 * final['train_accuracy']:.2f}%)", (run, cells[2])
         if cells[3]:  # the difference to best_mlp_v5.toml's seed 0
             assert cells[3] == _signed(100 * (test - base)), (run, cells[3])
+        if " min)" in cells[4]:  # the wall time experiments/seeds.py measured for the run
+            minutes = json.loads((run / "measured.json").read_text())["wall_seconds"] / 60
+            assert cells[4].endswith(f", {minutes:.1f} min)"), (run, cells[4])
 
 
 def test_every_three_seed_row_of_the_ablation_is_its_runs():
