@@ -77,8 +77,9 @@ def _ablation_runs():
 def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
     """Each row that names a committed run quotes that run's test accuracy (and its
     validation and training accuracies when it gives them), its difference to seed 0
-    of the README's configuration and its wall time when it gives one, and the row's command (the config plus
-    the flags after ``--``, seed 0) gives exactly the configuration the run saved."""
+    of the README's configuration and its wall time when it gives one, and the row's
+    command (the config plus the flags after ``--``, seed 0) gives exactly the
+    configuration the run saved."""
     import shlex
 
     from klayer.cli import build_parser
