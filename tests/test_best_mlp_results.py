@@ -74,29 +74,34 @@ def _ablation_runs():
     return found
 
 
+def _config_of(command: str, seed: int) -> TrainConfig:
+    """The configuration an ``experiments/seeds.py`` command trains for ``seed``: its
+    ``--config`` file with the flags after ``--``, as ``klayer train`` reads them."""
+    import shlex
+
+    from klayer.cli import build_parser
+    from klayer.config import flags_given
+
+    tokens = shlex.split(command)
+    extra = tokens[tokens.index("--") + 1:] if "--" in tokens else []
+    config_file = tokens[tokens.index("--config") + 1]
+    args = build_parser().parse_args(["train", "--config", config_file, "--seed", str(seed),
+                                      *extra])
+    return TrainConfig.from_toml(REPO_ROOT / config_file).with_overrides(flags_given(args))
+
+
 def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
     """Each row that names a committed run quotes that run's test accuracy (and its
     validation and training accuracies when it gives them), its difference to seed 0
     of the README's configuration and its wall time when it gives one, and the row's
     command (the config plus the flags after ``--``, seed 0) gives exactly the
     configuration the run saved."""
-    import shlex
-
-    from klayer.cli import build_parser
-    from klayer.config import flags_given
-
     rows = _ablation_runs()
     assert len(rows) >= 3, [r[1] for r in rows]
     base = _final(RUNS / "seed0")["test_accuracy"]
     for row, run, command in rows:
-        tokens = shlex.split(command)
-        extra = tokens[tokens.index("--") + 1:] if "--" in tokens else []
-        config_file = tokens[tokens.index("--config") + 1]
-        args = build_parser().parse_args(["train", "--config", config_file, "--seed", "0",
-                                          *extra])
-        want = TrainConfig.from_toml(REPO_ROOT / config_file).with_overrides(flags_given(args))
         saved = TrainConfig.from_toml(run / "config.toml")
-        assert saved.config_hash() == want.config_hash(), run
+        assert saved.config_hash() == _config_of(command, 0).config_hash(), run
         final = _final(run)
         test = final["test_accuracy"]
         cells = [c.strip() for c in row.split("|")]
@@ -115,7 +120,8 @@ def test_every_three_seed_row_of_the_ablation_is_its_runs():
     """Each row that names three committed runs (``(runs in `docs/best_mlp/NAME/`)``)
     quotes seed 0's test accuracy, the mean ± std of the three and their differences to
     the configuration above's seed 0 and mean; the row after it, the same runs'
-    ``final_without_ema``, does the same for the plain weights."""
+    ``final_without_ema``, does the same for the plain weights. The row's command
+    trains exactly the three committed runs."""
     page = (REPO_ROOT / "docs" / "best-mlp.md").read_text(encoding="utf-8")
     table = page.split("## What each option is worth", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in table.splitlines() if line.startswith("| ")]
@@ -126,6 +132,10 @@ def test_every_three_seed_row_of_the_ablation_is_its_runs():
         if "(runs in `docs/best_mlp/" not in line:
             continue
         runs = REPO_ROOT / line.split("(runs in `", 1)[1].split("`", 1)[0]
+        command = line.split("`python experiments/seeds.py ", 1)[1].split("`", 1)[0]
+        for seed in SEEDS:  # the row's command trains exactly the committed runs
+            saved = TrainConfig.from_toml(runs / f"seed{seed}" / "config.toml")
+            assert saved.config_hash() == _config_of(command, seed).config_hash(), (runs, seed)
         for row, key in ((line, "final"), (lines[i + 1], "final_without_ema")):
             cells = [c.strip() for c in row.split("|")]
             got = _accuracies(runs, key)
