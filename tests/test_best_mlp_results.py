@@ -63,7 +63,7 @@ def test_the_readme_table_is_what_seeds_py_prints_on_the_committed_runs(capsys):
 
 def _ablation_runs():
     """(row, run folder, seeds.py command) for each row of docs/best-mlp.md's ablation that
-    names one committed run: ``(run in `docs/best_mlp/NAME/seed0/`...)``."""
+    names one committed run: ``(run in `docs/best_mlp/NAME/seedN/`...)``."""
     page = (REPO_ROOT / "docs" / "best-mlp.md").read_text(encoding="utf-8")
     found = []
     for row in page.splitlines():
@@ -92,24 +92,31 @@ def _config_of(command: str, seed: int) -> TrainConfig:
 
 def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
     """Each row that names a committed run quotes that run's test accuracy (and its
-    validation and training accuracies when it gives them), its difference to seed 0
-    of the README's configuration and its wall time when it gives one, and the row's
-    command (the config plus the flags after ``--``, seed 0) gives exactly the
-    configuration the run saved."""
+    validation and training accuracies when it gives them), its difference to the same
+    seed of the README's configuration and its wall time when it gives one, and the
+    row's command (the config plus the flags after ``--``, the run's seed) gives exactly
+    the configuration the run saved. A row says which seed it ran unless it is seed 0."""
+    import shlex
+
     rows = _ablation_runs()
     assert len(rows) >= 3, [r[1] for r in rows]
-    base = _final(RUNS / "seed0")["test_accuracy"]
     for row, run, command in rows:
+        seed = int(run.name.removeprefix("seed"))
+        tokens = shlex.split(command)
+        assert tokens[tokens.index("--seeds") + 1] == str(seed), (run, command)
         saved = TrainConfig.from_toml(run / "config.toml")
-        assert saved.config_hash() == _config_of(command, 0).config_hash(), run
+        assert saved.config_hash() == _config_of(command, seed).config_hash(), run
         final = _final(run)
         test = final["test_accuracy"]
         cells = [c.strip() for c in row.split("|")]
+        if seed:
+            assert cells[1].endswith(f", seed {seed}"), (run, cells[1])
         assert cells[2].startswith(f"{100 * test:.2f}%"), (run, cells[2])
         if "(validation" in cells[2]:
             assert cells[2] == f"{100 * test:.2f}% (validation {100 * final['val_accuracy']:.2f}%, " \
                                f"training {100 * final['train_accuracy']:.2f}%)", (run, cells[2])
-        if cells[3]:  # the difference to best_mlp_v5.toml's seed 0
+        if cells[3]:  # the difference to the same seed of best_mlp_v5.toml
+            base = _final(RUNS / f"seed{seed}")["test_accuracy"]
             assert cells[3] == _signed(100 * (test - base)), (run, cells[3])
         if " min)" in cells[4]:  # the wall time experiments/seeds.py measured for the run
             minutes = json.loads((run / "measured.json").read_text())["wall_seconds"] / 60
