@@ -126,7 +126,7 @@ def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
 def test_every_three_seed_row_of_the_ablation_is_its_runs():
     """Each row that names three committed runs (``(runs in `docs/best_mlp/NAME/`)``)
     quotes seed 0's test accuracy, the mean ± std of the three and their differences to
-    the configuration above's seed 0 and mean; the row after it, the same runs'
+    best_mlp_v5.toml's seed 0 and mean; the row after it, the same runs'
     ``final_without_ema``, does the same for the plain weights. The row's command
     trains exactly the three committed runs."""
     page = (REPO_ROOT / "docs" / "best-mlp.md").read_text(encoding="utf-8")
@@ -185,6 +185,7 @@ def test_the_accuracy_against_time_table_is_the_committed_runs():
                        f"{minutes(root / 'v2' / 'seed2'):.1f} min"),
         "300 epochs": mean_of_3("v3"),
         "350 epochs": mean_of_3("v5"),
+        "350 epochs, first layer 1536": mean_of_3("v5_w1536"),
     }
     for budget, (accuracy, wall) in expected.items():
         assert rows[budget][0] == accuracy, budget
