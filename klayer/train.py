@@ -316,9 +316,12 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None, resume: b
                 batch_stats = {l: (mean[keep], var[keep])
                                for l, (mean, var) in batch_stats.items()}
                 eta = eta[keep]
-            state.optimizer.step(net.params, grads, eta, l2=net.l2_term(state.lam))  # + 2λW
+            # + 2λW, and the weight average moved in the same pass over each weight
+            riding = state.ema.riding() if state.ema is not None else None
+            state.optimizer.step(net.params, grads, eta, l2=net.l2_term(state.lam),
+                                 average=riding)
             net.update_running_stats(batch_stats)
-            if state.ema is not None:
+            if state.ema is not None and riding is None:
                 state.ema.update(net.params)
             state.clock.train_seconds += time.perf_counter() - t0
             state.step = done = step + 1

@@ -288,3 +288,46 @@ def test_network_l2_term_with_the_update_equals_the_l2_gradient():
         opts[1].step(nets[1].params, b.grads, 0.1)
     for k in nets[0].params:
         np.testing.assert_array_equal(nets[0].params[k], nets[1].params[k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("members", [None, 3])
+def test_a_weight_average_riding_the_update_equals_averaging_after_it(name, dtype, members):
+    """step(..., average=ema.riding()) leaves the parameters, the optimizer and the EMA's
+    averages bit for bit where step() then ema.update() leaves them, over several steps
+    of blocked parameters (one network and a population), with the L2 term riding too;
+    the EMA's step count moves the same."""
+    from klayer.levers.ema import EMA
+    params, steps = _blocked_params(dtype, members)
+    riding_params = {k: v.copy() for k, v in params.items()}
+    plain_params = {k: v.copy() for k, v in params.items()}
+    a, b = make_optimizer(name), make_optimizer(name)
+    ema_a, ema_b = EMA(0.99), EMA(0.99)
+    l2 = (2 * 5e-3, ("W1", "W2"))
+    for lr, grads in zip([0.1, 0.05, 0.2, 0.1], [*steps, steps[0]]):
+        riding = ema_a.riding()
+        a.step(riding_params, grads, lr, l2=l2, average=riding)
+        if riding is None:
+            ema_a.update(riding_params)
+        b.step(plain_params, grads, lr, l2=l2)
+        ema_b.update(plain_params)
+        assert ema_a.step == ema_b.step
+        for k in params:
+            np.testing.assert_array_equal(riding_params[k], plain_params[k])
+            np.testing.assert_array_equal(ema_a.params[k], ema_b.params[k])
+            assert ema_a.params[k].dtype == dtype
+    assert not np.array_equal(ema_a.params["W1"], riding_params["W1"])  # it averaged
+
+
+def test_the_average_step_is_the_plain_formula():
+    """a ← a + w (θ - a), evaluated as written, bit for bit, over two momentum steps:
+    the average lags the weights by what the formula says."""
+    params, steps = _blocked_params(np.float32)
+    averages = {k: v.copy() for k, v in params.items()}
+    opt = make_optimizer("momentum")
+    for grads in steps[:2]:
+        before = averages["W1"].copy()
+        opt.step(params, grads, 0.1, average=(averages, 0.25))
+        np.testing.assert_array_equal(averages["W1"],
+                                      before + (params["W1"] - before) * np.float32(0.25))

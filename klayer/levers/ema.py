@@ -35,7 +35,7 @@ import numpy as np
 
 from klayer.levers.bn_stats import population_statistics
 from klayer.nn.errors import UserError
-from klayer.nn.optim import pieces
+from klayer.nn.optim import average_in, pieces
 
 
 class EMA:
@@ -77,15 +77,26 @@ class EMA:
             self.buffers = {k: np.array(v) for k, v in buffers.items()}
         self.step += 1
 
+    def riding(self) -> tuple | None:
+        """The next update, for an optimizer to make while it updates the weights
+        (``average=`` of :meth:`klayer.nn.optim.Momentum.step`): ``(averages, 1 - d_t)``,
+        the update counted as done. The same numbers as :meth:`update` after the step,
+        with one pass over the weights less. None before the first update, which copies
+        the weights: call :meth:`update` then. Only the parameters ride; averaged
+        buffers, if any, need :meth:`update`."""
+        if self.step == 0 or self.buffers:
+            return None
+        d = self.decay_at(self.step)
+        self.step += 1
+        return self.params, 1 - d
+
     def _average(self, averages: dict, current: dict, d: float) -> None:
         # Block by block, as the optimisers update a weight (klayer.nn.optim.pieces): the
         # three passes over a block run while it is in the cache.
         for name, avg in averages.items():
             for avg_block, scratch, current_block in pieces(self._scratch, name, avg,
                                                             (current[name],), ()):
-                np.subtract(current_block, avg_block, out=scratch)
-                scratch *= 1 - d
-                avg_block += scratch
+                average_in(avg_block, current_block, scratch, 1 - d)
 
     # --- populations: the averages carry the member axis ----------------------------------
 

@@ -20,6 +20,12 @@ order); what changes is memory traffic. A weight is updated block by block, each
 of about :data:`BLOCK` entries small enough to stay in the CPU cache while the L2 term,
 the momentum and the step are applied to it, so the weight, its gradient and its velocity
 are each read from memory once, and no weight-sized temporary is written.
+
+A weight average can ride along the same way: ``step(..., average=(averages, w))``
+moves each parameter's average towards the updated parameter, a ← a + w (θ - a)
+(:func:`average_in`, the formula :class:`klayer.levers.ema.EMA` uses), on each block
+right after the block's update, while it is still in the cache: the same numbers as
+averaging after the step, with one read of every weight from memory less.
 """
 
 from __future__ import annotations
@@ -45,6 +51,22 @@ def _l2_terms(l2) -> tuple:
         return None, frozenset()
     twice_lam, names = l2
     return twice_lam, frozenset(names)
+
+
+def _average_terms(average) -> tuple:
+    """``average`` as (averages, w): None or ``(averages, w)`` -> ({} or averages, w)."""
+    if average is None:
+        return {}, None
+    return average
+
+
+def average_in(avg, theta, scratch, weight) -> None:
+    """a ← a + w (θ - a), in place on ``avg``, with ``scratch`` (theta's shape) for
+    θ - a: the moving average's step, shared by :class:`klayer.levers.ema.EMA` and the
+    optimizers' ``average=``."""
+    np.subtract(theta, avg, out=scratch)
+    scratch *= weight
+    avg += scratch
 
 
 _WHOLE = (...,)  # one block: the whole parameter
@@ -103,18 +125,23 @@ class SGD:
     def __init__(self):
         self._scratch: dict[str, np.ndarray] = {}
 
-    def step(self, params: dict, grads: dict, lr: float, l2=None) -> None:
+    def step(self, params: dict, grads: dict, lr: float, l2=None, average=None) -> None:
         """θ -= lr · g for each name in ``params`` (``grads`` has the same names and shapes).
 
         l2: None, or ``(twice_lam, names)``: for each parameter in ``names`` the gradient
         is g + 2λ θ, formed block by block as ``Network.add_l2_gradient`` forms it (the
         same rounding); ``twice_lam`` is a number or, for a population, (K, 1, 1).
+        average: None, or ``(averages, w)``: each parameter's average (an array of its
+        shape in ``averages``, by name) then moves to a + w (θ - a), block by block.
         """
         twice_lam, decayed = _l2_terms(l2)
+        averages, w = _average_terms(average)
         for name, theta in params.items():
             decay = name in decayed
-            for t, c, g, eta, lam2 in pieces(self._scratch, name, theta, (grads[name],),
-                                              (per_member(lr, theta), twice_lam)):
+            extra = (averages[name],) if averages else ()
+            for t, c, g, *a, eta, lam2 in pieces(self._scratch, name, theta,
+                                                  (grads[name], *extra),
+                                                  (per_member(lr, theta), twice_lam)):
                 if decay:
                     np.multiply(t, lam2, out=c)  # 2λ θ
                     c += g  # g + 2λ θ
@@ -122,6 +149,8 @@ class SGD:
                 else:
                     np.multiply(g, eta, out=c)
                 t -= c
+                if a:
+                    average_in(a[0], t, c, w)
 
     def hyperparameters(self) -> dict:
         """The constructor's arguments; none for SGD."""
@@ -154,13 +183,15 @@ class Momentum:
         self.velocity: dict[str, np.ndarray] = {}
         self._scratch: dict[str, np.ndarray] = {}
 
-    def step(self, params: dict, grads: dict, lr: float, l2=None) -> None:
+    def step(self, params: dict, grads: dict, lr: float, l2=None, average=None) -> None:
         """v ← μ v + g, θ -= lr · v for each name in ``params``.
 
         l2: None, or ``(twice_lam, names)``: g + 2λ θ for the parameters in ``names``,
-        added block by block in the same pass (as :meth:`SGD.step`).
+        added block by block in the same pass (as :meth:`SGD.step`); average: the
+        weight average moved in the same pass (as :meth:`SGD.step`).
         """
         twice_lam, decayed = _l2_terms(l2)
+        averages, w = _average_terms(average)
         for name, theta in params.items():
             g = grads[name]
             decay = name in decayed
@@ -169,8 +200,9 @@ class Momentum:
             if first:
                 v = self.velocity[name] = np.empty_like(g)
             constants = (per_member(lr, theta), per_member(self.momentum, theta), twice_lam)
-            for t, c, gb, vb, eta, mu, lam2 in pieces(self._scratch, name, theta, (g, v),
-                                                       constants):
+            extra = (averages[name],) if averages else ()
+            for t, c, gb, vb, *a, eta, mu, lam2 in pieces(self._scratch, name, theta,
+                                                           (g, v, *extra), constants):
                 if decay:
                     np.multiply(t, lam2, out=c)  # 2λ θ
                     c += gb  # g + 2λ θ
@@ -182,6 +214,8 @@ class Momentum:
                     vb += gb
                 np.multiply(vb, eta, out=c)
                 t -= c
+                if a:
+                    average_in(a[0], t, c, w)
 
     def hyperparameters(self) -> dict:
         return {"momentum": self.momentum}
@@ -213,11 +247,13 @@ class Adam:
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
 
-    def step(self, params: dict, grads: dict, lr: float, l2=None) -> None:
+    def step(self, params: dict, grads: dict, lr: float, l2=None, average=None) -> None:
         """One Adam step for each name in ``params``. l2: None, or ``(twice_lam, names)``:
-        the gradient of the parameters in ``names`` is g + 2λ θ (not fused: Adam's
-        update takes several passes anyway)."""
+        the gradient of the parameters in ``names`` is g + 2λ θ; average: None, or
+        ``(averages, w)``: each parameter's average then moves to a + w (θ - a) (neither
+        fused: Adam's update takes several passes anyway)."""
         twice_lam, decayed = _l2_terms(l2)
+        averages, w = _average_terms(average)
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         correction1, correction2 = 1 - b1 ** self.t, 1 - b2 ** self.t
@@ -241,6 +277,8 @@ class Adam:
             denom = np.sqrt(v / c2)
             denom += eps
             theta -= step_size * m / denom
+            if averages:
+                average_in(averages[name], theta, np.empty_like(theta), w)
 
     def hyperparameters(self) -> dict:
         return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
