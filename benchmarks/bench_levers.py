@@ -4,7 +4,8 @@ Times, in the same run: the training step of 3072 → 1024 → 512 → 256 → 1
 norm and dropout 0.2 (the reference), the augmentations (flips + translations ±3 with
 mean, reflect and edge padding), MixUp, CutMix with their soft targets, the ZCA (3072 ×
 3072) and PCA (3072 × 512) products of one batch, one EMA update of the network's
-weights, and the extra cost of test-time flip averaging on 10,000 test images.
+weights, the momentum update with the weights' average moved after it and riding it
+(as the training loop moves it: in the same pass over each weight), and the extra cost of test-time flip averaging on 10,000 test images.
 Random data: the costs do not depend on the values (the whitening matrices are random
 too; fitting one is timed by experiments/levers.py on the real data).
 
@@ -65,7 +66,7 @@ def main(argv=None):
     pca = Whitening("pca", 1e-2, 512, np.zeros(D), rng.standard_normal((D, 512)) / 55,
                     np.ones(D))
     ema = EMA(0.999)
-    ema.update(net.params, net.buffers)
+    ema.update(net.params)
     X_test = rng.standard_normal((args.test_images, D)).astype(np.float32)
     cases = [("training step (reference)", step)]
     for mode in ("mean", "reflect", "edge"):
@@ -79,8 +80,19 @@ def main(argv=None):
         cases.append((f"{name} + soft targets", mix))
     cases += [("ZCA product (256 × 3072 · 3072 × 3072)", lambda: zca.transform(X)),
               ("PCA product (256 × 3072 · 3072 × 512)", lambda: pca.transform(X)),
-              ("EMA update of all weights and BN buffers",
-               lambda: ema.update(net.params, net.buffers))]
+              ("EMA update of all weights", lambda: ema.update(net.params))]
+    grads = net.loss(X, y, 5e-4, check=False, l2_gradient=False).grads
+    l2 = net.l2_term(5e-4)
+
+    def update_then_average():
+        optimizer.step(net.params, grads, 1e-3, l2=l2)
+        ema.update(net.params)
+
+    def update_with_average():
+        optimizer.step(net.params, grads, 1e-3, l2=l2, average=ema.riding())
+
+    cases += [("momentum update (with the L2 term), then the EMA update", update_then_average),
+              ("momentum update with the EMA update riding it", update_with_average)]
     load = os.getloadavg()[0]
     print(f"numpy {np.__version__}, cpu_count {os.cpu_count()}, OPENBLAS_NUM_THREADS "
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, float32, batch {B}; median of "
