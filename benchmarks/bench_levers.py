@@ -5,7 +5,8 @@ norm and dropout 0.2 (the reference), the augmentations (flips + translations ±
 mean, reflect and edge padding), MixUp, CutMix with their soft targets, the ZCA (3072 ×
 3072) and PCA (3072 × 512) products of one batch, one EMA update of the network's
 weights, the momentum update with the weights' average moved after it and riding it
-(as the training loop moves it: in the same pass over each weight), and the extra cost of test-time flip averaging on 10,000 test images.
+(as the training loop moves it: in the same pass over each weight), and the extra cost
+of test-time flip averaging on 10,000 test images.
 Random data: the costs do not depend on the values (the whitening matrices are random
 too; fitting one is timed by experiments/levers.py on the real data).
 
