@@ -13,11 +13,13 @@ One folder per run::
     curves.png           loss, cost and accuracy, train against validation (klayer.plots)
     .lock                held (flock) by the process writing the folder: its PID and command
 
-Every file is written to a temporary name and moved into place with ``os.replace``, so
-a run killed at any moment leaves either the old file or the new one, never half of
-one; temporary files left by a killed run are never read, and are removed when the
-folder is next opened. Arrays are read with ``allow_pickle=False`` after checking every
-member's CRC: a damaged file gives a ValueError that says what is wrong and what to do.
+The checkpoint is copied at the end of an epoch and written by a thread while the next
+epoch's first steps run (:meth:`RunFolder.checkpoint`). Every file is written to a
+temporary name and moved into place with ``os.replace``, so a run killed at any moment
+leaves either the old file or the new one, never half of one; temporary files left by a
+killed run are never read, and are removed when the folder is next opened. Arrays are
+read with ``allow_pickle=False`` after checking every member's CRC: a damaged file gives
+a ValueError that says what is wrong and what to do.
 The model files are :mod:`klayer.modelfile`'s.
 
 A population (:func:`klayer.train.train_population`) keeps one checkpoint for all its
@@ -40,6 +42,7 @@ import io
 import json
 import os
 import signal
+import threading
 import warnings
 import zipfile
 from contextlib import ExitStack, contextmanager
@@ -247,12 +250,20 @@ def configs_hash(configs) -> str:
 def save_checkpoint(run_dir, ckpt: Checkpoint) -> None:
     """Write checkpoint.npz atomically, keeping the one before as checkpoint.prev.npz.
 
-    Arrays go under param./buffer./optim., the rest into a JSON ``meta`` entry.
+    Arrays go under param./buffer./optim./ema., the rest into a JSON ``meta`` entry.
     """
+    write_checkpoint(run_dir, checkpoint_arrays(ckpt), ckpt.step)
+
+
+def checkpoint_arrays(ckpt: Checkpoint, copy: bool = False) -> dict:
+    """The arrays of checkpoint.npz, with its ``meta`` entry; ``copy``: copies of the
+    arrays (a snapshot that stays as it is while training goes on)."""
     arrays = {f"param.{k}": v for k, v in ckpt.params.items()}
     arrays.update({f"buffer.{k}": v for k, v in ckpt.buffers.items()})
     arrays.update({f"optim.{k}": np.asarray(v) for k, v in ckpt.optimizer_state.items()})
     arrays.update({f"ema.{k}": v for k, v in ckpt.ema_state.items() if k != "step"})
+    if copy:
+        arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
     meta = {
         "format_version": CHECKPOINT_FORMAT_VERSION, "klayer_version": __version__,
         "step": ckpt.step, "epoch": ckpt.epoch,
@@ -264,12 +275,18 @@ def save_checkpoint(run_dir, ckpt: Checkpoint) -> None:
     if ckpt.ema_state:
         meta["ema_step"] = int(ckpt.ema_state["step"])
     arrays["meta"] = np.array(json.dumps(meta))
+    return arrays
+
+
+def write_checkpoint(run_dir, arrays: dict, step: int) -> None:
+    """Write :func:`checkpoint_arrays` of the checkpoint of ``step`` as checkpoint.npz,
+    atomically (the one before becomes checkpoint.prev.npz)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    data = buf.getvalue()
+    data = buf.getbuffer()
 
     def write(f):
-        if _fault("checkpoint") == ckpt.step:  # test-only: die half-way through
+        if _fault("checkpoint") == step:  # test-only: die half-way through
             f.write(data[:len(data) // 2])
             f.flush()
             os.fsync(f.fileno())
@@ -345,6 +362,7 @@ def _fault(where: str) -> int | None:
 
 
 _FAULT_STEPS_SEEN = [0]  # how often this process has reached the KLAYER_FAULT step
+_WRITERS = set()  # the threads writing a checkpoint (RunFolder.checkpoint)
 
 
 def fault_callbacks() -> list:
@@ -360,6 +378,8 @@ def fault_callbacks() -> list:
         if event.kind == "step" and event.step == step:
             _FAULT_STEPS_SEEN[0] += 1
             if _FAULT_STEPS_SEEN[0] >= times:
+                for writer in list(_WRITERS):  # the crash comes after the last checkpoint
+                    writer.join()               # is on disk, whatever the disk's speed
                 os.kill(os.getpid(), signal.SIGKILL)
 
     return [kill]
@@ -392,6 +412,8 @@ class RunFolder:
         self.last_step = None  # step of the last checkpoint written or read
         self.finished = False  # resuming a run that left its model and summary: no writes
         self._lock = ExitStack()
+        self._writer = None  # the thread writing the last checkpoint, until it is on disk
+        self._write_error = None
 
     def __enter__(self) -> "RunFolder":
         if self.path is None:
@@ -406,8 +428,14 @@ class RunFolder:
             raise
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self._lock.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        try:
+            self.wait()
+        except Exception:
+            if exc_type is None:  # else the error that stopped the run is the one to see
+                raise
+        finally:
+            self._lock.close()
 
     def _open(self) -> None:
         for tmp in self.path.glob(".*.tmp"):  # left by a killed writer; never trusted
@@ -444,13 +472,41 @@ class RunFolder:
         return ckpt
 
     def checkpoint(self, ckpt: Checkpoint) -> None:
-        """Save the checkpoint (and a run's history so far)."""
+        """Save the checkpoint (and a run's history so far) while training goes on.
+
+        The arrays are copied now; a thread writes them to disk (and syncs them) during
+        the next steps. At most one checkpoint is in flight: the next one, and leaving
+        the folder, wait for it, and raise what went wrong writing it.
+        """
         if self.path is None:
             return
-        save_checkpoint(self.path, ckpt)
-        if self.config is not None:
-            write_history(self.path / HISTORY_FILE, ckpt.histories[0])
+        self.wait()
+        arrays = checkpoint_arrays(ckpt, copy=True)
+        history = list(ckpt.histories[0]) if self.config is not None else None
+        self._writer = threading.Thread(target=self._write, args=(arrays, ckpt.step, history),
+                                        name=f"klayer checkpoint {ckpt.step}")
+        _WRITERS.add(self._writer)
+        self._writer.start()
         self.last_step = ckpt.step
+
+    def _write(self, arrays: dict, step: int, history: list | None) -> None:
+        try:
+            write_checkpoint(self.path, arrays, step)
+            if history is not None:
+                write_history(self.path / HISTORY_FILE, history)
+        except BaseException as exc:  # raised in the training thread by wait()
+            self._write_error = exc
+        finally:
+            _WRITERS.discard(threading.current_thread())
+
+    def wait(self) -> None:
+        """Wait until the checkpoint in flight is on disk; raise what went wrong writing it."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            raise error
 
     def whitening(self, fit):
         """The run's whitening: the one stored in whitening.npz when resuming, else

@@ -57,9 +57,10 @@ population drops the member (with its step and reason) and the others go on.
 
 The loop prints nothing and touches no file itself: progress goes to callbacks, and
 a :class:`klayer.runs.RunFolder` (locked while the run lasts) writes the checkpoint after
-every epoch and each member's model, history, summary and figures at the end;
-:func:`finish` does the final evaluation and PreciseBN. A checkpoint holds the random
-state, so a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+every epoch (from a thread, while the next steps run) and each member's model, history,
+summary and figures at the end; :func:`finish` does the final evaluation and PreciseBN.
+A checkpoint holds the random state, so a resumed run ends with the same weights, bit
+for bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -343,6 +344,7 @@ def train_population(configs, data, callbacks=(), checkpoint_dir=None, resume: b
                                     active=tuple(state.active)))
         results = finish(state, seen, whitening=whitening, raw_splits=splits,
                          run_dirs=run_dirs)
+        folder.wait()  # the last checkpoint (written during finish) is on disk
         for result in results:
             if result.run_dir is not None and not folder.finished:  # finished: as it was
                 write_run(result.run_dir, result, data)

@@ -2,6 +2,8 @@
 before (with a warning) and still resumes exactly; --restart starts a run folder again."""
 
 import os
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -132,3 +134,89 @@ def test_checkpoint_rotation_is_atomic_at_each_rename(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == [runs.PREVIOUS_CHECKPOINT_FILE]
     with pytest.warns(runs.CheckpointWarning, match="checkpoint.npz is missing"):
         assert runs.load_checkpoint(tmp_path).step == 10
+
+
+# --- checkpoints written by a thread while training goes on -------------------------------
+
+
+def _checkpoint(step, W):
+    return runs.Checkpoint(step=step, epoch=1, params={"W1": W}, buffers={},
+                           running_initialised=False, optimizer_state={}, rng_state={},
+                           histories=[[], []], timings={},
+                           config_hash=runs.configs_hash([SMALL, SMALL]))
+
+
+def _held_back(monkeypatch):
+    """write_checkpoint waits for a permit of the returned semaphore: the test decides
+    when each disk write happens."""
+    permits, write = threading.Semaphore(0), runs.write_checkpoint
+
+    def waits(*args):
+        assert permits.acquire(timeout=10)
+        write(*args)
+
+    monkeypatch.setattr(runs, "write_checkpoint", waits)
+    return permits
+
+
+def test_a_checkpoint_holds_the_state_when_it_was_taken(tmp_path, monkeypatch):
+    """The weights change in place during the steps that run while the thread writes."""
+    permits = _held_back(monkeypatch)
+    W = np.ones((2, 3))
+    with runs.RunFolder(tmp_path, [SMALL, SMALL]) as folder:
+        folder.checkpoint(_checkpoint(10, W))
+        W += 1.0  # the next update
+        permits.release()
+    np.testing.assert_array_equal(runs.load_checkpoint(tmp_path).params["W1"], np.ones((2, 3)))
+
+
+def test_the_next_checkpoint_and_leaving_the_folder_wait_for_the_one_in_flight(
+        tmp_path, monkeypatch):
+    permits = _held_back(monkeypatch)
+    with runs.RunFolder(tmp_path, [SMALL, SMALL]) as folder:
+        folder.checkpoint(_checkpoint(10, np.ones((2, 3))))
+        assert not (tmp_path / runs.CHECKPOINT_FILE).exists()  # still in flight
+        threading.Timer(0.2, permits.release).start()
+        folder.checkpoint(_checkpoint(20, np.zeros((2, 3))))  # waits for step 10's
+        assert runs.load_checkpoint(tmp_path).step == 10
+        permits.release()
+    assert runs.load_checkpoint(tmp_path).step == 20  # on disk once the folder is left
+    assert runs._read_checkpoint(tmp_path / runs.PREVIOUS_CHECKPOINT_FILE).step == 10
+
+
+def test_a_failed_checkpoint_write_is_raised_where_training_runs(tmp_path, monkeypatch):
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs, "write_checkpoint", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        with runs.RunFolder(tmp_path, [SMALL, SMALL]) as folder:
+            folder.checkpoint(_checkpoint(10, np.ones((2, 3))))
+            folder.checkpoint(_checkpoint(20, np.ones((2, 3))))  # raises the first one's
+    with pytest.raises(OSError, match="No space left"):  # leaving the folder raises it
+        with runs.RunFolder(tmp_path, [SMALL, SMALL], restart=True) as folder:
+            folder.checkpoint(_checkpoint(10, np.ones((2, 3))))
+    with pytest.raises(KeyboardInterrupt):  # the error that stopped the run comes first
+        with runs.RunFolder(tmp_path, [SMALL, SMALL], restart=True) as folder:
+            folder.checkpoint(_checkpoint(10, np.ones((2, 3))))
+            raise KeyboardInterrupt
+    with runs.RunFolder(tmp_path, [SMALL, SMALL], restart=True):  # the lock was let go
+        pass
+
+
+def test_a_slow_disk_changes_no_file_of_the_run(data, tmp_path, monkeypatch, straight):
+    """Every checkpoint is still being written when the next steps (and the final
+    evaluation) run; the run's files are those of a run that waited for each."""
+    write = runs.write_checkpoint
+
+    def slow(*args):
+        time.sleep(0.05)
+        write(*args)
+
+    monkeypatch.setattr(runs, "write_checkpoint", slow)
+    result = train(SMALL, data, tmp_path)
+    _assert_same(result, straight)
+    assert runs.read_history(tmp_path / runs.HISTORY_FILE) == \
+        runs.read_history(straight.run_dir / runs.HISTORY_FILE)
+    assert runs.load_checkpoint(tmp_path).step == SMALL.total_steps
+    assert not list(tmp_path.glob(".*.tmp"))
