@@ -146,9 +146,10 @@ def seeds_py_table(capsys, name: str, config: str) -> str:
 
 def test_best_mlp_page_tables_are_what_seeds_py_prints(capsys):
     page = (DOCS / "best-mlp.md").read_text(encoding="utf-8")
-    best = seeds_py_table(capsys, "v5", "best_mlp_v5.toml")
+    best = seeds_py_table(capsys, "v6", "best_mlp_v6.toml")
     assert best in page
     assert best in README
+    assert seeds_py_table(capsys, "v5", "best_mlp_v5.toml") in page
     assert seeds_py_table(capsys, "v3", "best_mlp_v3.toml") in page
 
 
