@@ -335,6 +335,20 @@ def test_resume_is_bit_identical_with_mixing_and_ema(image_data_with_test, tmp_p
     assert no_ema.final == plain and no_ema.final_without_ema is None
 
 
+def test_history_points_change_no_step_of_training(image_data_with_test):
+    """Evaluating the history draws from no generator and touches no parameter or moving
+    average: a run with 2 history points a cycle ends with the same network, to the bit,
+    as one with 5, with dropout, augmentation, MixUp and the weight average on."""
+    config = TrainConfig(hidden_sizes=(8, 6), n_s=5, cycles=2, batch_size=20, eta_max=0.2,
+                         evals_per_cycle=2, dropout=0.2, flip=True, translate=2,
+                         pad_mode="reflect", mixup=0.4, ema=0.9)
+    few = train(config, image_data_with_test)
+    many = train(config.replace(evals_per_cycle=5), image_data_with_test)
+    assert len(many.history) > len(few.history)
+    _assert_same_state(few.network, many.network)
+    assert few.final == many.final and few.final_without_ema == many.final_without_ema
+
+
 @pytest.mark.parametrize("option", [{"mixup": 0.2}, {"cutmix": 1.0}])
 def test_mixing_needs_image_rows(data, option):
     with pytest.raises(ValueError, match=r"mixup and cutmix mix CIFAR-10 images.*20 columns"):
