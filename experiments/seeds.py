@@ -14,10 +14,10 @@ accuracy with test-time flip averaging, the plain weights' test accuracy (when t
 config keeps a weight average), validation and training accuracy, wall time, peak
 memory. The last row is the mean ± sample standard deviation over the seeds.
 
-Run (on an idle machine; each seed of configs/best_mlp_v6.toml takes just under an hour
+Run (on an idle machine; each seed of configs/best_mlp_v7.toml takes just under an hour
 on 2 cores):
-    python experiments/seeds.py --config configs/best_mlp_v6.toml --seeds 0 1 2 \\
-        --out runs/best_mlp_v6 [--data-dir DIR] [-- extra klayer train flags]
+    python experiments/seeds.py --config configs/best_mlp_v7.toml --seeds 0 1 2 \\
+        --out runs/best_mlp_v7 [--data-dir DIR] [-- extra klayer train flags]
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The best MLP's results table in the README is what `experiments/seeds.py` prints on the
-committed runs (docs/best_mlp/v6/seed0..2), and those runs are runs of
-configs/best_mlp_v6.toml: the README's numbers cannot drift from the runs they describe.
-The same holds for the three runs of configs/best_mlp_v5.toml and configs/best_mlp_v3.toml."""
+committed runs (docs/best_mlp/v7/seed0..2), and those runs are runs of
+configs/best_mlp_v7.toml: the README's numbers cannot drift from the runs they describe.
+The same holds for the three runs of configs/best_mlp_v6.toml, best_mlp_v5.toml and
+best_mlp_v3.toml."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from conftest import REPO_ROOT
 from klayer.config import TrainConfig
 from test_experiments_seeds import load_seeds_script
 
-RUNS = REPO_ROOT / "docs" / "best_mlp" / "v6"
-CONFIG = REPO_ROOT / "configs" / "best_mlp_v6.toml"
+RUNS = REPO_ROOT / "docs" / "best_mlp" / "v7"
+CONFIG = REPO_ROOT / "configs" / "best_mlp_v7.toml"
 SEEDS = (0, 1, 2)
 
 
@@ -34,6 +35,7 @@ def _signed(x: float) -> str:
 
 
 @pytest.mark.parametrize("runs, config", [(RUNS, CONFIG),
+                                          (RUNS.parent / "v6", CONFIG.parent / "best_mlp_v6.toml"),
                                           (RUNS.parent / "v5", CONFIG.parent / "best_mlp_v5.toml"),
                                           (RUNS.parent / "v3", CONFIG.parent / "best_mlp_v3.toml")])
 def test_the_committed_runs_are_runs_of_the_config(runs, config):
@@ -57,7 +59,7 @@ def test_the_readme_table_is_what_seeds_py_prints_on_the_committed_runs(capsys):
     assert printed in readme
     mean = statistics.mean(_accuracies(RUNS))
     # the README shows the best configuration
-    for other in ("v5", "v3"):
+    for other in ("v6", "v5", "v3"):
         assert mean > statistics.mean(_accuracies(RUNS.parent / other)), other
     assert f"{mean:.2f}%" in readme.split("### The best MLP klayer trains here", 1)[1][:200]
     assert f"reaches {mean:.2f}% test accuracy" in " ".join(readme[:1500].split())
@@ -117,7 +119,7 @@ def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
         if "(validation" in cells[2]:
             assert cells[2] == f"{100 * test:.2f}% (validation {100 * final['val_accuracy']:.2f}%, " \
                                f"training {100 * final['train_accuracy']:.2f}%)", (run, cells[2])
-        if cells[3]:  # the difference to the same seed of best_mlp_v6.toml
+        if cells[3]:  # the difference to the same seed of best_mlp_v7.toml
             base = _final(RUNS / f"seed{seed}")["test_accuracy"]
             assert cells[3] == _signed(100 * (test - base)), (run, cells[3])
         if " min)" in cells[4]:  # the wall time experiments/seeds.py measured for the run
@@ -128,7 +130,7 @@ def test_every_single_run_row_of_the_ablation_is_its_run_and_its_command():
 def test_every_three_seed_row_of_the_ablation_is_its_runs():
     """Each row that names three committed runs (``(runs in `docs/best_mlp/NAME/`)``)
     quotes seed 0's test accuracy, the mean ± std of the three and their differences to
-    best_mlp_v6.toml's seed 0 and mean; the row after it, the same runs'
+    best_mlp_v7.toml's seed 0 and mean; the row after it, the same runs'
     ``final_without_ema``, does the same for the plain weights. The row's command
     trains exactly the three committed runs."""
     page = (REPO_ROOT / "docs" / "best-mlp.md").read_text(encoding="utf-8")
@@ -189,6 +191,7 @@ def test_the_accuracy_against_time_table_is_the_committed_runs():
         "350 epochs": mean_of_3("v5"),
         "350 epochs, first layer 1536": mean_of_3("v5_w1536"),
         "350 epochs, first layer 1536, batch 512": mean_of_3("v6"),
+        "350 epochs, first layer 1536, batch 512, η up to 0.03": mean_of_3("v7"),
     }
     for budget, (accuracy, wall) in expected.items():
         assert rows[budget][0] == accuracy, budget

@@ -136,6 +136,7 @@ PINNED_HASHES = {
     "best_mlp_v4.toml": "0473361dd32e11ca",
     "best_mlp_v5.toml": "4cb9ded76009d941",
     "best_mlp_v6.toml": "0f1cd31151e5ef44",
+    "best_mlp_v7.toml": "a7bfa92199df3d97",
     "search_best_mlp_lr.toml": "dc46ea9b27f1fdf7",  # the base options, without [search]
     "search_lambda.toml": "9da1c25b85220fba",
     "search_lambda_fine.toml": "9da1c25b85220fba",
